@@ -1,0 +1,5 @@
+import sys
+
+from embedrpc.cli import main
+
+sys.exit(main())

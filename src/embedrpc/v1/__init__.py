@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for protos/embedrpc/v1 (regenerate: python scripts/gen_protos.py)."""
