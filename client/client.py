@@ -1,0 +1,217 @@
+"""Python clients for the Embedder service: blocking and asyncio, returning numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from embedrpc.v1 import embedder_pb2 as pb
+from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
+
+ENCODINGS = {
+    "float": pb.ENCODING_FLOAT,
+    "float32": pb.ENCODING_FLOAT32_BYTES,
+    "float16": pb.ENCODING_FLOAT16_BYTES,
+    "ubinary": pb.ENCODING_UBINARY,
+}
+TRUNCATES = {"end": pb.TRUNCATE_END, "start": pb.TRUNCATE_START, "none": pb.TRUNCATE_NONE}
+# Large requests and responses: 1000 texts × 4096 floats is 16 MB.
+DEFAULT_OPTIONS = (
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.max_send_message_length", 256 << 20),
+)
+
+
+def decode(response: pb.EmbedResponse) -> np.ndarray:
+    """The response's vectors as an array.
+
+    float and float32 bytes → float32 [n, d]; float16 bytes → float16 [n, d];
+    ubinary → uint8 [n, ceil(d / 8)], bits packed most significant first
+    (np.unpackbits(..., axis=1)[:, :d] recovers the 0/1 matrix).
+    """
+    d = response.dimensions
+    if response.encoding == pb.ENCODING_FLOAT:
+        if not response.embeddings:
+            return np.zeros((0, d), dtype=np.float32)
+        return np.array([e.values for e in response.embeddings], dtype=np.float32)
+    if response.encoding == pb.ENCODING_FLOAT32_BYTES:
+        return np.frombuffer(response.data, dtype="<f4").reshape(-1, d).astype(np.float32)
+    if response.encoding == pb.ENCODING_FLOAT16_BYTES:
+        return np.frombuffer(response.data, dtype="<f2").reshape(-1, d).astype(np.float16)
+    if response.encoding == pb.ENCODING_UBINARY:
+        return np.frombuffer(response.data, dtype=np.uint8).reshape(-1, (d + 7) // 8).copy()
+    raise ValueError(f"unknown encoding {response.encoding}")
+
+
+def make_request(inputs: Sequence[str] | str, *, prompt_name: str = "", instruction: str = "",
+                 dimensions: int = 0, normalize: bool | None = None, truncate: str = "end",
+                 encoding: str = "float32", request_id: str = "") -> pb.EmbedRequest:
+    """Build an EmbedRequest from friendly arguments (names checked here, values by the server)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    try:
+        enc = ENCODINGS[encoding]
+        trunc = TRUNCATES[truncate]
+    except KeyError as exc:
+        raise ValueError(f"unknown option {exc.args[0]!r}: encoding is one of "
+                         f"{sorted(ENCODINGS)}, truncate one of {sorted(TRUNCATES)}") from None
+    request = pb.EmbedRequest(inputs=list(inputs), prompt_name=prompt_name,
+                              instruction=instruction, dimensions=dimensions, truncate=trunc,
+                              encoding=enc, request_id=request_id)
+    if normalize is not None:
+        request.normalize = normalize
+    return request
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One EmbedStream answer: vectors, or the error of that request."""
+
+    request_id: str
+    embeddings: np.ndarray | None
+    error: pb.Status | None
+
+    def unwrap(self) -> np.ndarray:
+        if self.error is not None:
+            code = grpc.StatusCode(_code_tuple(self.error.code)).name
+            raise RuntimeError(f"request {self.request_id!r} failed: {code}: "
+                               f"{self.error.message}")
+        assert self.embeddings is not None
+        return self.embeddings
+
+
+def _code_tuple(code: int) -> tuple[int, str]:
+    return next(c.value for c in grpc.StatusCode if c.value[0] == code)
+
+
+def _stream_result(response: pb.EmbedResponse) -> StreamResult:
+    if response.HasField("error"):
+        return StreamResult(response.request_id, None, response.error)
+    return StreamResult(response.request_id, decode(response), None)
+
+
+def _as_request(item: pb.EmbedRequest | Sequence[str] | str, index: int,
+                kwargs: dict[str, Any]) -> pb.EmbedRequest:
+    if isinstance(item, pb.EmbedRequest):
+        return item
+    return make_request(item, request_id=str(index), **kwargs)
+
+
+class EmbedClient:
+    """Blocking client. `with EmbedClient("localhost:50051") as c: c.embed(["text"])`."""
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = (),
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        opts = [*DEFAULT_OPTIONS, *options]
+        self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
+                        else grpc.insecure_channel(target, opts))
+        self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def __enter__(self) -> EmbedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def embed_response(self, inputs: Sequence[str] | str, **kwargs: Any) -> pb.EmbedResponse:
+        return self.stub.Embed(make_request(inputs, **kwargs), timeout=self.timeout,
+                               metadata=self.metadata)
+
+    def embed(self, inputs: Sequence[str] | str, **kwargs: Any) -> np.ndarray:
+        """Vectors for `inputs`: [n, d]. Keywords as in make_request()."""
+        return decode(self.embed_response(inputs, **kwargs))
+
+    def stream(self, requests: Iterable[pb.EmbedRequest | Sequence[str] | str],
+               **kwargs: Any) -> Iterator[StreamResult]:
+        """EmbedStream: one StreamResult per request, in order. Plain lists of texts get
+        request ids "0", "1", ... and the keywords of make_request()."""
+        it = (_as_request(item, i, kwargs) for i, item in enumerate(requests))
+        for response in self.stub.EmbedStream(it, timeout=self.timeout,
+                                              metadata=self.metadata):
+            yield _stream_result(response)
+
+    def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
+                 instruction: str = "", truncate: str = "end",
+                 return_tokens: bool = False) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else inputs,
+                                     prompt_name=prompt_name, instruction=instruction,
+                                     truncate=TRUNCATES[truncate], return_tokens=return_tokens)
+        return self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
+
+    def info(self) -> pb.InfoResponse:
+        return self.stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+
+class AsyncEmbedClient:
+    """asyncio client. `async with AsyncEmbedClient(target) as c: await c.embed([...])`."""
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 options: Sequence[tuple[str, Any]] = (),
+                 metadata: Sequence[tuple[str, str]] = ()) -> None:
+        opts = [*DEFAULT_OPTIONS, *options]
+        self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
+                        else grpc.aio.insecure_channel(target, opts))
+        self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    async def __aenter__(self) -> AsyncEmbedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def embed_response(self, inputs: Sequence[str] | str,
+                             **kwargs: Any) -> pb.EmbedResponse:
+        return await self.stub.Embed(make_request(inputs, **kwargs), timeout=self.timeout,
+                                     metadata=self.metadata)
+
+    async def embed(self, inputs: Sequence[str] | str, **kwargs: Any) -> np.ndarray:
+        return decode(await self.embed_response(inputs, **kwargs))
+
+    async def stream(self, requests: AsyncIterable[pb.EmbedRequest | Sequence[str] | str]
+                     | Iterable[pb.EmbedRequest | Sequence[str] | str],
+                     **kwargs: Any) -> AsyncIterator[StreamResult]:
+        async def gen() -> AsyncIterator[pb.EmbedRequest]:
+            if isinstance(requests, AsyncIterable):
+                i = 0
+                async for item in requests:
+                    yield _as_request(item, i, kwargs)
+                    i += 1
+            else:
+                for i, item in enumerate(requests):
+                    yield _as_request(item, i, kwargs)
+
+        call = self.stub.EmbedStream(gen(), timeout=self.timeout, metadata=self.metadata)
+        async for response in call:
+            yield _stream_result(response)
+
+    async def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
+                       instruction: str = "", truncate: str = "end",
+                       return_tokens: bool = False) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else inputs,
+                                     prompt_name=prompt_name, instruction=instruction,
+                                     truncate=TRUNCATES[truncate], return_tokens=return_tokens)
+        return await self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
+
+    async def info(self) -> pb.InfoResponse:
+        return await self.stub.Info(pb.InfoRequest(), timeout=self.timeout,
+                                    metadata=self.metadata)

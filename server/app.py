@@ -1,0 +1,254 @@
+"""Assemble and run the server: model → workers → router → gRPC (Embedder, health, reflection)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from embedrpc import __version__
+from embedrpc.v1 import embedder_pb2 as pb
+from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
+
+from .errors import ModelError
+from .model import ModelSpec, load_model_spec
+from .router import BatchConfig, Router
+from .service import EmbedderService, ServiceLimits
+from .tokenizer import TextEncoder
+from .worker import WorkerSpec
+from .workers import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
+# Default token budgets per batch: CPUs gain nothing from huge batches, GPUs do.
+DEFAULT_BATCH_TOKENS = {"cpu": 8192, "cuda": 32768}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    model: str = "demo"
+    onnx_file: str | None = None
+    device: str = "auto"
+    workers: int = 1  # per device
+    host: str = "0.0.0.0"
+    port: int = 50051
+    max_length: int | None = None
+    max_batch_tokens: int | None = None  # None: by device
+    max_batch_size: int = 64
+    max_wait_ms: float = 0.0
+    max_queue_tokens: int | None = None  # None: 64 batches' worth
+    max_inputs: int = 2048
+    max_message_bytes: int = 64 << 20
+    grace_seconds: float = 10.0
+    backend: str = "onnx"  # "fake": deterministic vectors, no model run (tests)
+    fake_delay_ms: float = 0.0
+    startup_timeout_s: float = 600.0
+    log_level: str = "INFO"
+    extra_options: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.max_inputs < 1:
+            raise ValueError("--max-inputs must be at least 1")
+        if self.backend not in ("onnx", "fake"):
+            raise ValueError("backend must be 'onnx' or 'fake'")
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver sees (0 without a driver), without importing a framework."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0:
+            return count.value
+        return 0
+    return 0
+
+
+def resolve_devices(device: str) -> list[str]:
+    """`cpu`, `cuda`, `cuda:0,1`, or `auto` → ["cpu"] or ["cuda:0", ...]."""
+    device = device.strip().lower()
+    if device == "cpu":
+        return ["cpu"]
+    if device in ("auto", "cuda"):
+        import onnxruntime as ort
+
+        gpus = cuda_device_count() if "CUDAExecutionProvider" in \
+            ort.get_available_providers() else 0
+        if gpus:
+            return [f"cuda:{i}" for i in range(gpus)]
+        if device == "cuda":
+            raise ModelError("--device cuda: no GPU usable by ONNX Runtime (needs "
+                             "onnxruntime-gpu and a CUDA driver); use --device cpu")
+        log.warning("--device auto: no GPU found, running on CPU")
+        return ["cpu"]
+    if device.startswith("cuda:"):
+        try:
+            ids = [int(x) for x in device[5:].split(",") if x.strip()]
+        except ValueError:
+            ids = []
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ModelError(f"--device {device!r}: use cuda:N or cuda:N,M,... (distinct ids)")
+        return [f"cuda:{i}" for i in ids]
+    raise ModelError(f"--device {device!r}: use cpu, auto, cuda, or cuda:0,1,...")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class EmbedServer:
+    """The whole server in one object: `await start()`, then `await stop()`."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.spec: ModelSpec = load_model_spec(config.model, onnx_file=config.onnx_file,
+                                               max_length=config.max_length)
+        self.encoder = TextEncoder(self.spec)
+        self.devices = resolve_devices(config.device) if config.backend == "onnx" else ["cpu"]
+        kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"
+        budget = config.max_batch_tokens or max(DEFAULT_BATCH_TOKENS[kind], self.spec.max_length)
+        if budget < self.spec.max_length:
+            raise ModelError(f"--max-batch-tokens {budget} is below max_length "
+                             f"{self.spec.max_length}: the longest input would never fit")
+        self.batch_config = BatchConfig(
+            max_batch_tokens=budget,
+            max_batch_size=config.max_batch_size,
+            max_wait_ms=config.max_wait_ms,
+            max_queue_tokens=config.max_queue_tokens or 64 * budget,
+        )
+        cpu_workers = config.workers if kind == "cpu" else 0
+        threads = max(1, available_cores() // max(cpu_workers, 1))
+        self.workers: list[WorkerHandle] = []
+        for device in self.devices:
+            spec = WorkerSpec(
+                backend=config.backend, onnx_path=str(self.spec.onnx_path), device=device,
+                threads=threads, pooling=self.spec.pooling, pad_id=self.encoder.pad_id,
+                hidden_size=self.spec.hidden_size, fake_delay_ms=config.fake_delay_ms,
+                log_level=config.log_level,
+            )
+            for i in range(config.workers):
+                self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",
+                                                 on_change=self._wake_router))
+        self.router: Router | None = None
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    def _wake_router(self) -> None:
+        if self.router is not None:
+            self.router.wake()
+
+    def _info(self) -> pb.InfoResponse:
+        precision = {w.info.get("precision", "float32") for w in self.workers}
+        return pb.InfoResponse(
+            model=self.spec.name, dimensions=self.spec.hidden_size,
+            min_dimensions=self.spec.min_dimensions, max_length=self.spec.max_length,
+            prompt_names=sorted(self.spec.prompts), pooling=self.spec.pooling,
+            precision=",".join(sorted(precision)), devices=self.devices,
+            max_batch_tokens=self.batch_config.max_batch_tokens, version=__version__,
+            max_inputs=self.config.max_inputs, workers=len(self.workers),
+        )
+
+    async def start(self) -> int:
+        """Start workers, then the gRPC server (NOT_SERVING until warm-up); return the port."""
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        log.info("model %s (%s pooling, %d dimensions, max_length %d) on %s × %d workers",
+                 self.spec.name, self.spec.pooling, self.spec.hidden_size,
+                 self.spec.max_length, ",".join(self.devices), cfg.workers)
+        # Spawn workers before the gRPC server exists (grpc and fork do not mix).
+        ready = [w.start(loop) for w in self.workers]
+        self.router = Router(self.workers, self.batch_config, self.spec.hidden_size)
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            *cfg.extra_options,
+        ]
+        self.server = grpc.aio.server(options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            await self._stop_workers()
+            raise ModelError(f"cannot listen on {address}: {exc}") from exc
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*ready), cfg.startup_timeout_s)
+        except BaseException:
+            await self._stop_workers()
+            raise
+        for w, info in zip(self.workers, infos, strict=True):
+            if info["hidden_size"] != self.spec.hidden_size:
+                await self._stop_workers()
+                raise ModelError(f"the graph's output has {info['hidden_size']} dimensions; "
+                                 f"config says {self.spec.hidden_size}")
+            log.info("%s ready (pid %s, %s)", w.name, w.pid, info.get("providers"))
+        service = EmbedderService(spec=self.spec, encoder=self.encoder, router=self.router,
+                                  limits=ServiceLimits(max_inputs=cfg.max_inputs),
+                                  info=self._info())
+        pb_grpc.add_EmbedderServicer_to_server(service, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.router.start()
+        await self.server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _stop_workers(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish, stop workers."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.router is not None:
+            await self.router.close()
+        await self._stop_workers()
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT; a second signal stops at once."""
+    server = EmbedServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: stopping now")
+            os._exit(1)
+        log.info("%s: shutting down (grace %.0fs)", signal.Signals(signum).name,
+                 config.grace_seconds)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    port = await server.start()
+    log.info("embedrpc %s serving %s on %s:%d", __version__, server.spec.name, config.host, port)
+    await stop.wait()
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,278 @@
+"""The router: one queue, token-budget batches, sharded across workers.
+
+Handlers call `Router.embed(ids)`; it appends one entry per text to the
+queue, each pointing at the request's job, and awaits the job. A single
+batcher task owns the queue: whenever a worker has a free slot it cuts a
+batch (length-sorted, at most `max_batch_tokens` padded tokens and
+`max_batch_size` rows) and hands it over. Entries whose job is already done
+(cancelled, deadline passed, failed) are dropped before they reach a worker.
+A large request is spread over many batches and so over all workers; its
+vectors are written back by index, so order is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DeadlineExceeded, EmbedError, Overloaded, Unavailable, WorkerFailed
+from .worker import Batch
+from .workers import WorkerCrashed, WorkerHandle
+
+log = logging.getLogger(__name__)
+
+# A text whose batch crashed a worker is retried alone; this many crashes fail it.
+MAX_ATTEMPTS = 3
+# How far into the queue the batcher looks for texts of similar length.
+WINDOW_BATCHES = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    max_batch_tokens: int = 8192  # padded tokens (rows × longest row)
+    max_batch_size: int = 64
+    max_wait_ms: float = 0.0  # wait this long for a fuller batch when workers are idle
+    max_queue_tokens: int = 1 << 20  # beyond this, RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_size", "max_queue_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+
+
+class _Job:
+    """One request: its texts' vectors are filled in as batches come back."""
+
+    __slots__ = ("deadline", "future", "remaining", "vectors")
+
+    def __init__(self, n: int, hidden: int, deadline: float | None,
+                 future: asyncio.Future[np.ndarray]) -> None:
+        self.vectors = np.empty((n, hidden), dtype=np.float32)
+        self.remaining = n
+        self.deadline = deadline
+        self.future = future
+
+    def fail(self, exc: EmbedError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _Entry:
+    __slots__ = ("attempts", "enqueued", "ids", "index", "job")
+
+    def __init__(self, job: _Job, index: int, ids: np.ndarray, now: float) -> None:
+        self.job = job
+        self.index = index
+        self.ids = ids
+        self.enqueued = now
+        self.attempts = 0
+
+
+class Router:
+    def __init__(self, workers: Sequence[WorkerHandle], config: BatchConfig,
+                 hidden_size: int) -> None:
+        self.workers = list(workers)
+        self.config = config
+        self.hidden_size = hidden_size
+        self._queue: deque[_Entry] = deque()
+        self._queued_tokens = 0
+        self._wake = asyncio.Event()
+        self._batch_ids = itertools.count(1)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        # Counters for Info, logs and benchmarks.
+        self.batches = 0
+        self.batched_tokens = 0
+        self.padded_tokens = 0
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._batcher(), name="batcher")
+
+    def wake(self) -> None:
+        """Called when a worker frees a slot or (re)starts."""
+        self._wake.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while self._queue:
+            self._queue.popleft().job.fail(Unavailable("the server is shutting down"))
+        self._queued_tokens = 0
+
+    async def embed(self, ids: Sequence[np.ndarray], *,
+                    deadline: float | None = None) -> np.ndarray:
+        """Vectors [len(ids), hidden] for the tokenized texts, in order."""
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        if all(w.failed for w in self.workers):
+            raise Unavailable("no worker can run the model (see the server log)")
+        tokens = sum(len(a) for a in ids)
+        # An empty queue takes any request, so one large request is never refused forever.
+        if self._queue and self._queued_tokens + tokens > self.config.max_queue_tokens:
+            raise Overloaded(
+                f"the queue is full ({self._queued_tokens} tokens waiting, limit "
+                f"{self.config.max_queue_tokens}); retry later or send fewer texts"
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(len(ids), self.hidden_size, deadline, loop.create_future())
+        now = time.monotonic()
+        self._queue.extend(_Entry(job, i, a, now) for i, a in enumerate(ids))
+        self._queued_tokens += tokens
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            # Cancelled by the client: mark the job done so the batcher drops its entries.
+            if not job.future.done():
+                job.future.cancel()
+
+    # -- the batcher: sole owner of the queue ------------------------------
+
+    async def _batcher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                self._dispatch()
+            except Exception:  # a bug here must not stop the server
+                log.exception("batcher failed; continuing")
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            worker = max(self.workers, key=lambda w: w.free_slots)
+            if worker.free_slots <= 0:
+                return
+            entries = self._cut()
+            if not entries:
+                return
+            self._send(worker, entries)
+
+    def _take_live(self, now: float) -> _Entry | None:
+        """Pop the oldest entry whose job still wants it."""
+        while self._queue:
+            entry = self._queue.popleft()
+            self._queued_tokens -= len(entry.ids)
+            job = entry.job
+            if job.future.done():
+                continue
+            if job.deadline is not None and now > job.deadline:
+                job.fail(DeadlineExceeded("the deadline passed while the request was queued"))
+                continue
+            return entry
+        return None
+
+    def _cut(self) -> list[_Entry] | None:
+        cfg = self.config
+        now = time.monotonic()
+        first = self._take_live(now)
+        if first is None:
+            return None
+        if first.attempts:  # it was in a batch that crashed a worker: isolate it
+            return [first]
+        window = [first]
+        tokens = len(first.ids)
+        while (self._queue and tokens < WINDOW_BATCHES * cfg.max_batch_tokens
+               and len(window) < WINDOW_BATCHES * cfg.max_batch_size):
+            entry = self._take_live(now)
+            if entry is None:
+                break
+            if entry.attempts:
+                self._requeue_front([entry])
+                break
+            window.append(entry)
+            tokens += len(entry.ids)
+        if (cfg.max_wait_ms and tokens < cfg.max_batch_tokens and len(window) < cfg.max_batch_size
+                and now - first.enqueued < cfg.max_wait_ms / 1000):
+            # Idle workers and a thin batch: wait a little for company.
+            self._requeue_front(window)
+            self._arm_timer(first.enqueued + cfg.max_wait_ms / 1000 - now)
+            return None
+        batch = self._pick(window)
+        taken = set(map(id, batch))
+        self._requeue_front([e for e in window if id(e) not in taken])
+        return batch
+
+    def _pick(self, window: list[_Entry]) -> list[_Entry]:
+        """Cut the length-sorted window into budget-sized batches; return the oldest's."""
+        cfg = self.config
+        order = sorted(window, key=lambda e: len(e.ids))
+        batches: list[list[_Entry]] = [[]]
+        for entry in order:
+            current = batches[-1]
+            width = len(entry.ids)  # sorted: the newcomer is the longest so far
+            if current and (len(current) >= cfg.max_batch_size
+                            or (len(current) + 1) * width > cfg.max_batch_tokens):
+                current = []
+                batches.append(current)
+            current.append(entry)
+        oldest = window[0]
+        return next(b for b in batches if any(e is oldest for e in b))
+
+    def _requeue_front(self, entries: list[_Entry]) -> None:
+        self._queue.extendleft(reversed(entries))
+        self._queued_tokens += sum(len(e.ids) for e in entries)
+
+    def _arm_timer(self, delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
+
+    def _send(self, worker: WorkerHandle, entries: list[_Entry]) -> None:
+        lengths = np.fromiter((len(e.ids) for e in entries), dtype=np.int32, count=len(entries))
+        ids = np.concatenate([e.ids for e in entries])
+        batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths)
+        self.batches += 1
+        self.batched_tokens += int(lengths.sum())
+        self.padded_tokens += int(lengths.max()) * len(entries)
+        future = worker.submit(batch)
+        future.add_done_callback(lambda f: self._on_done(entries, f))
+
+    def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray]) -> None:
+        self._wake.set()
+        exc = future.exception()
+        if isinstance(exc, WorkerCrashed):
+            retry = []
+            for entry in entries:
+                entry.attempts += 1
+                if entry.attempts >= MAX_ATTEMPTS:
+                    entry.job.fail(WorkerFailed(
+                        f"this input crashed a worker {entry.attempts} times; it was not embedded"))
+                elif not entry.job.future.done():
+                    retry.append(entry)
+            self._requeue_front(retry)
+            return
+        if exc is not None:
+            error = exc if isinstance(exc, EmbedError) else WorkerFailed(str(exc))
+            for entry in entries:
+                entry.job.fail(error)
+            return
+        vectors = future.result()
+        if vectors.shape != (len(entries), self.hidden_size):
+            error = WorkerFailed(f"a worker returned {vectors.shape} for {len(entries)} texts")
+            for entry in entries:
+                entry.job.fail(error)
+            return
+        for row, entry in zip(vectors, entries, strict=True):
+            job = entry.job
+            if job.future.done():
+                continue
+            job.vectors[entry.index] = row
+            job.remaining -= 1
+            if job.remaining == 0:
+                job.future.set_result(job.vectors)

@@ -1,0 +1,252 @@
+"""The worker process: one model session on one device, embedding batches.
+
+Everything here runs inside a process started with the `spawn` context by
+WorkerHandle (workers.py). The contract with the main process is small:
+
+    main → worker:  Batch(id, ids, lengths)   or None to stop
+    worker → main:  ("ready", info) | ("error", message)       once, after start-up
+                    ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
+
+A backend embeds one batch: `embed(ids, lengths) -> [B, H]` and `warmup()`.
+`OrtBackend` runs the ONNX graph; `FakeBackend` is deterministic and fast, for
+tests of everything above the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+import numpy as np
+
+from .pooling import pool
+
+log = logging.getLogger(__name__)
+
+_PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$|^past_(key|value)s?\.\d+$")
+_HIDDEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
+_POOLED_OUTPUT = "sentence_embedding"
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_PRECISION = {"tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(bfloat16)": "bfloat16"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSpec:
+    """What a worker process needs to build its backend (pickled to the child)."""
+
+    backend: str = "onnx"  # "onnx" or "fake"
+    onnx_path: str = ""
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    threads: int = 1
+    pooling: str = "lasttoken"
+    pad_id: int = 0
+    hidden_size: int = 0
+    fake_delay_ms: float = 0.0  # FakeBackend: simulated compute time per batch
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Token ids of B texts, concatenated; row i is ids[offsets[i]:offsets[i] + lengths[i]]."""
+
+    id: int
+    ids: np.ndarray  # int32, flat
+    lengths: np.ndarray  # int32, [B]
+
+
+class Backend(Protocol):
+    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
+    def warmup(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+def right_pad(ids: np.ndarray, lengths: np.ndarray, pad_id: int,
+              dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids → ([B, L] ids, [B, L] attention mask), padding on the right."""
+    width = int(lengths.max())
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    padded = np.full((len(lengths), width), pad_id, dtype=dtype)
+    padded[mask] = ids  # row-major fill matches the concatenation order
+    return padded, mask.astype(dtype)
+
+
+class OrtBackend:
+    """An ONNX Runtime session driven through IOBinding; pooling per ModelSpec."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import onnxruntime as ort
+
+        from .errors import ModelError
+
+        self.spec = spec
+        self.device_type, _, index = spec.device.partition(":")
+        self.device_id = int(index or 0)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if self.device_type == "cpu":
+            options.intra_op_num_threads = spec.threads
+            options.inter_op_num_threads = 1
+            providers: list[Any] = ["CPUExecutionProvider"]
+        else:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}),
+                         "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(spec.onnx_path, options, providers=providers)
+        except Exception as exc:
+            raise ModelError(f"{spec.onnx_path}: ONNX Runtime cannot load it: {exc}") from exc
+        if self.device_type == "cuda" and self.session.get_providers()[0] != \
+                "CUDAExecutionProvider":
+            raise ModelError(f"{spec.device}: the CUDA execution provider is not usable "
+                             "(onnxruntime-gpu, CUDA and cuDNN are needed)")
+        self._inspect(ModelError)
+
+    def _inspect(self, error: type[Exception]) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        if "input_ids" not in inputs:
+            raise error(f"{self.spec.onnx_path}: the graph has no input_ids input "
+                        f"(inputs: {', '.join(inputs)})")
+        self.ids_dtype = _ORT_TYPES.get(inputs["input_ids"].type, np.int64)
+        self.past = {}
+        known = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+        for name, arg in inputs.items():
+            if _PAST.match(name):
+                shape = arg.shape
+                if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
+                    raise error(f"{name}: cannot tell KV heads and head size from {shape}")
+                self.past[name] = (shape[1], shape[3], _ORT_TYPES.get(arg.type, np.float32))
+            elif name not in known:
+                raise error(f"{self.spec.onnx_path}: unknown graph input {name!r}; embedrpc "
+                            f"feeds {', '.join(sorted(known))} and past_key_values.*")
+        self.inputs = inputs
+        name = _POOLED_OUTPUT if _POOLED_OUTPUT in outputs else next(
+            (n for n in _HIDDEN_OUTPUTS if n in outputs), None)
+        if name is None:
+            raise error(f"{self.spec.onnx_path}: no usable output (need one of "
+                        f"{', '.join((*_HIDDEN_OUTPUTS, _POOLED_OUTPUT))}; the graph has "
+                        f"{', '.join(outputs)}). Export the feature-extraction task, not "
+                        "text-generation.")
+        self.output = name
+        self.pooled_by_graph = name == _POOLED_OUTPUT
+        dim = outputs[name].shape[-1]
+        self.hidden_size = dim if isinstance(dim, int) else self.spec.hidden_size
+        self.precision = _PRECISION.get(outputs[name].type, outputs[name].type)
+
+    def describe(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "precision": self.precision,
+                "output": self.output, "inputs": sorted(self.inputs),
+                "providers": self.session.get_providers(), "device": self.spec.device}
+
+    def _bind(self, binding: Any, name: str, array: np.ndarray) -> None:
+        if self.device_type == "cpu":
+            binding.bind_cpu_input(name, array)
+        else:
+            import onnxruntime as ort
+
+            value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", self.device_id)
+            binding.bind_ortvalue_input(name, value)
+
+    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        padded, mask = right_pad(ids, lengths, self.spec.pad_id, self.ids_dtype)
+        batch, width = padded.shape
+        feeds: dict[str, np.ndarray] = {"input_ids": padded}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = mask.astype(
+                _ORT_TYPES.get(self.inputs["attention_mask"].type, np.int64), copy=False)
+        if "position_ids" in self.inputs:
+            # Right padding: real tokens sit at 0..len-1 in every row.
+            feeds["position_ids"] = np.ascontiguousarray(
+                np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)))
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros((batch, width), dtype=np.int64)
+        for name, (heads, head_dim, dtype) in self.past.items():
+            feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            self._bind(binding, name, array)
+        binding.bind_output(self.output, "cpu")
+        self.session.run_with_iobinding(binding)
+        out = binding.copy_outputs_to_cpu()[0]
+        if self.pooled_by_graph:
+            return np.ascontiguousarray(out, dtype=np.float32)
+        return pool(out, lengths.astype(np.int64), self.spec.pooling)
+
+    def warmup(self) -> None:
+        lengths = np.array([3, 8], dtype=np.int32)
+        ids = np.full(int(lengths.sum()), self.spec.pad_id, dtype=np.int32)
+        out = self.embed(ids, lengths)
+        if out.shape != (2, self.hidden_size) or not np.isfinite(out).all():
+            raise RuntimeError(f"warm-up batch gave shape {out.shape}, finite="
+                               f"{bool(np.isfinite(out).all())}")
+
+
+class FakeBackend:
+    """Deterministic vectors from token ids alone, independent of batch-mates."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.hidden_size = spec.hidden_size
+
+    def describe(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "precision": "float32", "output": "fake",
+                "inputs": ["input_ids"], "providers": ["fake"], "device": self.spec.device}
+
+    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self.spec.fake_delay_ms:
+            time.sleep(self.spec.fake_delay_ms / 1000)
+        return np.stack([fake_vector(row, self.hidden_size)
+                         for row in np.split(ids, np.cumsum(lengths)[:-1])])
+
+    def warmup(self) -> None:
+        self.embed(np.zeros(4, dtype=np.int32), np.array([4], dtype=np.int32))
+
+
+def fake_vector(ids: np.ndarray, hidden_size: int) -> np.ndarray:
+    """FakeBackend's vector for one text: seeded by a CRC of its ids."""
+    seed = zlib.crc32(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    return np.random.default_rng(seed).standard_normal(hidden_size).astype(np.float32)
+
+
+def make_backend(spec: WorkerSpec) -> Backend:
+    if spec.backend == "fake":
+        return FakeBackend(spec)
+    return OrtBackend(spec)
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    try:
+        backend = make_backend(spec)
+        backend.warmup()
+    except Exception as exc:
+        log.exception("worker start-up failed")
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", backend.describe()))
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return  # the main process is gone
+        if batch is None:
+            return
+        try:
+            vectors = backend.embed(batch.ids, batch.lengths)
+        except Exception as exc:
+            log.exception("batch %d failed", batch.id)
+            conn.send(("fail", batch.id, f"{type(exc).__name__}: {exc}"))
+            continue
+        conn.send(("ok", batch.id, vectors))
