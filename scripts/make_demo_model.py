@@ -1,0 +1,1199 @@
+"""Build the tiny demo embedding model, its ONNX export and the reference outputs the tests use.
+
+    python scripts/make_demo_model.py                      # server/models/demo + reference JSON
+    python scripts/make_demo_model.py --no-reference       # model files only
+    python scripts/make_demo_model.py --preset qwen3-0.6b --layers 4 --out /tmp/q06b
+                                                           # real 0.6B shape, for CPU benchmarks
+
+What it makes, all from fixed seeds, so a rerun gives the same files:
+
+* a byte-level BPE tokenizer (about 2000 tokens) trained on the small multilingual corpus below,
+  laid out like Qwen2/Qwen3's tokenizer.json (NFC, Qwen's split regex, ByteLevel, added special
+  tokens) and, like Qwen3-Embedding's, with a post-processor that appends <|endoftext|> to every
+  sequence: that EOS is the token whose hidden state last-token pooling returns;
+* a randomly initialised Qwen3 base model (transformers `Qwen3Model`) with the demo shape
+  (hidden 128, 2 layers, 4 heads / 2 KV heads), saved as a complete Qwen3-Embedding-style
+  sentence-transformers directory (modules.json, 1_Pooling, 2_Normalize, prompts, ...);
+* `model.onnx`: input_ids + attention_mask -> last_hidden_state, dynamic batch and sequence;
+* `tests/data/demo_reference.json`: embeddings computed by sentence-transformers (and, for one
+  case, by plain transformers), so the server is checked against an independent implementation
+  rather than against itself.
+
+Why a made-up model: the real Qwen3-Embedding weights cannot be downloaded here (and are too big
+to commit), but the server only depends on the layout of the model directory and the ONNX
+interface, which this model shares with the real one. Its vectors are meaningless, yet fully
+determined, which is all the tests need.
+
+The output directory gets only the small files plus model.onnx (a few MB, committed); the
+safetensors weights stay in a temporary directory, which sentence-transformers loads the
+reference from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "server" / "models" / "demo"
+DEFAULT_REFERENCE = ROOT / "tests" / "data" / "demo_reference.json"
+
+SEED = 20250605
+ONNX_OPSET = 18
+
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+# Qwen2/Qwen3's pre-tokenisation regex, as in their tokenizer.json (digits are split one by one).
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QUERY_PROMPT = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+)
+CUSTOM_INSTRUCTION = "Given a question, retrieve Wikipedia passages that answer the question"
+
+# Training text for the tokenizer: short sentences in the languages and scripts the tests use, so
+# that common words become single tokens and every script gets some merges.
+CORPUS: dict[str, tuple[str, ...]] = {
+    "en": (
+        "The quick brown fox jumps over the lazy dog.",
+        "Embeddings map text to vectors so that similar meanings end up close together.",
+        "A search engine ranks documents by how well they answer the query.",
+        "The weather today is sunny with a light breeze from the west.",
+        "Please send the report before the meeting on Friday morning.",
+        "Water boils at one hundred degrees Celsius at sea level.",
+        "The capital of France is Paris, a city on the river Seine.",
+        "Photosynthesis turns sunlight, water and carbon dioxide into sugar and oxygen.",
+        "She read three books during the long train journey to the coast.",
+        "How many people live in Tokyo and its surrounding prefectures?",
+        "What is the difference between a virus and a bacterium?",
+        "The server returns an error when the request is larger than the limit.",
+        "Machine learning models need large amounts of clean training data.",
+        "The museum opens at nine in the morning and closes at six in the evening.",
+        "Mount Everest is the highest mountain above sea level on Earth.",
+        "He forgot his umbrella, so he got wet on the way home.",
+        "Graphics processors run thousands of small computations in parallel.",
+        "The library lends books, music and films to everyone with a card.",
+        "Our team released a new version of the software last week.",
+        "Remember to drink enough water when you exercise in hot weather.",
+        "The committee will publish its decision at the end of the month.",
+        "Who wrote the novel about a whale and a captain obsessed with it?",
+        "Bees play an important role in pollinating fruit and vegetables.",
+        "The train to London leaves from platform four at half past ten.",
+        "Quantum computers use qubits that can be in a superposition of states.",
+        "I'd like a cup of coffee with milk and no sugar, please.",
+        "They've been working on the bridge since the spring.",
+        "It's not what you say, it's how you say it.",
+        "The children built a sandcastle on the beach near the lighthouse.",
+        "Vaccines train the immune system to recognise a pathogen.",
+        "The stock market fell sharply after the announcement.",
+        "A healthy breakfast gives you energy for the whole morning.",
+        "The recipe needs two eggs, flour, butter and a pinch of salt.",
+        "Sound travels faster in water than in air.",
+        "The old castle on the hill was built in the twelfth century.",
+        "Cats sleep for most of the day and hunt at night.",
+        "What are the symptoms of a common cold?",
+        "The river flooded the valley after a week of heavy rain.",
+        "Electric cars are becoming cheaper every year.",
+        "The orchestra played a symphony by Beethoven.",
+    ),
+    "de": (
+        "Der schnelle braune Fuchs springt über den faulen Hund.",
+        "Heute ist das Wetter sonnig und angenehm warm.",
+        "Die Hauptstadt von Deutschland ist Berlin.",
+        "Ich möchte bitte einen Kaffee mit Milch bestellen.",
+        "Wie spät ist es, und wann fährt der nächste Zug nach München?",
+        "Die Straßenbahn fährt alle zehn Minuten in die Innenstadt.",
+        "Künstliche Intelligenz verändert die Arbeitswelt grundlegend.",
+        "Wir treffen uns morgen um acht Uhr vor dem Bahnhof.",
+        "Der Rhein ist einer der längsten Flüsse Europas.",
+        "Können Sie mir bitte den Weg zum Museum zeigen?",
+        "Die Kinder spielen im Garten mit dem Ball.",
+        "Das Buch war spannender, als ich erwartet hatte.",
+        "Im Winter fällt in den Alpen oft viel Schnee.",
+        "Die Suchmaschine findet Dokumente, die zur Anfrage passen.",
+        "Gesundheit ist wichtiger als Geld.",
+        "Die Übersetzung dieses Satzes ist gar nicht so einfach.",
+        "Mein Großvater erzählt gern Geschichten aus seiner Jugend.",
+        "Bitte schließen Sie die Tür, wenn Sie gehen.",
+        "Die Vorlesung über Mathematik beginnt um zehn Uhr.",
+        "Äpfel, Birnen und Pflaumen wachsen in unserem Obstgarten.",
+        "Das Rathaus steht mitten auf dem Marktplatz.",
+        "Fußball ist in Deutschland sehr beliebt.",
+    ),
+    "fr": (
+        "Le renard brun rapide saute par-dessus le chien paresseux.",
+        "La capitale de la France est Paris.",
+        "Je voudrais un café au lait, s'il vous plaît.",
+        "Il fait beau aujourd'hui, allons nous promener au parc.",
+        "Où se trouve la gare la plus proche ?",
+        "Les élèves préparent leurs examens de fin d'année.",
+        "La tour Eiffel a été construite pour l'Exposition universelle de 1889.",
+        "Nous avons mangé une délicieuse crêpe au chocolat.",
+        "Le moteur de recherche classe les pages selon leur pertinence.",
+        "L'hiver dernier, il a beaucoup neigé dans les Alpes.",
+        "Qu'est-ce que tu fais ce week-end ?",
+        "La bibliothèque municipale est fermée le lundi.",
+        "Les abeilles fabriquent le miel à partir du nectar des fleurs.",
+        "Mon frère aîné travaille comme ingénieur à Lyon.",
+        "Ce musée présente des œuvres d'art du Moyen Âge.",
+        "La Seine traverse Paris d'est en ouest.",
+        "Il faut boire beaucoup d'eau quand il fait chaud.",
+        "Le train à grande vitesse relie Paris à Marseille en trois heures.",
+        "Je n'ai pas compris la question, pouvez-vous répéter ?",
+        "Les vacances d'été commencent au début du mois de juillet.",
+        "Ça fait longtemps que je ne t'ai pas vu !",
+    ),
+    "es": (
+        "El rápido zorro marrón salta sobre el perro perezoso.",
+        "La capital de España es Madrid.",
+        "¿Dónde está la estación de tren más cercana?",
+        "Me gustaría un café con leche, por favor.",
+        "Hoy hace mucho calor en Sevilla.",
+        "Los niños juegan al fútbol en la plaza del pueblo.",
+        "¿Cuántos idiomas se hablan en América del Sur?",
+        "La biblioteca abre a las nueve de la mañana.",
+        "Mañana vamos a visitar a mis abuelos en el campo.",
+        "El buscador ordena los documentos según su relevancia.",
+        "La paella es un plato típico de Valencia.",
+        "¡Qué bonito día para pasear por la playa!",
+        "El año pasado viajamos a México y a Perú.",
+        "La energía solar es una fuente renovable y limpia.",
+        "Necesito comprar pan, huevos y aceite de oliva.",
+        "El río Amazonas atraviesa varios países.",
+        "Estudiar idiomas abre muchas puertas en la vida.",
+        "Los museos de la ciudad son gratuitos los domingos.",
+        "¿Qué hora es? Ya son las cinco y media.",
+        "El médico me recomendó descansar y beber agua.",
+        "La montaña más alta de España está en las Islas Canarias.",
+    ),
+    "ru": (
+        "Быстрая коричневая лиса прыгает через ленивую собаку.",
+        "Столица России — Москва.",
+        "Сегодня очень холодно, на улице идёт снег.",
+        "Где находится ближайшая станция метро?",
+        "Я хотел бы заказать чашку чая с лимоном.",
+        "Поисковая система находит документы по запросу.",
+        "Волга — самая длинная река в Европе.",
+        "Дети играют во дворе после школы.",
+        "Завтра у нас важная встреча в девять утра.",
+        "Как пройти к Красной площади?",
+        "Эта книга была написана в девятнадцатом веке.",
+        "Мой брат работает программистом в Санкт-Петербурге.",
+        "Летом мы обычно отдыхаем на даче.",
+        "Машинное обучение требует много данных.",
+        "Поезд отправляется с третьего пути через десять минут.",
+        "Байкал — самое глубокое озеро на планете.",
+        "Спасибо за помощь, вы очень добры!",
+        "Какая погода будет на выходных?",
+        "В библиотеке можно взять книги бесплатно.",
+        "Русский язык использует кириллический алфавит.",
+        "Зимой дни короткие, а ночи длинные.",
+    ),
+    "zh": (
+        "敏捷的棕色狐狸跳过了懒狗。",
+        "中国的首都是北京。",
+        "今天天气很好，我们去公园散步吧。",
+        "请问最近的地铁站在哪里？",
+        "我想要一杯咖啡，不加糖。",
+        "搜索引擎根据查询对文档进行排序。",
+        "长江是中国最长的河流。",
+        "机器学习需要大量的训练数据。",
+        "明天上午九点我们在公司开会。",
+        "这本书我已经读了三遍了。",
+        "孩子们在学校里学习数学和语文。",
+        "春节是中国最重要的传统节日。",
+        "他每天早上骑自行车去上班。",
+        "人工智能正在改变我们的生活。",
+        "这家餐厅的饺子非常好吃。",
+        "上海是一个国际化的大城市。",
+        "你周末有什么计划吗？",
+        "熊猫主要生活在四川的山区。",
+        "学习一门新的语言需要耐心。",
+        "火车将在十分钟后出发。",
+        "谢谢你的帮助！",
+        "向量检索可以找到语义相近的句子。",
+    ),
+    "ja": (
+        "素早い茶色の狐が怠け者の犬を飛び越えた。",
+        "日本の首都は東京です。",
+        "今日はとても良い天気ですね。",
+        "駅までの道を教えていただけますか？",
+        "コーヒーを一杯お願いします。",
+        "検索エンジンは質問に答える文書を探します。",
+        "富士山は日本で一番高い山です。",
+        "明日の会議は午前十時から始まります。",
+        "桜の花は春に咲きます。",
+        "私は毎朝電車で会社に通っています。",
+        "このラーメンはとてもおいしいです。",
+        "京都には古いお寺や神社がたくさんあります。",
+        "週末は友達と映画を見に行きました。",
+        "機械学習の研究が急速に進んでいます。",
+        "ありがとうございます、助かりました。",
+        "新幹線は東京から大阪まで約二時間半です。",
+        "図書館で日本語の本を借りました。",
+        "カタカナとひらがなと漢字を使って書きます。",
+        "猫が窓のそばで寝ています。",
+        "すみません、もう一度言ってください。",
+    ),
+    "ar": (
+        "الثعلب البني السريع يقفز فوق الكلب الكسول.",
+        "القاهرة هي عاصمة مصر.",
+        "الطقس اليوم جميل ومشمس.",
+        "أين تقع أقرب محطة قطار؟",
+        "أريد فنجان قهوة من فضلك.",
+        "محرك البحث يرتب المستندات حسب صلتها بالسؤال.",
+        "نهر النيل هو أطول نهر في أفريقيا.",
+        "يدرس الطلاب اللغة العربية في الجامعة.",
+        "سنلتقي غدا في الساعة الثامنة صباحا.",
+        "شكرا جزيلا على مساعدتك.",
+        "تعلم لغة جديدة يفتح آفاقا واسعة.",
+        "المكتبة مفتوحة كل يوم ما عدا الجمعة.",
+        "الذكاء الاصطناعي يغير طريقة عملنا.",
+        "كم عدد سكان مدينة دبي؟",
+        "يحب الأطفال اللعب في الحديقة.",
+        "الصحراء الكبرى هي أكبر صحراء حارة في العالم.",
+        "تكتب اللغة العربية من اليمين إلى اليسار.",
+        "مرحبا بكم في مدينتنا الجميلة.",
+        "هذا الكتاب مفيد جدا للمبتدئين.",
+        "القطار يغادر بعد عشر دقائق.",
+    ),
+    "hi": (
+        "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है।",
+        "भारत की राजधानी नई दिल्ली है।",
+        "आज मौसम बहुत अच्छा है।",
+        "सबसे नज़दीकी रेलवे स्टेशन कहाँ है?",
+        "मुझे एक कप चाय चाहिए।",
+        "खोज इंजन प्रश्न के अनुसार दस्तावेज़ों को क्रम में रखता है।",
+        "गंगा भारत की सबसे पवित्र नदी मानी जाती है।",
+        "कल सुबह दस बजे हमारी बैठक है।",
+        "बच्चे मैदान में क्रिकेट खेल रहे हैं।",
+        "आपकी मदद के लिए बहुत धन्यवाद।",
+        "हिंदी देवनागरी लिपि में लिखी जाती है।",
+        "मशीन लर्निंग के लिए बहुत सारा डेटा चाहिए।",
+        "ताजमहल आगरा में स्थित है।",
+        "मैं हर दिन बस से दफ़्तर जाता हूँ।",
+        "यह किताब बहुत रोचक है।",
+        "दिवाली रोशनी का त्योहार है।",
+        "क्या आप मुझे रास्ता बता सकते हैं?",
+        "ट्रेन दस मिनट में रवाना होगी।",
+        "नई भाषा सीखने में समय लगता है।",
+        "हिमालय दुनिया की सबसे ऊँची पर्वत श्रृंखला है।",
+    ),
+    "emoji": (
+        "I love pizza 🍕 and ice cream 🍦!",
+        "Great job! 👍👍 See you tomorrow 😊",
+        "Happy birthday 🎂🎉🎈",
+        "It's raining again ☔️ so I'm staying home 🏠",
+        "Let's go to the beach 🏖️🌊☀️",
+        "The rocket launched 🚀 into orbit 🌍",
+        "Coffee ☕ first, then work 💻",
+        "Love you ❤️ 😘",
+        "Cats 🐱 vs dogs 🐶: who wins?",
+        "Flags: 🇩🇪 🇫🇷 🇪🇸 🇯🇵 🇮🇳",
+        "Family: 👨‍👩‍👧‍👦 and a thumbs up 👍🏽",
+        "Weather forecast: 🌤️ then 🌧️ and ⛈️",
+    ),
+    "code": (
+        "def add(a: int, b: int) -> int:\n    return a + b",
+        "for i in range(10):\n    print(i * i)",
+        "import numpy as np\nx = np.zeros((3, 4), dtype=np.float32)",
+        "if (x != null && x.length > 0) { return x[0]; }",
+        "SELECT id, name FROM users WHERE age >= 18 ORDER BY name;",
+        'const url = "https://example.com/api/v1/embed?batch=32";',
+        "git commit -m 'Fix tokenizer padding' && git push origin main",
+        '{"model": "qwen3", "inputs": ["hello", "world"], "normalize": true}',
+        '#include <stdio.h>\nint main(void) { printf("hi\\n"); return 0; }',
+        'fn main() { let v: Vec<u32> = (0..5).collect(); println!("{:?}", v); }',
+        "class Embedder:\n    def __init__(self, path):\n        self.path = path",
+        "while True:\n\tline = f.readline()\n\tif not line:\n\t\tbreak",
+        '<div class="header"><a href="/">Home</a></div>',
+        "export PATH=$HOME/.local/bin:$PATH",
+        "x = [i ** 2 for i in range(100) if i % 3 == 0]",
+        "try:\n    value = int(text)\nexcept ValueError:\n    value = 0",
+    ),
+    "numbers": (
+        "In 2024 the population was 8,118,835 people.",
+        "The price is $19.99, or €18.50 with tax.",
+        "Call me at +1 (555) 123-4567 before 5:30 pm.",
+        "Pi is approximately 3.14159265358979.",
+        "The meeting is on 2025-06-05 at 14:00 UTC.",
+        "Version 1.2.3 fixed 42 bugs and added 7 features.",
+        "The temperature dropped to -12.5 °C overnight.",
+        "1 + 1 = 2, 2 * 3 = 6, 10 / 4 = 2.5",
+        "Room 101, floor 3, building B-7.",
+        "The distance is 384,400 km, about 238,855 miles.",
+        "Order #A-20931 shipped on 12/03/2024.",
+        "0x7FFF is 32767 and 0b1010 is 10.",
+        "The recipe serves 4 and takes 45 minutes.",
+        "Scores: 98%, 87.5%, 76% and 100%.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Transformer shape; head_dim 0 means hidden_size // heads."""
+
+    hidden_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    # Large on purpose: with the usual 0.02 every text maps to nearly the same vector.
+    initializer_range: float = 0.15
+
+
+PRESETS: dict[str, Arch] = {
+    "demo": Arch(
+        hidden_size=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        max_position_embeddings=1024,
+    ),
+    # Qwen3-Embedding-0.6B's published shape (only the tokenizer is ours).
+    "qwen3-0.6b": Arch(
+        hidden_size=1024,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        max_position_embeddings=32768,
+        initializer_range=0.02,
+    ),
+}
+DEFAULT_BPE_VOCAB = 2000
+DEFAULT_MAX_SEQ_LENGTH = 128
+# protobuf cannot serialise a message over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Print what is being done and how long it took (the export can take a while)."""
+    print(f"[make_demo_model] {what} ...", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"[make_demo_model] {what}: done in {time.perf_counter() - start:.1f}s", flush=True)
+
+
+def quiet_libraries() -> None:
+    """Silence progress bars and known-harmless warnings so the step lines stay readable."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # "torchvision is not installed. Skipping torchvision::nms" and the like.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # Our two axis names are the only ones; torch warns it cannot reuse them for shared dims.
+    warnings.filterwarnings("ignore", message=r"# The axis name")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated", category=FutureWarning)
+
+
+def corpus_lines() -> list[str]:
+    return [line for lines in CORPUS.values() for line in lines]
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(bpe_vocab_size: int) -> Any:
+    """Train a Qwen2-style byte-level BPE tokenizer and return a `tokenizers.Tokenizer`."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size,
+        min_frequency=1,
+        show_progress=False,
+        # All 256 byte symbols, so any UTF-8 text can be encoded without an unknown token.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    # Added after training so that, as in Qwen, the special tokens get the ids right after the
+    # BPE vocabulary and are not part of model.vocab.
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {EOS_TOKEN}:0",
+        pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
+        special_tokens=[(EOS_TOKEN, eos_id)],
+    )
+    # The trainer resets a few model/decoder fields; set them to the values Qwen's file has.
+    data = json.loads(tok.to_str())
+    data["model"].update(continuing_subword_prefix="", end_of_word_suffix="")
+    data["decoder"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": False,
+        "use_regex": False,
+    }
+    return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+
+def write_tokenizer_files(tok: Any, directory: Path) -> None:
+    """tokenizer.json + a tokenizer_config.json shaped like Qwen3-Embedding's."""
+    tok.save(str(directory / "tokenizer.json"), pretty=True)
+    added = {
+        str(tok.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOS_TOKEN,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": EOS_TOKEN,
+        # Left padding keeps the EOS of every row in the last column (last-token pooling).
+        "padding_side": "left",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2TokenizerFast",
+        "unk_token": None,
+    }
+    write_json(directory / "tokenizer_config.json", config)
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(arch: Arch, vocab_size: int, eos_id: int, seed: int) -> Any:
+    """A randomly initialised transformers Qwen3Model (the base model, no LM head)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.layers,
+        num_attention_heads=arch.heads,
+        num_key_value_heads=arch.kv_heads,
+        head_dim=arch.head_dim or arch.hidden_size // arch.heads,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        rms_norm_eps=arch.rms_norm_eps,
+        initializer_range=arch.initializer_range,
+        tie_word_embeddings=True,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        max_window_layers=arch.layers,
+        use_sliding_window=False,
+        sliding_window=None,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen3Model(config).eval()
+    # RMSNorm weights start at exactly 1; jitter them so the (exported) norms are exercised.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def save_model_dir(model: Any, directory: Path, max_seq_length: int) -> None:
+    """Weights + config.json + the sentence-transformers files, like Qwen3-Embedding's repo."""
+    model.save_pretrained(directory, safe_serialization=True)
+    # Qwen3-Embedding's config names the causal LM although its weights are the base model's;
+    # AutoModel (and so sentence-transformers) picks Qwen3Model from model_type either way.
+    config = read_json(directory / "config.json")
+    config["architectures"] = ["Qwen3ForCausalLM"]
+    # transformers 5 writes dtype/rope_parameters; the published file (transformers 4.5x) has
+    # these older keys, which 5.x still reads, so both generations load it.
+    config["torch_dtype"] = config.get("dtype", "float32")
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    config = dict(sorted(config.items()))
+    write_json(directory / "config.json", config)
+    hidden = model.config.hidden_size
+    write_json(
+        directory / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            },
+        ],
+    )
+    write_json(
+        directory / "config_sentence_transformers.json",
+        {
+            "prompts": {"query": QUERY_PROMPT, "document": ""},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+    write_json(
+        directory / "sentence_bert_config.json",
+        {"max_seq_length": max_seq_length, "do_lower_case": False},
+    )
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    write_json(
+        directory / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": True,
+            "include_prompt": True,
+        },
+    )
+    # No 2_Normalize folder: Normalize has no files, and git (like the hub) keeps no empty
+    # folders, so the committed directory must load without one.
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(model: Any, path: Path, external_data: bool) -> str:
+    """Export input_ids/attention_mask -> last_hidden_state; returns a description."""
+    import torch
+
+    class LastHiddenState(torch.nn.Module):
+        """Plain-tensor interface for the exporter.
+
+        Positions are derived from the mask (0 at each row's first real token) so a row gives the
+        same result whichever side it is padded on; without this, left-padded rows would be
+        rotated by a shift, which RoPE makes equal only up to rounding.
+        """
+
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+            return out.last_hidden_state
+
+    wrapper = LastHiddenState(model).eval()
+    # Example with padding (right and left) and batch/sequence > 1, so nothing specialises on an
+    # all-ones mask or on size-1 axes.
+    ids = torch.full((3, 6), 10, dtype=torch.long)
+    mask = torch.ones((3, 6), dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, :3] = 0
+    batch = torch.export.Dim("batch")
+    sequence = torch.export.Dim("sequence")
+    # The torch.export-based ("dynamo") exporter with SDPA attention: the TorchScript exporter is
+    # deprecated, and SDPA is what sentence-transformers runs, so the reference and the graph do
+    # the same arithmetic. transformers builds the padding+causal mask from attention_mask inside
+    # the graph, so padding is honoured at run time (checked below).
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (ids, mask),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: sequence},
+                "attention_mask": {0: batch, 1: sequence},
+            },
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=external_data,
+            verbose=False,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + "_data"), path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    program.save(str(path), external_data=external_data)
+    tidy_onnx(path)
+    return f"torch.onnx.export(dynamo=True), attn_implementation=sdpa, opset {ONNX_OPSET}"
+
+
+def tidy_onnx(path: Path) -> None:
+    """Drop the exporter's per-node debug metadata and name the external data file.
+
+    The metadata holds Python stack traces (absolute paths, line numbers of this script), which
+    would make the committed file change with every edit here and leak local paths. The
+    exporter writes weights to "model.onnx.data"; optimum and the hub call it "model.onnx_data".
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    old = path.with_name(path.name + ".data")
+    new = path.with_name(path.name + "_data")
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old.name:
+                entry.value = new.name
+    if old.exists():
+        old.rename(new)
+    # Without load_external_data the tensors stay references, so this rewrites the graph only.
+    onnx.save(proto, str(path))
+
+
+def check_onnx_file(path: Path, hidden: int) -> None:
+    import onnx
+
+    # Check by path: it follows external data and handles files over 2 GiB.
+    onnx.checker.check_model(str(path), full_check=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 17, opset
+
+    def shape(value: Any) -> list[str | int]:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    inputs = {v.name: (v.type.tensor_type.elem_type, shape(v)) for v in proto.graph.input}
+    outputs = {v.name: (v.type.tensor_type.elem_type, shape(v)) for v in proto.graph.output}
+    int64, float32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    assert inputs == {
+        "input_ids": (int64, ["batch", "sequence"]),
+        "attention_mask": (int64, ["batch", "sequence"]),
+    }, inputs
+    assert outputs == {"last_hidden_state": (float32, ["batch", "sequence", hidden])}, outputs
+
+
+class OnnxEncoder:
+    """Runs model.onnx with onnxruntime the way the server is meant to: tokenizer.json, EOS
+    appended, padding, last real token, optional truncate + L2 normalise."""
+
+    def __init__(self, model_path: Path, tokenizer_path: Path, max_length: int) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # The post-processor adds the EOS after truncation, so the EOS is always kept.
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.no_padding()
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def hidden(self, rows: Sequence[Sequence[int]], side: str = "right") -> np.ndarray:
+        """Hidden state at each row's last real token, running the rows as one padded batch."""
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span] = row
+            mask[i, span] = 1
+        (out,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
+        last = [len(r) - 1 if side == "right" else width - 1 for r in rows]
+        return out[np.arange(len(rows)), last]
+
+    def embed(self, text: str, dimensions: int, normalize: bool) -> np.ndarray:
+        vec = self.hidden([self.token_ids(text)])[0].astype(np.float64)
+        if dimensions:
+            vec = vec[:dimensions]
+        if normalize:
+            vec = vec / max(np.linalg.norm(vec), 1e-12)
+        return vec.astype(np.float32)
+
+
+def check_padding(encoder: OnnxEncoder, texts: Sequence[str]) -> dict[str, float]:
+    """Right- and left-padded batches must match each text run alone (mask honoured at run
+    time, not baked in at trace time)."""
+    rows = [encoder.token_ids(t) for t in texts]
+    assert len({len(r) for r in rows}) > 2, "need texts of different lengths"
+    alone = np.stack([encoder.hidden([r])[0] for r in rows])
+    result = {}
+    for side in ("right", "left"):
+        batched = encoder.hidden(rows, side=side)
+        assert np.isfinite(batched).all(), side
+        result[side] = float(np.abs(batched - alone).max())
+        assert result[side] <= 1e-5, (side, result[side])
+    # A row that is all padding must not turn the other rows into NaN (it may be junk itself).
+    with_empty = [*rows[:2], []]
+    width = max(len(r) for r in with_empty)
+    ids = np.zeros((3, width), dtype=np.int64)
+    mask = np.zeros((3, width), dtype=np.int64)
+    for i, row in enumerate(with_empty):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    (out,) = encoder.session.run(None, {"input_ids": ids, "attention_mask": mask})
+    real = np.stack([out[i, len(r) - 1] for i, r in enumerate(with_empty[:2])])
+    result["fully_padded_row_finite"] = float(np.isfinite(out[2]).all())
+    result["with_fully_padded_row"] = float(np.abs(real - alone[:2]).max())
+    assert result["with_fully_padded_row"] <= 1e-5, result
+    return result
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@dataclass
+class Case:
+    name: str
+    inputs: list[str]
+    prompt_name: str = ""
+    instruction: str = ""
+    dimensions: int = 0
+    normalize: bool = True
+
+    def prompt(self) -> str:
+        if self.prompt_name == "query":
+            return QUERY_PROMPT
+        if self.instruction:
+            # Qwen3-Embedding's format: no space after "Query:".
+            return f"Instruct: {self.instruction}\nQuery:"
+        return ""
+
+
+DOCUMENTS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other.",
+    "Photosynthesis lets plants turn sunlight into chemical energy.",
+    "The library is closed on Mondays.",
+]
+
+
+def reference_cases() -> list[Case]:
+    long_a = " ".join(CORPUS["en"][:20])
+    long_b = "".join(CORPUS["zh"]) + " " + " ".join(CORPUS["de"][:6])
+    return [
+        Case("documents", list(DOCUMENTS)),
+        Case(
+            "queries",
+            ["What is the capital of China?", "Explain gravity", "when does the library open"],
+            prompt_name="query",
+        ),
+        Case(
+            "instruction",
+            ["Who developed the theory of relativity?", "How do plants make food?"],
+            instruction=CUSTOM_INSTRUCTION,
+        ),
+        Case("matryoshka_64", list(DOCUMENTS[:3]), dimensions=64),
+        Case(
+            "multilingual",
+            [
+                "中国的首都是北京。",
+                "日本の首都は東京です。",
+                "القاهرة هي عاصمة مصر.",
+                "Столица России — Москва.",
+                "भारत की राजधानी नई दिल्ली है।",
+                "Die Hauptstadt von Deutschland ist Berlin.",
+                "I love pizza 🍕 and ice cream 🍦! 👨‍👩‍👧‍👦",
+            ],
+        ),
+        Case("long", [long_a, long_b]),
+        Case("edge", ["", "   ", "a", "line one\nline two\n\ttabbed\r\nend"]),
+        Case("raw_pooled", list(DOCUMENTS[:3]), normalize=False),
+    ]
+
+
+def make_reference(
+    model_dir: Path, model_name: str, max_length: int, cases: list[Case]
+) -> dict[str, Any]:
+    """Embeddings from sentence-transformers (and plain transformers for raw_pooled)."""
+    import sentence_transformers
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    assert st.max_seq_length == max_length, st.max_seq_length
+    assert st.prompts.get("query") == QUERY_PROMPT, st.prompts
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    hf_model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+    out_cases: list[dict[str, Any]] = []
+    for case in cases:
+        full_texts = [case.prompt() + t for t in case.inputs]
+        enc = tokenizer(full_texts, truncation=True, max_length=max_length)
+        token_ids = [list(map(int, ids)) for ids in enc["input_ids"]]
+        for ids in token_ids:
+            assert ids[-1] == eos_id and len(ids) <= max_length, (case.name, ids[-3:])
+        if case.name == "long":
+            # Truncation must really happen (and keep the EOS, checked just above).
+            untruncated = [len(ids) for ids in tokenizer(full_texts)["input_ids"]]
+            assert min(untruncated) > 2 * max_length, untruncated
+            print(f"  long texts: {untruncated} tokens, truncated to {max_length} with EOS kept")
+
+        if case.name == "raw_pooled":
+            # Independent of sentence-transformers: one text at a time, no padding at all.
+            vectors = []
+            for ids in token_ids:
+                with torch.no_grad():
+                    hidden = hf_model(input_ids=torch.tensor([ids])).last_hidden_state
+                vectors.append(hidden[0, -1].numpy())
+            embeddings = np.stack(vectors)
+        else:
+            kwargs: dict[str, Any] = {"convert_to_numpy": True, "normalize_embeddings": True}
+            if case.prompt_name:
+                kwargs["prompt_name"] = case.prompt_name
+            elif case.instruction:
+                kwargs["prompt"] = case.prompt()
+            if case.dimensions:
+                kwargs["truncate_dim"] = case.dimensions
+            embeddings = st.encode(case.inputs, **kwargs)
+            # What the sentence-transformers pipeline itself feeds the model must be token_ids.
+            features = st.preprocess(case.inputs, prompt=case.prompt() or None)
+            st_ids = [
+                [int(i) for i, m in zip(row, msk, strict=True) if m]
+                for row, msk in zip(
+                    features["input_ids"].tolist(),
+                    features["attention_mask"].tolist(),
+                    strict=True,
+                )
+            ]
+            assert st_ids == token_ids, (case.name, "sentence-transformers tokenised differently")
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        assert np.isfinite(embeddings).all(), case.name
+        out_cases.append(
+            {
+                "name": case.name,
+                "inputs": case.inputs,
+                "prompt_name": case.prompt_name,
+                "instruction": case.instruction,
+                "dimensions": case.dimensions,
+                "normalize": case.normalize,
+                # float32 -> Python float is exact, and repr() round-trips.
+                "embeddings": [[float(x) for x in row] for row in embeddings],
+                "token_ids": token_ids,
+            }
+        )
+
+    document_case = next(c for c in out_cases if c["name"] == "documents")
+    st_docs = np.asarray(document_case["embeddings"])
+    raw_case = next(c for c in out_cases if c["name"] == "raw_pooled")
+    raw = np.asarray(raw_case["embeddings"])
+    raw_normed = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    # The two references must agree with each other (same documents).
+    cross = float(np.abs(raw_normed - st_docs[: len(raw)]).max())
+    assert cross <= 1e-5, cross
+
+    reference = {
+        "model": model_name,
+        "max_length": max_length,
+        "dimensions": int(hf_model.config.hidden_size),
+        "generator": "scripts/make_demo_model.py",
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+        },
+        "cases": out_cases,
+    }
+    print(f"  raw_pooled (transformers) vs documents (sentence-transformers): {cross:.2e}")
+    return reference
+
+
+def check_reference_against_onnx(
+    reference: dict[str, Any], encoder: OnnxEncoder, cases: list[Case]
+) -> dict[str, tuple[float, float]]:
+    """Per text, run alone: ONNX vs the reference. Returns (max abs diff, min cosine) per case."""
+    stats: dict[str, tuple[float, float]] = {}
+    for case, ref_case in zip(cases, reference["cases"], strict=True):
+        worst_diff, worst_cos = 0.0, 1.0
+        for text, ids, expected in zip(
+            case.inputs, ref_case["token_ids"], ref_case["embeddings"], strict=True
+        ):
+            full = case.prompt() + text
+            assert encoder.token_ids(full) == ids, (case.name, "tokenizers vs AutoTokenizer")
+            got = encoder.embed(full, case.dimensions, case.normalize).astype(np.float64)
+            want = np.asarray(expected, dtype=np.float64)
+            diff = float(np.abs(got - want).max())
+            cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
+            worst_diff, worst_cos = max(worst_diff, diff), min(worst_cos, cos)
+        assert worst_diff <= 1e-5 and worst_cos >= 0.99999, (case.name, worst_diff, worst_cos)
+        stats[case.name] = (worst_diff, worst_cos)
+    return stats
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_tokenizer(model_dir: Path, eos_id: int, max_length: int) -> None:
+    """AutoTokenizer must load our files as a Qwen2 tokenizer and agree with `tokenizers`."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    assert type(hf).__name__.startswith("Qwen2Tokenizer"), type(hf).__name__
+    assert hf.eos_token_id == eos_id and hf.pad_token_id == eos_id, (hf.eos_token_id, eos_id)
+    assert hf.padding_side == "left", hf.padding_side
+    raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    raw.enable_truncation(max_length)
+    samples = [*corpus_lines(), "", "   ", "x", QUERY_PROMPT + "hello", "<|im_start|>hi<|im_end|>"]
+    for text in samples:
+        ids = hf(text, truncation=True, max_length=max_length)["input_ids"]
+        assert ids[-1] == eos_id, (text, ids)
+        assert ids == raw.encode(text).ids, (text, ids, raw.encode(text).ids)
+        assert hf.decode(ids, skip_special_tokens=True) == text or text.startswith("<|"), text
+
+
+def cosine_spread(vectors: np.ndarray) -> tuple[float, float]:
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    off = sims[~np.eye(len(unit), dtype=bool)]
+    return float(off.min()), float(off.max())
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"model directory (demo: {DEFAULT_OUT})"
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help=f"reference JSON (demo default: {DEFAULT_REFERENCE}; none for other shapes)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference JSON")
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--head-dim", type=int, help="default: preset's, or hidden/heads")
+    parser.add_argument("--intermediate-size", type=int)
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_BPE_VOCAB,
+        help="BPE vocabulary incl. the 256 bytes; the model adds the 3 special tokens",
+    )
+    parser.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH)
+    parser.add_argument(
+        "--external-data",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="model.onnx_data beside model.onnx (auto: when the weights exceed 1 GiB)",
+    )
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--keep-weights",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also keep the full directory with model.safetensors here (not for committing)",
+    )
+    return parser.parse_args(argv)
+
+
+def resolve_arch(ns: argparse.Namespace) -> Arch:
+    arch = PRESETS[ns.preset]
+    overrides = {
+        "hidden_size": ns.hidden_size,
+        "layers": ns.layers,
+        "heads": ns.heads,
+        "kv_heads": ns.kv_heads,
+        "head_dim": ns.head_dim,
+        "intermediate_size": ns.intermediate_size,
+    }
+    arch = replace(arch, **{k: v for k, v in overrides.items() if v is not None})
+    if ns.head_dim is None and (ns.hidden_size is not None or ns.heads is not None):
+        arch = replace(arch, head_dim=0)  # the preset's head_dim no longer fits: hidden // heads
+    if arch.heads % arch.kv_heads:
+        raise SystemExit(f"--heads ({arch.heads}) must be a multiple of --kv-heads")
+    if not arch.head_dim and arch.hidden_size % arch.heads:
+        raise SystemExit("--hidden-size must be divisible by --heads (or give --head-dim)")
+    return arch
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = parse_args(argv)
+    arch = resolve_arch(ns)
+    is_demo = (
+        arch == PRESETS["demo"]
+        and ns.vocab_size == DEFAULT_BPE_VOCAB
+        and ns.max_seq_length == DEFAULT_MAX_SEQ_LENGTH
+        and ns.seed == SEED
+    )
+    # Never overwrite the committed demo files with some other shape by accident.
+    if ns.out is None and not is_demo:
+        raise SystemExit("--out is required when the model is not the default demo model")
+    out: Path = (ns.out or DEFAULT_OUT).resolve()
+    reference_path: Path | None = ns.reference or (DEFAULT_REFERENCE if is_demo else None)
+    if ns.no_reference:
+        reference_path = None
+    print(f"[make_demo_model] architecture: {asdict(arch)}")
+    started = time.perf_counter()
+
+    import torch
+
+    quiet_libraries()
+    torch.manual_seed(ns.seed)
+
+    with tempfile.TemporaryDirectory(prefix="embedrpc-demo-") as tmp:
+        scratch = Path(tmp) / "model"
+        scratch.mkdir()
+
+        with step("train tokenizer"):
+            tok = build_tokenizer(ns.vocab_size)
+            write_tokenizer_files(tok, scratch)
+            eos_id = tok.token_to_id(EOS_TOKEN)
+            vocab = tok.get_vocab_size(with_added_tokens=True)
+            print(f"  vocab {vocab} (BPE {tok.get_vocab_size(with_added_tokens=False)}), ", end="")
+            print(f"eos id {eos_id}")
+        with step("check tokenizer with transformers.AutoTokenizer"):
+            check_tokenizer(scratch, eos_id, ns.max_seq_length)
+
+        with step("build and save model"):
+            model = build_model(arch, vocab, eos_id, ns.seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"  {n_params:,} parameters")
+            save_model_dir(model, scratch, ns.max_seq_length)
+
+        external = ns.external_data == "always" or (
+            ns.external_data == "auto" and n_params * 4 > EXTERNAL_DATA_THRESHOLD
+        )
+        onnx_path = scratch / "model.onnx"
+        with step("export ONNX"):
+            exporter = export_onnx(model, onnx_path, external)
+            print(f"  {exporter}, external data: {external}")
+        with step("onnx.checker and interface"):
+            check_onnx_file(onnx_path, arch.hidden_size)
+
+        encoder = OnnxEncoder(onnx_path, scratch / "tokenizer.json", ns.max_seq_length)
+        with step("check padding (onnxruntime, CPU)"):
+            padding = check_padding(encoder, [*DOCUMENTS, "a", CORPUS["zh"][0], CORPUS["en"][3]])
+            print(f"  max abs diff vs alone: right {padding['right']:.2e}, ", end="")
+            print(f"left {padding['left']:.2e}, ", end="")
+            print(f"with an all-padding row {padding['with_fully_padded_row']:.2e} ", end="")
+            print(f"(that row finite: {bool(padding['fully_padded_row_finite'])})")
+
+        if reference_path is not None:
+            cases = reference_cases()
+            with step("reference outputs (sentence-transformers, transformers)"):
+                model_name = "demo" if is_demo else out.name
+                reference = make_reference(scratch, model_name, ns.max_seq_length, cases)
+            with step("check ONNX against the reference"):
+                stats = check_reference_against_onnx(reference, encoder, cases)
+                for name, (diff, cos) in stats.items():
+                    print(f"  {name:14s} max abs diff {diff:.2e}  min cosine {cos:.8f}")
+            by_name = {c["name"]: c["embeddings"] for c in reference["cases"]}
+            low, high = cosine_spread(np.asarray(by_name["documents"] + by_name["multilingual"]))
+            print(f"  pairwise cosines of document+multilingual vectors: {low:.3f} .. {high:.3f}")
+            assert high < 0.99, "texts should give clearly different vectors"
+            reference_path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(reference, ensure_ascii=False, indent=1)
+            reference_path.write_text(text + "\n", encoding="utf-8")
+            print(f"  wrote {reference_path} ({reference_path.stat().st_size:,} bytes)")
+
+        del encoder
+        with step(f"write {out}"):
+            publish(scratch, out)
+        if ns.keep_weights is not None:
+            shutil.rmtree(ns.keep_weights, ignore_errors=True)
+            shutil.copytree(scratch, ns.keep_weights)
+            print(f"  full sentence-transformers directory kept in {ns.keep_weights}")
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(out)}: {path.stat().st_size:,} bytes")
+    print(f"[make_demo_model] total {dir_size(out):,} bytes in {out}")
+    print(f"[make_demo_model] finished in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def publish(scratch: Path, out: Path) -> None:
+    """Copy everything but the safetensors weights (the ONNX file carries them)."""
+    keep = {"model.onnx", "model.onnx_data"}
+    if out.exists():
+        # Only files this script makes are removed, so a stale model.onnx_data cannot linger.
+        for name in ("model.onnx", "model.onnx_data", "1_Pooling", "2_Normalize"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(scratch.rglob("*")):
+        rel = path.relative_to(scratch)
+        if path.is_dir():
+            (out / rel).mkdir(exist_ok=True)
+        elif path.suffix != ".safetensors" and (path.suffix == ".json" or rel.name in keep):
+            shutil.copy2(path, out / rel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
