@@ -39,6 +39,12 @@ _POOLING_KEYS = {
 }
 # Qwen3-Embedding's Matryoshka range starts at 32 dimensions.
 DEFAULT_MIN_DIMENSIONS = 32
+# Qwen3-Embedding's prompts, for exports that leave out config_sentence_transformers.json.
+QWEN3_PROMPTS = {
+    "query": "Instruct: Given a web search query, retrieve relevant passages that answer "
+             "the query\nQuery:",
+    "document": "",
+}
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -201,6 +207,8 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
             log.warning("--max-length %d is above the model's limit %d", max_length, model_max)
         model_max = max_length
     prompts = st_cfg.get("prompts") or {}
+    if not st_cfg and config.get("model_type") == "qwen3":
+        prompts = QWEN3_PROMPTS
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ModelError(f"{path / 'config_sentence_transformers.json'}: prompts must map "
                          "names to strings")

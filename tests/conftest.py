@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
 from embedrpc.server import EmbedServer, ServeConfig
 
 DATA = Path(__file__).parent / "data"

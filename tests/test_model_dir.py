@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from embedrpc.server.app import resolve_devices
 from embedrpc.server.errors import ModelError
 from embedrpc.server.model import DEMO_DIR, load_model_spec, resolve_model_path
@@ -132,3 +133,16 @@ def test_auto_device_falls_back_to_cpu_without_gpu() -> None:
     assert resolve_devices("auto") == ["cpu"]
     with pytest.raises(ModelError, match="no GPU"):
         resolve_devices("cuda")
+
+
+def test_qwen3_export_without_sentence_transformers_files_gets_qwen3_prompts(
+        tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "m")
+    (model / "config_sentence_transformers.json").unlink()
+    assert load_model_spec(str(model)).prompts == {}
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "model_type": "qwen3"}))
+    spec = load_model_spec(str(model))
+    # The prompt published with Qwen3-Embedding (config_sentence_transformers.json).
+    assert spec.prompts["query"] == ("Instruct: Given a web search query, retrieve relevant "
+                                     "passages that answer the query\nQuery:")
+    assert spec.pooling == "lasttoken" and spec.normalize

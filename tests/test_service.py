@@ -13,12 +13,12 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from embedrpc.client import AsyncEmbedClient, EmbedClient
-from embedrpc.server.worker import fake_vector
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
 
+from embedrpc.client import AsyncEmbedClient, EmbedClient
+from embedrpc.server.worker import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 

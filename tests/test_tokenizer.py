@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer, processors
+
 from embedrpc.server.errors import InvalidInput
 from embedrpc.server.model import load_model_spec
 from embedrpc.server.tokenizer import (
@@ -19,7 +21,6 @@ from embedrpc.server.tokenizer import (
     TRUNCATE_START,
     TextEncoder,
 )
-from tokenizers import Tokenizer, processors
 
 from .conftest import QUERY_PROMPT, QWEN_EOS_ID, qwen_tokenizer_file, write_model_dir
 

@@ -1,0 +1,116 @@
+"""The `embedrpc` command as a user runs it: serve, embed, info, tokenize, signals, env vars."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+EMBEDRPC = [sys.executable, "-m", "embedrpc"]
+SERVING = re.compile(r"serving \S+ on \S+:(\d+)")
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([*EMBEDRPC, "serve", "--host", "127.0.0.1", "--port", "0",
+                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 90
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if match := SERVING.search(line):
+            return proc, f"127.0.0.1:{match.group(1)}"
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(seen))
+
+
+@pytest.fixture(scope="module")
+def demo_process() -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, target = start_server("--model", "demo", "--workers", "2")
+    yield proc, target
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EMBEDRPC, *args], capture_output=True, text=True, input=stdin,
+                          timeout=60)
+
+
+def test_health_serving_after_warmup(demo_process) -> None:
+    _, target = demo_process
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                          timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_embed_prints_json_vectors(demo_process) -> None:
+    _, target = demo_process
+    result = run_cli("embed", "--target", target, "--prompt-name", "query",
+                     "What is the capital of China?", "Explain gravity")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    vectors = np.array(out["embeddings"])
+    assert vectors.shape == (2, 128) and out["dimensions"] == 128
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert out["usage"]["prompt_tokens"] > 0
+    # Texts from stdin, Matryoshka size.
+    result = run_cli("embed", "--target", target, "--dimensions", "64", stdin="one\ntwo\n")
+    assert np.array(json.loads(result.stdout)["embeddings"]).shape == (2, 64)
+
+
+def test_info_and_tokenize(demo_process) -> None:
+    _, target = demo_process
+    info = json.loads(run_cli("info", "--target", target).stdout)
+    assert info["model"] == "demo" and info["dimensions"] == 128 and info["workers"] == 2
+    assert "query" in info["prompt_names"] and info["pooling"] == "lasttoken"
+    tok = json.loads(run_cli("tokenize", "--target", target, "hello world").stdout)
+    assert tok["inputs"][0]["tokens"][-1] == "<|endoftext|>"
+
+
+def test_client_errors_are_reported(demo_process) -> None:
+    _, target = demo_process
+    result = run_cli("embed", "--target", target, "--dimensions", "7", "x")
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr and "32..128" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly(signum: int) -> None:
+    proc, _ = start_server("--model", "demo", "--grace-seconds", "2")
+    proc.send_signal(signum)
+    assert proc.wait(30) == 0
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "shutting down" in stderr and "stopped" in stderr
+
+
+def test_bad_model_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", str(tmp_path), "--device", "cpu")
+    assert result.returncode == 2
+    assert "missing tokenizer.json, config.json" in result.stderr
+
+
+def test_flags_read_the_environment() -> None:
+    result = subprocess.run([*EMBEDRPC, "serve", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "EMBEDRPC_MAX_INPUTS": "5"}, timeout=30)
+    assert "default: 5; env EMBEDRPC_MAX_INPUTS" in " ".join(result.stdout.split())
+    result = subprocess.run([*EMBEDRPC, "serve", "--help"], capture_output=True, text=True,
+                            env={**os.environ, "EMBEDRPC_WORKERS": "many"}, timeout=30)
+    assert result.returncode == 2 and "EMBEDRPC_WORKERS='many'" in result.stderr
