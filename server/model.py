@@ -203,8 +203,9 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
     if max_length is not None:
         if max_length < 2:
             raise ModelError(f"--max-length {max_length}: must be at least 2")
-        if max_length > model_max and max_length > MAX_LENGTH_CAP:
-            log.warning("--max-length %d is above the model's limit %d", max_length, model_max)
+        if max_length > model_max:
+            log.warning("--max-length %d is above the model's own limit %d", max_length,
+                        model_max)
         model_max = max_length
     prompts = st_cfg.get("prompts") or {}
     if not st_cfg and config.get("model_type") == "qwen3":

@@ -154,6 +154,13 @@ class Router:
                 log.exception("batcher failed; continuing")
 
     def _dispatch(self) -> None:
+        if self._queue and all(w.failed for w in self.workers):
+            # A failed worker never serves again: fail what waits instead of hanging.
+            error = Unavailable("no worker can run the model (see the server log)")
+            while self._queue:
+                self._queue.popleft().job.fail(error)
+            self._queued_tokens = 0
+            return
         while self._queue:
             worker = max(self.workers, key=lambda w: w.free_slots)
             if worker.free_slots <= 0:
@@ -225,6 +232,10 @@ class Router:
         return next(b for b in batches if any(e is oldest for e in b))
 
     def _requeue_front(self, entries: list[_Entry]) -> None:
+        if self._closed:  # nothing will read the queue again
+            for entry in entries:
+                entry.job.fail(Unavailable("the server is shutting down"))
+            return
         self._queue.extendleft(reversed(entries))
         self._queued_tokens += sum(len(e.ids) for e in entries)
 
@@ -245,7 +256,8 @@ class Router:
 
     def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray]) -> None:
         self._wake.set()
-        exc = future.exception()
+        exc = WorkerCrashed("the batch was cancelled") if future.cancelled() else \
+            future.exception()
         if isinstance(exc, WorkerCrashed):
             retry = []
             for entry in entries:

@@ -114,6 +114,9 @@ class TextEncoder:
                 f"(after the prompt); shorten it or use TRUNCATE_END / TRUNCATE_START"
             )
         ids = [np.fromiter(e.ids, dtype=np.int32, count=len(e.ids)) for e in encodings]
+        if not all(len(a) for a in ids):  # only possible without EOS or other specials
+            empty = next(i for i, a in enumerate(ids) if not len(a))
+            raise InvalidInput(f"inputs[{empty}] has no tokens; this model needs non-empty text")
         return Encoded(ids=ids, truncated=truncated)
 
     def tokens(self, ids: np.ndarray) -> list[str]:

@@ -148,6 +148,10 @@ class OrtBackend:
                 "output": self.output, "inputs": sorted(self.inputs),
                 "providers": self.session.get_providers(), "device": self.spec.device}
 
+    def _int_type(self, name: str) -> type:
+        """The graph's own integer type for an input (int64 or int32)."""
+        return _ORT_TYPES.get(self.inputs[name].type, np.int64)
+
     def _bind(self, binding: Any, name: str, array: np.ndarray) -> None:
         if self.device_type == "cpu":
             binding.bind_cpu_input(name, array)
@@ -166,10 +170,11 @@ class OrtBackend:
                 _ORT_TYPES.get(self.inputs["attention_mask"].type, np.int64), copy=False)
         if "position_ids" in self.inputs:
             # Right padding: real tokens sit at 0..len-1 in every row.
-            feeds["position_ids"] = np.ascontiguousarray(
-                np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)))
+            feeds["position_ids"] = np.ascontiguousarray(np.broadcast_to(
+                np.arange(width, dtype=self._int_type("position_ids")), (batch, width)))
         if "token_type_ids" in self.inputs:
-            feeds["token_type_ids"] = np.zeros((batch, width), dtype=np.int64)
+            feeds["token_type_ids"] = np.zeros((batch, width),
+                                               dtype=self._int_type("token_type_ids"))
         for name, (heads, head_dim, dtype) in self.past.items():
             feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
         binding = self.session.io_binding()
