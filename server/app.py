@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 # Default token budgets per batch: CPUs gain nothing from huge batches, GPUs do.
 DEFAULT_BATCH_TOKENS = {"cpu": 8192, "cuda": 32768}
+# A batch's fixed cost in tokens: a CPU run costs little beyond its tokens; a GPU
+# run has kernel launches and copies worth many tokens.
+DEFAULT_BATCH_OVERHEAD = {"cpu": 64, "cuda": 2048}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +47,7 @@ class ServeConfig:
     max_batch_tokens: int | None = None  # None: by device
     max_batch_size: int = 64
     max_wait_ms: float = 0.0
+    batch_overhead_tokens: int | None = None  # None: by device
     max_queue_tokens: int | None = None  # None: 64 batches' worth
     max_inputs: int = 2048
     max_message_bytes: int = 64 << 20
@@ -131,6 +135,9 @@ class EmbedServer:
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
             max_queue_tokens=config.max_queue_tokens or 64 * budget,
+            batch_overhead_tokens=(DEFAULT_BATCH_OVERHEAD[kind]
+                                   if config.batch_overhead_tokens is None
+                                   else config.batch_overhead_tokens),
         )
         cpu_workers = config.workers if kind == "cpu" else 0
         threads = max(1, available_cores() // max(cpu_workers, 1))

@@ -40,6 +40,10 @@ class BatchConfig:
     max_batch_size: int = 64
     max_wait_ms: float = 0.0  # wait this long for a fuller batch when workers are idle
     max_queue_tokens: int = 1 << 20  # beyond this, RESOURCE_EXHAUSTED
+    # The fixed cost of running one batch, in tokens' worth of compute. A length-sorted
+    # window is split where the padding a longer text would add to the rows before it
+    # costs more than starting another batch (0: split at every length change).
+    batch_overhead_tokens: int = 64
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "max_queue_tokens"):
@@ -47,6 +51,8 @@ class BatchConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_wait_ms < 0:
             raise ValueError("max_wait_ms must be >= 0")
+        if self.batch_overhead_tokens < 0:
+            raise ValueError("batch_overhead_tokens must be >= 0")
 
 
 class _Job:
@@ -216,18 +222,26 @@ class Router:
         return batch
 
     def _pick(self, window: list[_Entry]) -> list[_Entry]:
-        """Cut the length-sorted window into budget-sized batches; return the oldest's."""
+        """Cut the length-sorted window into batches; return the one with the oldest entry.
+
+        A batch ends at the token budget, at the row limit, or where the newcomer
+        (the longest so far) would pad the rows already in the batch by more than
+        a batch's fixed cost: n * (new_width - width) > batch_overhead_tokens.
+        """
         cfg = self.config
         order = sorted(window, key=lambda e: len(e.ids))
         batches: list[list[_Entry]] = [[]]
+        width = 0
         for entry in order:
             current = batches[-1]
-            width = len(entry.ids)  # sorted: the newcomer is the longest so far
-            if current and (len(current) >= cfg.max_batch_size
-                            or (len(current) + 1) * width > cfg.max_batch_tokens):
+            new_width = len(entry.ids)
+            n = len(current)
+            if n and (n >= cfg.max_batch_size or (n + 1) * new_width > cfg.max_batch_tokens
+                      or n * (new_width - width) > cfg.batch_overhead_tokens):
                 current = []
                 batches.append(current)
             current.append(entry)
+            width = new_width
         oldest = window[0]
         return next(b for b in batches if any(e is oldest for e in b))
 

@@ -184,7 +184,8 @@ def test_batches_respect_token_budget_and_row_limit(lengths: list[int]) -> None:
     worker = FakeWorker()
 
     async def main() -> None:
-        async with running([worker], max_batch_tokens=budget, max_batch_size=max_rows) as router:
+        async with running([worker], max_batch_tokens=budget, max_batch_size=max_rows,
+                           batch_overhead_tokens=10**6) as router:
             exact(await router.embed(texts), texts)
 
     run(main)
@@ -202,7 +203,8 @@ def test_length_sorting_pads_less_than_fifo() -> None:
     worker = FakeWorker()
 
     async def main() -> None:
-        async with running([worker], max_batch_tokens=budget, max_batch_size=max_rows) as router:
+        async with running([worker], max_batch_tokens=budget, max_batch_size=max_rows,
+                           batch_overhead_tokens=10**6) as router:
             exact(await router.embed(texts), texts)
 
     run(main)
@@ -221,6 +223,30 @@ def test_length_sorting_pads_less_than_fifo() -> None:
     assert sorted_padded < fifo_padded
     # Sorted, the eight 2-token texts share one batch and the 30s pair up: no padding.
     assert sorted_padded == real
+
+
+@pytest.mark.parametrize(("overhead", "expected_rows"), [
+    # Four 2-token texts, then a 30-token one: adding it pads the four by 4 * 28 = 112.
+    (111, [[2, 2, 2, 2], [30]]),  # 112 > 111: padding costs more than a batch
+    (112, [[2, 2, 2, 2, 30]]),  # 112 <= 112: one batch
+    (0, [[2, 2, 2, 2], [30]]),
+])
+def test_window_split_where_padding_costs_more_than_a_batch(
+        overhead: int, expected_rows: list[list[int]]) -> None:
+    texts = request(1, [30, 2, 2, 2, 2])
+    worker = FakeWorker(slots=1, hold=True)
+
+    async def main() -> None:
+        async with running([worker], batch_overhead_tokens=overhead) as router:
+            task = asyncio.create_task(router.embed(texts))
+            await until(lambda: len(worker.seen) == 1)
+            while not task.done():
+                worker.release(hold=True)
+                await asyncio.sleep(0.001)
+            exact(task.result(), texts)
+
+    run(main)
+    assert sorted(sorted(len(r) for r in s.rows) for s in worker.seen) == sorted(expected_rows)
 
 
 # -- dropping entries: cancel, deadline ----------------------------------------
