@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .errors import ModelError
 from .pooling import pool
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,6 @@ class OrtBackend:
     def __init__(self, spec: WorkerSpec) -> None:
         import onnxruntime as ort
 
-        from .errors import ModelError
-
         self.spec = spec
         self.device_type, _, index = spec.device.partition(":")
         self.device_id = int(index or 0)
@@ -109,13 +108,13 @@ class OrtBackend:
                 "CUDAExecutionProvider":
             raise ModelError(f"{spec.device}: the CUDA execution provider is not usable "
                              "(onnxruntime-gpu, CUDA and cuDNN are needed)")
-        self._inspect(ModelError)
+        self._inspect()
 
-    def _inspect(self, error: type[Exception]) -> None:
+    def _inspect(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name: o for o in self.session.get_outputs()}
         if "input_ids" not in inputs:
-            raise error(f"{self.spec.onnx_path}: the graph has no input_ids input "
+            raise ModelError(f"{self.spec.onnx_path}: the graph has no input_ids input "
                         f"(inputs: {', '.join(inputs)})")
         self.ids_dtype = _ORT_TYPES.get(inputs["input_ids"].type, np.int64)
         self.past = {}
@@ -124,16 +123,16 @@ class OrtBackend:
             if _PAST.match(name):
                 shape = arg.shape
                 if len(shape) != 4 or not all(isinstance(d, int) for d in (shape[1], shape[3])):
-                    raise error(f"{name}: cannot tell KV heads and head size from {shape}")
+                    raise ModelError(f"{name}: cannot tell KV heads and head size from {shape}")
                 self.past[name] = (shape[1], shape[3], _ORT_TYPES.get(arg.type, np.float32))
             elif name not in known:
-                raise error(f"{self.spec.onnx_path}: unknown graph input {name!r}; embedrpc "
+                raise ModelError(f"{self.spec.onnx_path}: unknown graph input {name!r}; embedrpc "
                             f"feeds {', '.join(sorted(known))} and past_key_values.*")
         self.inputs = inputs
         name = _POOLED_OUTPUT if _POOLED_OUTPUT in outputs else next(
             (n for n in _HIDDEN_OUTPUTS if n in outputs), None)
         if name is None:
-            raise error(f"{self.spec.onnx_path}: no usable output (need one of "
+            raise ModelError(f"{self.spec.onnx_path}: no usable output (need one of "
                         f"{', '.join((*_HIDDEN_OUTPUTS, _POOLED_OUTPUT))}; the graph has "
                         f"{', '.join(outputs)}). Export the feature-extraction task, not "
                         "text-generation.")
@@ -236,9 +235,12 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     try:
         backend = make_backend(spec)
         backend.warmup()
+    except ModelError as exc:  # a clear message already; the main process reports it
+        conn.send(("error", str(exc)))
+        return
     except Exception as exc:
         log.exception("worker start-up failed")
-        conn.send(("error", str(exc)))
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", backend.describe()))
     while True:

@@ -82,3 +82,14 @@ def fake_server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
 def demo_server() -> Iterator[tuple[EmbedServer, str]]:
     with running_server(model="demo", workers=2) as running:
         yield running
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests run only where ONNX Runtime can use a CUDA GPU."""
+    from embedrpc.server.app import cuda_device_count
+
+    if any("gpu" in item.keywords for item in items) and cuda_device_count() == 0:
+        skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
