@@ -88,8 +88,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """`gpu` tests run only where ONNX Runtime can use a CUDA GPU."""
     from embedrpc.server.app import cuda_device_count
 
-    if any("gpu" in item.keywords for item in items) and cuda_device_count() == 0:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and cuda_device_count() == 0:
         skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+        for item in gpu_items:
+            item.add_marker(skip)
