@@ -77,15 +77,14 @@ class StreamResult:
 
     def unwrap(self) -> np.ndarray:
         if self.error is not None:
-            code = grpc.StatusCode(_code_tuple(self.error.code)).name
+            code = _STATUS_NAMES.get(self.error.code, str(self.error.code))
             raise RuntimeError(f"request {self.request_id!r} failed: {code}: "
                                f"{self.error.message}")
         assert self.embeddings is not None
         return self.embeddings
 
 
-def _code_tuple(code: int) -> tuple[int, str]:
-    return next(c.value for c in grpc.StatusCode if c.value[0] == code)
+_STATUS_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _stream_result(response: pb.EmbedResponse) -> StreamResult:

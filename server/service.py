@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -63,8 +63,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     # -- validation and tokenization ---------------------------------------
 
-    def _check_inputs(self, inputs: list[str] | object) -> None:
-        n = len(inputs)  # type: ignore[arg-type]
+    def _check_inputs(self, inputs: Sequence[str]) -> None:
+        n = len(inputs)
         if n == 0:
             raise InvalidInput(f"inputs is empty; send 1 to {self.limits.max_inputs} texts")
         if n > self.limits.max_inputs:
