@@ -48,11 +48,11 @@ class BatchConfig:
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_size", "max_queue_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_wait_ms < 0:
-            raise ValueError("max_wait_ms must be >= 0")
+            raise ValueError("--max-wait-ms must be >= 0")
         if self.batch_overhead_tokens < 0:
-            raise ValueError("batch_overhead_tokens must be >= 0")
+            raise ValueError("--batch-overhead-tokens must be >= 0")
 
 
 class _Job:

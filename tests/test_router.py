@@ -548,12 +548,13 @@ def test_queued_requests_fail_when_the_last_worker_fails() -> None:
 @pytest.mark.parametrize("name", ["max_batch_tokens", "max_batch_size", "max_queue_tokens"])
 @pytest.mark.parametrize("value", [0, -1])
 def test_batch_config_rejects_values_below_one(name: str, value: int) -> None:
-    with pytest.raises(ValueError, match=name):
+    # The message names the command-line flag.
+    with pytest.raises(ValueError, match=f"--{name.replace('_', '-')} must be at least 1"):
         BatchConfig(**{name: value})
     BatchConfig(**{name: 1})  # the smallest allowed
 
 
 def test_batch_config_rejects_negative_wait() -> None:
-    with pytest.raises(ValueError, match="max_wait_ms"):
+    with pytest.raises(ValueError, match="--max-wait-ms"):
         BatchConfig(max_wait_ms=-1)
     assert BatchConfig(max_wait_ms=0).max_wait_ms == 0

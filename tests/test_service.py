@@ -9,6 +9,7 @@ and bit packing.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
 
-from embedrpc.client import AsyncEmbedClient, EmbedClient
+from embedrpc.client import AsyncEmbedClient, EmbedClient, make_request
 from embedrpc.server.worker import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
@@ -218,3 +219,37 @@ def test_deadline_exceeded_and_server_recovers(fake_model_dir) -> None:
             slow.embed(["a"] * 3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert c.embed(["after the deadline"]).shape == (1, HIDDEN)
+
+
+def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
+    # One worker busy 300 ms per batch with a queue of at most 8 tokens.
+    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=300,
+                        max_queue_tokens=8, max_batch_size=1) as (_, target), \
+            EmbedClient(target, timeout=30) as c:
+        # Four texts, one per batch: two go to the worker's slots, two wait in the queue.
+        busy = [c.stub.Embed.future(make_request(["busy text"] * 4))]
+        time.sleep(0.2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            c.embed(["one more text"] * 4)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in info.value.details()
+        assert time.monotonic() - started < 0.25  # refused, not queued behind the work
+        for future in busy:
+            assert len(future.result().data) == 4 * HIDDEN * 4
+
+
+def test_cancelled_call_never_reaches_a_worker(fake_model_dir) -> None:
+    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=300,
+                        workers=1) as (server, target), EmbedClient(target, timeout=30) as c:
+        # Two single-text calls fill the worker's two slots (one running, one waiting).
+        busy = [c.stub.Embed.future(make_request([f"busy {i}"])) for i in range(2)]
+        time.sleep(0.1)
+        cancelled = c.stub.Embed.future(make_request(["never embedded", "nor this"]))
+        time.sleep(0.1)
+        assert cancelled.cancel()
+        for future in busy:
+            future.result()
+        assert c.embed(["after"]).shape == (1, HIDDEN)
+        # Three batches ran: the two busy calls and "after"; nothing of the cancelled call.
+        assert server.router.batches == 3
