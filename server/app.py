@@ -222,7 +222,7 @@ class EmbedServer:
         return self.port
 
     async def _stop_workers(self) -> None:
-        await asyncio.gather(*(asyncio.to_thread(w.stop) for w in self.workers))
+        await asyncio.gather(*(w.stop() for w in self.workers))
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish, stop workers."""

@@ -93,21 +93,25 @@ class WorkerHandle:
         self._outbox.put((self._generation, batch))
         return future
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the process to exit, then make sure it does. Safe to call twice."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the process to exit, make sure it does, fail what it still held."""
         self._stopping.set()
         self._outbox.put((-1, None))
+        await asyncio.to_thread(self._join, timeout)
+        self._alive = False
+        lost = list(self._inflight.values())
+        self._inflight.clear()
+        for future in lost:
+            if not future.done():
+                future.set_exception(WorkerCrashed(f"{self.name} stopped"))
+
+    def _join(self, timeout: float) -> None:
         proc = self._proc
         if proc is not None:
             proc.join(timeout)
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
-        for future in self._inflight.values():
-            if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.name} stopped"))
-        self._inflight.clear()
-        self._alive = False
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None

@@ -222,8 +222,8 @@ def test_deadline_exceeded_and_server_recovers(fake_model_dir) -> None:
 
 
 def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
-    # One worker busy 300 ms per batch with a queue of at most 8 tokens.
-    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=300,
+    # One worker busy 600 ms per batch with a queue of at most 8 tokens.
+    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=600,
                         max_queue_tokens=8, max_batch_size=1) as (_, target), \
             EmbedClient(target, timeout=30) as c:
         # Four texts, one per batch: two go to the worker's slots, two wait in the queue.
@@ -234,13 +234,13 @@ def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
             c.embed(["one more text"] * 4)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in info.value.details()
-        assert time.monotonic() - started < 0.25  # refused, not queued behind the work
+        assert time.monotonic() - started < 0.4  # refused, not queued behind the work
         for future in busy:
             assert len(future.result().data) == 4 * HIDDEN * 4
 
 
 def test_cancelled_call_never_reaches_a_worker(fake_model_dir) -> None:
-    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=300,
+    with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=500,
                         workers=1) as (server, target), EmbedClient(target, timeout=30) as c:
         # Two single-text calls fill the worker's two slots (one running, one waiting).
         busy = [c.stub.Embed.future(make_request([f"busy {i}"])) for i in range(2)]

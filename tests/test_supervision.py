@@ -25,7 +25,7 @@ TEXTS = [(t, v) for name in ("documents", "multilingual", "long", "edge")
 
 def test_killed_workers_lose_no_request() -> None:
     rng = np.random.default_rng(1)
-    requests = [rng.choice(len(TEXTS), size=int(rng.integers(1, 12))) for _ in range(300)]
+    requests = [rng.choice(len(TEXTS), size=int(rng.integers(1, 12))) for _ in range(400)]
     with running_server(model="demo", workers=2, max_batch_size=4) as (server, target), \
             EmbedClient(target, timeout=120) as client:
         stop = threading.Event()
@@ -33,7 +33,7 @@ def test_killed_workers_lose_no_request() -> None:
         def killer() -> None:
             # Kill a random live worker three times, at random moments, mid-load.
             for _ in range(3):
-                if stop.wait(float(rng.uniform(0.05, 0.3))):
+                if stop.wait(float(rng.uniform(0.02, 0.15))):
                     return
                 alive = [w for w in server.workers if w.alive and w.pid]
                 if alive:
