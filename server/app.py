@@ -151,15 +151,34 @@ class EmbedServer:
             )
             for i in range(config.workers):
                 self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",
-                                                 on_change=self._wake_router))
+                                                 on_change=self._on_worker_change))
         self.router: Router | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self._serving: bool | None = None  # None outside normal operation
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def _wake_router(self) -> None:
+    def _on_worker_change(self) -> None:
+        """A worker became ready, freed a slot, died or failed (runs on the loop)."""
         if self.router is not None:
             self.router.wake()
+        if self._serving is None:
+            return  # still starting, or shutting down: start() and stop() own health
+        serving = any(w.alive for w in self.workers)
+        if serving != self._serving:
+            # With no live worker, requests wait for a restart: let balancers go elsewhere.
+            self._serving = serving
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.warning("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+            self._tasks.add(task := asyncio.get_running_loop().create_task(
+                self._set_health(status)))
+            task.add_done_callback(self._tasks.discard)
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     def _info(self) -> pb.InfoResponse:
         precision = {w.info.get("precision", "float32") for w in self.workers}
@@ -190,8 +209,7 @@ class EmbedServer:
         ]
         self.server = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         try:
             self.port = self.server.add_insecure_port(address)
@@ -217,8 +235,8 @@ class EmbedServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.router.start()
         await self.server.start()
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         return self.port
 
     async def _stop_workers(self) -> None:
@@ -227,6 +245,7 @@ class EmbedServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish, stop workers."""
         grace = self.config.grace_seconds if grace is None else grace
+        self._serving = None
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)

@@ -92,7 +92,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def embed(self, request: pb.EmbedRequest,
                     time_remaining: float | None) -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
-        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        started = time.monotonic()
+        deadline = None if time_remaining is None else started + time_remaining
         self._check_inputs(request.inputs)
         dimensions = self._dimensions(request.dimensions)
         if request.encoding not in ENCODINGS:
@@ -111,6 +112,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                            truncated_inputs=sum(encoded.truncated)),
         )
         encode_vectors(finish(vectors, dimensions, normalize), request.encoding, response)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("embed request_id=%r inputs=%d tokens=%d dimensions=%d %.1f ms",
+                      request.request_id, len(encoded.ids), encoded.total_tokens, dimensions,
+                      (time.monotonic() - started) * 1000)
         return response
 
     # -- RPCs --------------------------------------------------------------

@@ -9,6 +9,8 @@ and bit packing.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import grpc
@@ -253,3 +255,29 @@ def test_cancelled_call_never_reaches_a_worker(fake_model_dir) -> None:
         assert c.embed(["after"]).shape == (1, HIDDEN)
         # Three batches ran: the two busy calls and "after"; nothing of the cancelled call.
         assert server.router.batches == 3
+
+
+def test_health_follows_worker_liveness(fake_model_dir) -> None:
+    with running_server(model=str(fake_model_dir), backend="fake") as (server, target), \
+            grpc.insecure_channel(target) as channel, EmbedClient(target, timeout=30) as c:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        os.kill(server.workers[0].pid, signal.SIGKILL)
+        seen = set()
+        deadline = time.monotonic() + 30
+        now = status()
+        while time.monotonic() < deadline and not (
+                health_pb2.HealthCheckResponse.NOT_SERVING in seen
+                and now == health_pb2.HealthCheckResponse.SERVING):
+            seen.add(now)
+            time.sleep(0.005)
+            now = status()
+        # The only worker died: NOT_SERVING until it is back, then SERVING again.
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        assert now == health_pb2.HealthCheckResponse.SERVING
+        assert server.workers[0].restarts == 1
+        assert c.embed(["after the restart"]).shape == (1, HIDDEN)
