@@ -7,7 +7,7 @@ import ctypes
 import logging
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -56,7 +56,6 @@ class ServeConfig:
     fake_delay_ms: float = 0.0
     startup_timeout_s: float = 600.0
     log_level: str = "INFO"
-    extra_options: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -198,14 +197,16 @@ class EmbedServer:
         log.info("model %s (%s pooling, %d dimensions, max_length %d) on %s × %d workers",
                  self.spec.name, self.spec.pooling, self.spec.hidden_size,
                  self.spec.max_length, ",".join(self.devices), cfg.workers)
+        if not self.spec.normalize:
+            log.warning("the model's sentence-transformers pipeline has no Normalize module; "
+                        "vectors are still L2-normalised unless a request sets normalize=false")
         # Spawn workers before the gRPC server exists (grpc and fork do not mix).
         ready = [w.start(loop) for w in self.workers]
         self.router = Router(self.workers, self.batch_config, self.spec.hidden_size)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            *cfg.extra_options,
+            ("grpc.so_reuseport", 0),  # a second server on the same port fails loudly
         ]
         self.server = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -78,7 +78,6 @@ class TextEncoder:
             tok.enable_truncation(self.max_length, direction=side)
             self._by_side[mode] = tok
         self._by_side[TRUNCATE_NONE] = self._by_side[TRUNCATE_END]
-        self.vocab_size = base.get_vocab_size()
 
     def prompt_for(self, prompt_name: str, instruction: str) -> str:
         """The text put before every input; validates the request's choice."""

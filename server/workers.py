@@ -72,10 +72,6 @@ class WorkerHandle:
     def free_slots(self) -> int:
         return PIPELINE_DEPTH - len(self._inflight) if self._alive else 0
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[dict[str, Any]]:
         """Spawn the process; the returned future resolves when it answered warm-up."""
         self._loop = loop
