@@ -96,7 +96,7 @@ class Router:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
-        # Counters for Info, logs and benchmarks.
+        # Running totals, read by tests and benchmarks (and metrics, later).
         self.batches = 0
         self.batched_tokens = 0
         self.padded_tokens = 0
