@@ -67,6 +67,16 @@ def make_request(inputs: Sequence[str] | str, *, prompt_name: str = "", instruct
     return request
 
 
+def make_tokenize_request(inputs: Sequence[str] | str, *, prompt_name: str = "",
+                          instruction: str = "", truncate: str = "end",
+                          return_tokens: bool = False) -> pb.TokenizeRequest:
+    if truncate not in TRUNCATES:
+        raise ValueError(f"unknown truncate {truncate!r}: one of {sorted(TRUNCATES)}")
+    return pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else list(inputs),
+                              prompt_name=prompt_name, instruction=instruction,
+                              truncate=TRUNCATES[truncate], return_tokens=return_tokens)
+
+
 @dataclass(frozen=True)
 class StreamResult:
     """One EmbedStream answer: vectors, or the error of that request."""
@@ -146,9 +156,9 @@ class EmbedClient:
     def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                  instruction: str = "", truncate: str = "end",
                  return_tokens: bool = False) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else inputs,
-                                     prompt_name=prompt_name, instruction=instruction,
-                                     truncate=TRUNCATES[truncate], return_tokens=return_tokens)
+        request = make_tokenize_request(inputs, prompt_name=prompt_name,
+                                        instruction=instruction, truncate=truncate,
+                                        return_tokens=return_tokens)
         return self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
 
     def info(self) -> pb.InfoResponse:
@@ -206,9 +216,9 @@ class AsyncEmbedClient:
     async def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                        instruction: str = "", truncate: str = "end",
                        return_tokens: bool = False) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else inputs,
-                                     prompt_name=prompt_name, instruction=instruction,
-                                     truncate=TRUNCATES[truncate], return_tokens=return_tokens)
+        request = make_tokenize_request(inputs, prompt_name=prompt_name,
+                                        instruction=instruction, truncate=truncate,
+                                        return_tokens=return_tokens)
         return await self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
 
     async def info(self) -> pb.InfoResponse:

@@ -137,8 +137,8 @@ def find_onnx(path: Path, onnx_file: str | None = None) -> Path:
     raise ModelError(f"{path}: no {wanted} at the top or under onnx/{hint}")
 
 
-def _pooling_mode(path: Path) -> tuple[str, bool]:
-    """Pooling mode and whether a Normalize module follows, from the ST files."""
+def _pooling_mode(path: Path) -> tuple[str, bool, dict[str, Any]]:
+    """Pooling mode, whether a Normalize module follows, and the pooling config."""
     modules = []
     modules_file = path / "modules.json"
     if modules_file.is_file():
@@ -150,7 +150,7 @@ def _pooling_mode(path: Path) -> tuple[str, bool]:
     cfg = _optional_json(path / pooling_dir / "config.json")
     if not cfg:
         # No sentence-transformers files: Qwen3-Embedding's own pooling.
-        return "lasttoken", normalize
+        return "lasttoken", normalize, cfg
     enabled = sorted(k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True)
     active = [mode for mode, key in _POOLING_KEYS.items() if key in enabled]
     if len(enabled) != 1 or not active:
@@ -162,7 +162,7 @@ def _pooling_mode(path: Path) -> tuple[str, bool]:
         raise ModelError(
             f"{path / pooling_dir / 'config.json'}: include_prompt=false is not supported"
         )
-    return active[0], normalize
+    return active[0], normalize, cfg
 
 
 def _max_length(path: Path, config: dict[str, Any], tok_cfg: dict[str, Any]) -> int:
@@ -194,8 +194,7 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
     config = _read_json(path / "config.json")
     tok_cfg = _optional_json(path / "tokenizer_config.json")
     st_cfg = _optional_json(path / "config_sentence_transformers.json")
-    pooling, normalize = _pooling_mode(path)
-    pool_cfg = _optional_json(path / "1_Pooling" / "config.json")
+    pooling, normalize, pool_cfg = _pooling_mode(path)
     hidden = pool_cfg.get("word_embedding_dimension") or config.get("hidden_size")
     if not isinstance(hidden, int) or hidden <= 0:
         raise ModelError(f"{path / 'config.json'}: no hidden_size")
