@@ -53,7 +53,9 @@ class ServeConfig:
     max_message_bytes: int = 64 << 20
     grace_seconds: float = 10.0
     backend: str = "onnx"  # "fake": deterministic vectors, no model run (tests)
-    fake_delay_ms: float = 0.0
+    fake_delay_ms: float = 0.0  # fake backend: simulated compute per batch
+    fake_crash_token: int = -1  # fake backend: a batch with this token id kills its worker
+    fake_crash_mode: str = "kill"  # kill | segv | exit
     startup_timeout_s: float = 600.0
     log_level: str = "INFO"
 
@@ -146,6 +148,7 @@ class EmbedServer:
                 backend=config.backend, onnx_path=str(self.spec.onnx_path), device=device,
                 threads=threads, pooling=self.spec.pooling, pad_id=self.encoder.pad_id,
                 hidden_size=self.spec.hidden_size, fake_delay_ms=config.fake_delay_ms,
+                fake_crash_token=config.fake_crash_token, fake_crash_mode=config.fake_crash_mode,
                 log_level=config.log_level,
             )
             for i in range(config.workers):

@@ -58,7 +58,8 @@ class BatchConfig:
 class _Job:
     """One request: its texts' vectors are filled in as batches come back."""
 
-    __slots__ = ("deadline", "future", "remaining", "vectors")
+    __slots__ = ("deadline", "ended", "future", "queued_entries", "queued_tokens", "remaining",
+                 "vectors")
 
     def __init__(self, n: int, hidden: int, deadline: float | None,
                  future: asyncio.Future[np.ndarray]) -> None:
@@ -66,6 +67,10 @@ class _Job:
         self.remaining = n
         self.deadline = deadline
         self.future = future
+        # Its entries now in the router's queue; they stop counting when the job ends.
+        self.queued_entries = 0
+        self.queued_tokens = 0
+        self.ended = False  # the router has moved its queued entries to the dead count
 
     def fail(self, exc: EmbedError) -> None:
         if not self.future.done():
@@ -90,7 +95,8 @@ class Router:
         self.config = config
         self.hidden_size = hidden_size
         self._queue: deque[_Entry] = deque()
-        self._queued_tokens = 0
+        self._queued_tokens = 0  # tokens of queued entries whose job still wants them
+        self._dead_entries = 0  # queued entries whose job has ended (dropped when popped)
         self._wake = asyncio.Event()
         self._batch_ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -105,6 +111,11 @@ class Router:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    @property
+    def queued_entries(self) -> int:
+        """Texts waiting in the queue for a live request."""
+        return len(self._queue) - self._dead_entries
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._batcher(), name="batcher")
 
@@ -117,9 +128,15 @@ class Router:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._fail_queue(Unavailable("the server is shutting down"))
+
+    def _fail_queue(self, error: EmbedError) -> None:
         while self._queue:
-            self._queue.popleft().job.fail(Unavailable("the server is shutting down"))
+            job = self._queue.popleft().job
+            job.ended = True
+            job.fail(error)
         self._queued_tokens = 0
+        self._dead_entries = 0
 
     async def embed(self, ids: Sequence[np.ndarray], *,
                     deadline: float | None = None) -> np.ndarray:
@@ -139,7 +156,9 @@ class Router:
         job = _Job(len(ids), self.hidden_size, deadline, loop.create_future())
         now = time.monotonic()
         self._queue.extend(_Entry(job, i, a, now) for i, a in enumerate(ids))
+        job.queued_entries, job.queued_tokens = len(ids), tokens
         self._queued_tokens += tokens
+        job.future.add_done_callback(lambda _: self._job_ended(job))
         self._wake.set()
         try:
             return await job.future
@@ -147,6 +166,25 @@ class Router:
             # Cancelled by the client: mark the job done so the batcher drops its entries.
             if not job.future.done():
                 job.future.cancel()
+
+    def _job_ended(self, job: _Job) -> None:
+        """A job finished, failed or was cancelled: its queued texts stop counting at once."""
+        if job.ended:
+            return
+        job.ended = True
+        self._queued_tokens -= job.queued_tokens
+        self._dead_entries += job.queued_entries
+        if self._dead_entries > 1024 and self._dead_entries * 2 > len(self._queue):
+            # Mostly cancelled work waiting behind busy workers: free it now.
+            live: deque[_Entry] = deque()
+            for entry in self._queue:
+                if not entry.job.future.done():
+                    live.append(entry)
+                elif not entry.job.ended:  # its own callback has not run yet
+                    entry.job.ended = True
+                    self._queued_tokens -= entry.job.queued_tokens
+            self._queue = live
+            self._dead_entries = 0
 
     # -- the batcher: sole owner of the queue ------------------------------
 
@@ -162,10 +200,7 @@ class Router:
     def _dispatch(self) -> None:
         if self._queue and all(w.failed for w in self.workers):
             # A failed worker never serves again: fail what waits instead of hanging.
-            error = Unavailable("no worker can run the model (see the server log)")
-            while self._queue:
-                self._queue.popleft().job.fail(error)
-            self._queued_tokens = 0
+            self._fail_queue(Unavailable("no worker can run the model (see the server log)"))
             return
         while self._queue:
             worker = max(self.workers, key=lambda w: w.free_slots)
@@ -180,9 +215,14 @@ class Router:
         """Pop the oldest entry whose job still wants it."""
         while self._queue:
             entry = self._queue.popleft()
-            self._queued_tokens -= len(entry.ids)
             job = entry.job
-            if job.future.done():
+            if job.ended:
+                self._dead_entries -= 1
+                continue
+            job.queued_entries -= 1
+            job.queued_tokens -= len(entry.ids)
+            self._queued_tokens -= len(entry.ids)
+            if job.future.done():  # ended; its callback has not run yet
                 continue
             if job.deadline is not None and now > job.deadline:
                 job.fail(DeadlineExceeded("the deadline passed while the request was queued"))
@@ -250,8 +290,12 @@ class Router:
             for entry in entries:
                 entry.job.fail(Unavailable("the server is shutting down"))
             return
+        entries = [e for e in entries if not e.job.future.done()]  # never re-add dead ones
         self._queue.extendleft(reversed(entries))
-        self._queued_tokens += sum(len(e.ids) for e in entries)
+        for entry in entries:
+            entry.job.queued_entries += 1
+            entry.job.queued_tokens += len(entry.ids)
+            self._queued_tokens += len(entry.ids)
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
@@ -270,12 +314,15 @@ class Router:
 
     def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray]) -> None:
         self._wake.set()
-        exc = WorkerCrashed("the batch was cancelled") if future.cancelled() else \
+        exc = WorkerCrashed("the batch was cancelled", ran=False) if future.cancelled() else \
             future.exception()
         if isinstance(exc, WorkerCrashed):
+            # The batch the worker was running is suspect: its texts are retried alone,
+            # and a text that crashes a worker MAX_ATTEMPTS times fails. Batches that
+            # only waited behind it go back to the queue unchanged.
             retry = []
             for entry in entries:
-                entry.attempts += 1
+                entry.attempts += exc.ran
                 if entry.attempts >= MAX_ATTEMPTS:
                     entry.job.fail(WorkerFailed(
                         f"this input crashed a worker {entry.attempts} times; it was not embedded"))

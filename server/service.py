@@ -147,25 +147,27 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EmbedResponse]:
         # Requests run concurrently; responses leave in request order. The bounded
         # queue is the flow control: when the client stops reading, we stop reading too.
-        pending: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue(
-            self.limits.stream_window)
+        window = asyncio.Semaphore(self.limits.stream_window)
+        pending: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[pb.EmbedResponse]] = set()
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    await window.acquire()  # a slot frees when its response is sent
                     task = asyncio.create_task(
                         self._embed_or_error(request, context.time_remaining()))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    await pending.put(task)
+                    pending.put_nowait(task)
             finally:
-                await pending.put(None)
+                pending.put_nowait(None)  # never blocks, even when cancelled
 
         reader = asyncio.create_task(read())
         try:
             while (task := await pending.get()) is not None:
                 yield await task
+                window.release()
             await reader  # re-raises a failed read (e.g. the client broke the stream)
         finally:
             reader.cancel()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -51,6 +52,11 @@ class WorkerSpec:
     pad_id: int = 0
     hidden_size: int = 0
     fake_delay_ms: float = 0.0  # FakeBackend: simulated compute time per batch
+    # FakeBackend fault injection (tests): a batch holding this token id kills the
+    # process the way `fake_crash_mode` says: "kill" (SIGKILL, as the OOM killer
+    # does), "segv" (a real segmentation fault) or "exit" (exit code 3).
+    fake_crash_token: int = -1
+    fake_crash_mode: str = "kill"
     log_level: str = "INFO"
 
 
@@ -207,6 +213,8 @@ class FakeBackend:
                 "inputs": ["input_ids"], "providers": ["fake"], "device": self.spec.device}
 
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if self.spec.fake_crash_token >= 0 and (ids == self.spec.fake_crash_token).any():
+            crash(self.spec.fake_crash_mode)
         if self.spec.fake_delay_ms:
             time.sleep(self.spec.fake_delay_ms / 1000)
         return np.stack([fake_vector(row, self.hidden_size)
@@ -214,6 +222,18 @@ class FakeBackend:
 
     def warmup(self) -> None:
         self.embed(np.zeros(4, dtype=np.int32), np.array([4], dtype=np.int32))
+
+
+def crash(mode: str) -> None:
+    """Die like a broken native library would (fault injection for tests)."""
+    logging.shutdown()
+    if mode == "segv":
+        import ctypes
+
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    elif mode == "exit":
+        os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def fake_vector(ids: np.ndarray, hidden_size: int) -> np.ndarray:

@@ -33,7 +33,15 @@ _MAX_BACKOFF_S = 5.0
 
 
 class WorkerCrashed(WorkerFailed):
-    """The worker process died while it held the batch; the batch may be retried."""
+    """The worker process died while it held the batch; the batch may be retried.
+
+    `ran` is true only for the batch the worker was running when it died (the
+    oldest unanswered one): batches still waiting in its pipe are not suspects.
+    """
+
+    def __init__(self, message: str, *, ran: bool = True) -> None:
+        super().__init__(message)
+        self.ran = ran
 
 
 class WorkerHandle:
@@ -99,7 +107,7 @@ class WorkerHandle:
         self._inflight.clear()
         for future in lost:
             if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.name} stopped"))
+                future.set_exception(WorkerCrashed(f"{self.name} stopped", ran=False))
 
     def _join(self, timeout: float) -> None:
         proc = self._proc
@@ -142,11 +150,12 @@ class WorkerHandle:
 
     def _on_death(self, exitcode: int | None) -> None:
         was_alive, self._alive = self._alive, False
-        lost = list(self._inflight.values())
+        lost = list(self._inflight.values())  # in the order the worker runs them
         self._inflight.clear()
-        for future in lost:
+        for i, future in enumerate(lost):
             if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.name} died (exit code {exitcode})"))
+                future.set_exception(WorkerCrashed(
+                    f"{self.name} died (exit code {exitcode})", ran=i == 0))
         if was_alive and not self._stopping.is_set():
             self.restarts += 1
             log.warning("%s died (exit code %s) with %d batches; restarting",
