@@ -558,3 +558,83 @@ def test_batch_config_rejects_negative_wait() -> None:
     with pytest.raises(ValueError, match="--max-wait-ms"):
         BatchConfig(max_wait_ms=-1)
     assert BatchConfig(max_wait_ms=0).max_wait_ms == 0
+
+
+# -- queue accounting after cancellation ------------------------------------------
+
+
+def test_cancelled_request_frees_its_queue_budget_at_once() -> None:
+    """A cancelled request's tokens stop counting before the batcher pops them, so it
+    does not make later requests RESOURCE_EXHAUSTED."""
+    worker = FakeWorker(slots=1, hold=True)
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1, max_queue_tokens=10) as router:
+            a = asyncio.create_task(router.embed(request(1, [2])))
+            await until(lambda: len(worker.seen) == 1)
+            b = asyncio.create_task(router.embed(request(2, [4, 4])))
+            await until(lambda: router.queued_tokens == 8)
+            b.cancel()
+            await asyncio.gather(b, return_exceptions=True)
+            assert router.queued_tokens == 0 and router.queued_entries == 0
+            c = asyncio.create_task(router.embed(request(3, [5, 5])))  # 10 tokens: fits
+            await until(lambda: router.queued_tokens == 10)
+            worker.release()
+            exact(await a, request(1, [2]))
+            exact(await c, request(3, [5, 5]))
+            assert router.queued_tokens == 0
+
+    run(main)
+    assert not any(s.holds(2) for s in worker.seen)
+
+
+def test_many_cancelled_requests_are_freed_while_workers_are_busy() -> None:
+    worker = FakeWorker(slots=1, hold=True)
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1) as router:
+            first = asyncio.create_task(router.embed(request(1, [1])))
+            await until(lambda: len(worker.seen) == 1)
+            tasks = [asyncio.create_task(router.embed(request(2, [1] * 10)))
+                     for _ in range(300)]
+            await until(lambda: router.queued_entries == 3000)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+            # The dead entries are dropped from memory, not kept until a worker frees up.
+            assert len(router._queue) < 1024
+            assert router.queued_tokens == 0
+            worker.release()
+            exact(await first, request(1, [1]))
+
+    run(main)
+    assert len(worker.seen) == 1
+
+
+def test_batches_waiting_behind_a_crash_are_not_suspects() -> None:
+    """Only the batch a worker was running when it died counts a crash against its
+    texts; a batch that waited in the pipe behind it is re-queued unmarked. Here the
+    same two texts are in flight at each of MAX_ATTEMPTS crashes: the running one fails,
+    the waiting one is embedded."""
+    worker = FakeWorker(slots=2, hold=True)
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1) as router:
+            suspect = asyncio.create_task(router.embed(request(1, [3])))
+            waiting = asyncio.create_task(router.embed(request(2, [3])))
+            for crash in range(MAX_ATTEMPTS):
+                await until(lambda n=crash: len(worker.seen) == 2 * (n + 1))
+                pending = {seen.rows[0][0] // 10_000: f for seen, f in worker._pending}
+                running_f, waiting_f = pending[1], pending[2]
+                worker._pending.clear()
+                running_f.set_exception(WorkerCrashed("died", ran=True))
+                waiting_f.set_exception(WorkerCrashed("died", ran=False))
+                worker.on_change()
+            with pytest.raises(WorkerFailed, match="crashed a worker 3 times"):
+                await suspect
+            await until(lambda: len(worker.seen) == 2 * MAX_ATTEMPTS + 1)
+            worker.release()
+            exact(await waiting, request(2, [3]))
+
+    run(main)
