@@ -157,6 +157,7 @@ class EmbedServer:
         self.router: Router | None = None
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.service: EmbedderService | None = None
         self.port = 0
         self._serving: bool | None = None  # None outside normal operation
         self._tasks: set[asyncio.Task[None]] = set()
@@ -231,9 +232,9 @@ class EmbedServer:
                 raise ModelError(f"the graph's output has {info['hidden_size']} dimensions; "
                                  f"config says {self.spec.hidden_size}")
             log.info("%s ready (pid %s, %s)", w.name, w.pid, info.get("providers"))
-        service = EmbedderService(spec=self.spec, encoder=self.encoder, router=self.router,
-                                  limits=ServiceLimits(max_inputs=cfg.max_inputs),
-                                  info=self._info())
+        self.service = service = EmbedderService(
+            spec=self.spec, encoder=self.encoder, router=self.router,
+            limits=ServiceLimits(max_inputs=cfg.max_inputs), info=self._info())
         pb_grpc.add_EmbedderServicer_to_server(service, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -252,7 +253,17 @@ class EmbedServer:
         self._serving = None
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
-            await self.server.stop(grace)
+            stopping = asyncio.ensure_future(self.server.stop(grace))
+            # Calls in flight finish within the grace period; once none is left, streams
+            # that never end by themselves (health watchers, idle EmbedStreams) are closed
+            # instead of holding the process for the whole grace period.
+            while not stopping.done() and self.service is not None and self.service.active:
+                await asyncio.wait([stopping], timeout=0.05)
+            if not stopping.done():  # let the last responses leave first
+                await asyncio.wait([stopping], timeout=0.5)
+            if not stopping.done():
+                await self.server.stop(0)
+            await stopping
         if self.router is not None:
             await self.router.close()
         await self._stop_workers()

@@ -60,6 +60,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         self.router = router
         self.limits = limits
         self.info = info
+        self.active = 0  # embed requests being served (graceful shutdown waits for them)
 
     # -- validation and tokenization ---------------------------------------
 
@@ -92,6 +93,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def embed(self, request: pb.EmbedRequest,
                     time_remaining: float | None) -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
+        self.active += 1
+        try:
+            return await self._embed(request, time_remaining)
+        finally:
+            self.active -= 1
+
+    async def _embed(self, request: pb.EmbedRequest,
+                     time_remaining: float | None) -> pb.EmbedResponse:
         started = time.monotonic()
         deadline = None if time_remaining is None else started + time_remaining
         self._check_inputs(request.inputs)

@@ -80,6 +80,8 @@ def _serve_parser(sub: Any) -> None:
     p.add_option("--backend", default="onnx", choices=("onnx", "fake"),
                  help="'fake' returns deterministic vectors without running the model "
                       "(for testing clients and load balancers)")
+    p.add_option("--fake-delay-ms", type=float, default=0.0,
+                 help="with --backend fake: simulated inference time per batch")
     p.add_option("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -142,7 +144,8 @@ def _run_serve(ns: argparse.Namespace) -> int:
             max_wait_ms=ns.max_wait_ms, batch_overhead_tokens=ns.batch_overhead_tokens,
             max_queue_tokens=ns.max_queue_tokens,
             max_inputs=ns.max_inputs, max_message_bytes=ns.max_message_bytes,
-            grace_seconds=ns.grace_seconds, backend=ns.backend, log_level=ns.log_level.upper(),
+            grace_seconds=ns.grace_seconds, backend=ns.backend,
+            fake_delay_ms=ns.fake_delay_ms, log_level=ns.log_level.upper(),
         )
         asyncio.run(serve(config))
     except (ModelError, ValueError) as exc:

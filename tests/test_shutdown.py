@@ -1,0 +1,165 @@
+"""Graceful shutdown of the real `embedrpc serve` process.
+
+SIGTERM or SIGINT: health goes NOT_SERVING, new calls are refused, calls in
+flight finish (within --grace-seconds), the workers exit, and the process exits
+with code 0. A second signal stops it at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedrpc.client import EmbedClient
+
+SERVING = re.compile(r"serving .* on .*:(\d+)")
+WORKER_PID = re.compile(r"ready \(pid (\d+)")
+
+
+class ServerProcess:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.port = 0
+        self.worker_pids: list[int] = []
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := WORKER_PID.search(line):
+                self.worker_pids.append(int(m.group(1)))
+            if m := SERVING.search(line):
+                self.port = int(m.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self._ready.wait(timeout) and self.port, "".join(self.lines)
+
+
+@contextmanager
+def serve(model_dir: Path, *args: str) -> Iterator[ServerProcess]:
+    command = [sys.executable, "-m", "embedrpc", "serve", "--model", str(model_dir),
+               "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+               "--workers", "2", "--max-batch-size", "4", *args]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    server = ServerProcess(proc)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return any(line.startswith("State:") and "Z" in line for line in status)
+    except FileNotFoundError:
+        return True
+
+
+def watch_health(target: str, seen: list[int], stop: threading.Event) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            for response in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=30):
+                seen.append(response.status)
+                if stop.is_set():
+                    return
+        except grpc.RpcError:
+            return  # the server closed the stream as it stopped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
+                                                      signum: int) -> None:
+    with serve(fake_model_dir, "--fake-delay-ms", "150", "--grace-seconds", "20") as server:
+        assert len(server.worker_pids) == 2
+        statuses: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_health, args=(server.target, statuses, stop))
+        watcher.start()
+        with EmbedClient(server.target, timeout=30) as client, ThreadPoolExecutor(8) as pool:
+            client.wait_ready()
+            # 8 calls of 8 texts: 16 batches of 4 on 2 workers at 150 ms each ≈ 1.2 s.
+            calls = [pool.submit(client.embed, [f"in flight {i} {j}" for j in range(8)])
+                     for i in range(8)]
+            time.sleep(0.3)
+            signalled = time.monotonic()
+            server.proc.send_signal(signum)
+            time.sleep(0.2)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.embed(["too late"])
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            results = [c.result(30) for c in calls]
+        assert all(r.shape == (8, 64) and np.isfinite(r).all() for r in results)
+        code = server.proc.wait(30)
+        elapsed = time.monotonic() - signalled
+        stop.set()
+        watcher.join(10)
+        assert code == 0, "".join(server.lines)
+        assert elapsed < 20
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+        assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+        for pid in server.worker_pids:
+            assert process_gone(pid), f"worker {pid} outlived the server"
+        assert any("shutting down" in line for line in server.lines)
+
+
+def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:
+    with serve(fake_model_dir, "--fake-delay-ms", "3000", "--grace-seconds", "60") as server, \
+            EmbedClient(server.target, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        client.wait_ready()
+        call = pool.submit(client.embed, ["slow"] * 8)  # ~6 s of fake work
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert server.proc.poll() is None, "the first signal must wait for the call"
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(10)
+        assert time.monotonic() - started < 3
+        assert code != 0
+        with pytest.raises(grpc.RpcError):
+            call.result(30)
+        time.sleep(0.5)  # the orphaned workers see their pipe close and exit
+        deadline = time.monotonic() + 10
+        while not all(process_gone(p) for p in server.worker_pids):
+            assert time.monotonic() < deadline, "workers outlived a hard stop"
+            time.sleep(0.1)
+
+
+def test_refuses_to_start_on_a_port_in_use(fake_model_dir: Path) -> None:
+    with serve(fake_model_dir) as first:
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedrpc", "serve", "--model", str(fake_model_dir),
+             "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1",
+             "--port", str(first.port)], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "EMBEDRPC_LOG_LEVEL": "WARNING"})
+        assert proc.returncode == 2
+        assert "cannot listen on" in proc.stderr
