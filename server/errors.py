@@ -29,6 +29,18 @@ class DeadlineExceeded(EmbedError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(EmbedError):
+    """No API key, or a wrong one (the message never repeats what was sent)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class TooLarge(EmbedError):
+    """A response bigger than the server's --max-message-bytes."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class WorkerFailed(EmbedError):
     """A worker raised on a batch or died with it (after retries)."""
 
