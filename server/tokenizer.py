@@ -77,7 +77,7 @@ class TextEncoder:
             tok = Tokenizer.from_str(base.to_str())
             tok.enable_truncation(self.max_length, direction=side)
             self._by_side[mode] = tok
-        self._by_side[TRUNCATE_NONE] = self._by_side[TRUNCATE_END]
+        self._by_side[TRUNCATE_NONE] = base  # untruncated: an error can say the length
 
     def prompt_for(self, prompt_name: str, instruction: str) -> str:
         """The text put before every input; validates the request's choice."""
@@ -105,14 +105,21 @@ class TextEncoder:
         if prompt:
             texts = [prompt + t for t in texts]
         encodings = self._by_side[truncate].encode_batch_fast(texts)
-        truncated = [bool(e.overflowing) for e in encodings]
-        if truncate == TRUNCATE_NONE and any(truncated):
-            first = truncated.index(True)
-            raise InvalidInput(
-                f"inputs[{first}] is longer than max_length {self.max_length} tokens "
-                f"(after the prompt); shorten it or use TRUNCATE_END / TRUNCATE_START"
-            )
-        ids = [np.fromiter(e.ids, dtype=np.int32, count=len(e.ids)) for e in encodings]
+        if truncate == TRUNCATE_NONE:
+            lengths = [len(e) for e in encodings]
+            if too_long := [i for i, n in enumerate(lengths) if n > self.max_length]:
+                first = too_long[0]
+                raise InvalidInput(
+                    f"inputs[{first}] is longer than max_length {self.max_length} tokens: it "
+                    f"has {lengths[first]} (after the prompt, special tokens included); "
+                    "shorten it or use TRUNCATE_END / TRUNCATE_START")
+            truncated = [False] * len(encodings)
+        else:
+            # Only a full-length encoding can have been cut; building the overflow list
+            # of a long text is costly (one object per max_length tokens).
+            truncated = [len(e) == self.max_length and bool(e.overflowing) for e in encodings]
+        # From the list .ids builds: a third faster than np.fromiter over it.
+        ids = [np.array(e.ids, dtype=np.int32) for e in encodings]
         if not all(len(a) for a in ids):  # only possible without EOS or other specials
             empty = next(i for i, a in enumerate(ids) if not len(a))
             raise InvalidInput(f"inputs[{empty}] has no tokens; this model needs non-empty text")
