@@ -1,0 +1,119 @@
+"""Logging set-up: text or one JSON object per line, with the request id of the current call.
+
+The request id lives in a context variable: the gRPC interceptor and the HTTP
+server set it for each call, and every record logged while that call runs
+(in its task, or in tasks it starts) carries it, through `RequestIdFilter`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from contextvars import ContextVar
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+_request_id: ContextVar[str] = ContextVar("embedrpc_request_id", default="")
+
+
+def new_request_id() -> str:
+    """A fresh id for a call that brought none (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str:
+    """The request id of the call being served ("" outside a call)."""
+    return _request_id.get()
+
+
+def set_request_id(request_id: str) -> None:
+    """Tag the rest of the current task (and tasks it starts) with this request id."""
+    _request_id.set(request_id)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `record.request_id` (the current call's, or "") to every record it sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", None):
+            record.request_id = _request_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with ` request_id=...` appended when a call is known."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            head, sep, tail = text.partition("\n")  # keep a traceback below the line
+            text = f"{head} request_id={request_id}{sep}{tail}"
+        return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, logger, message, pid,
+    request_id when known, exception (the traceback) when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
+        millis = int((record.created - seconds) * 1000)
+        out: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            out["request_id"] = request_id
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text", *,
+                      text_format: str = TEXT_FORMAT) -> None:
+    """Send the root logger to stderr in the given format (replaces earlier handlers).
+
+    Called once per process: by `embedrpc serve`, and by each worker process.
+    """
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"--log-format {log_format!r}: use one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(text_format))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    logging.captureWarnings(True)
+
+
+def worker_text_format() -> str:
+    return f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
+
+
+_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/+=@")
+
+
+def clean_request_id(value: str) -> str:
+    """A caller's id from a header or metadata, or "" when it is not 1..128 plain
+    characters (letters, digits, -_.:/+=@): it goes back out in headers and logs."""
+    if 0 < len(value) <= 128 and all(c in _ID_CHARS for c in value):
+        return value
+    return ""

@@ -1,0 +1,71 @@
+"""Optional OpenTelemetry tracing: one server span per call when `opentelemetry-api` is installed.
+
+Without the package, `call_span` is a no-op and costs nothing. With the API
+but no SDK configured, OpenTelemetry's own no-op tracer is used. Exporters,
+sampling and resources are the application's choice, set up the standard way
+(e.g. `opentelemetry-instrument embedrpc serve ...` with OTEL_* variables).
+The caller's trace context (W3C `traceparent` in gRPC metadata or HTTP
+headers) becomes the span's parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+except ImportError:  # optional dependency
+    trace = None  # type: ignore[assignment]
+
+ENABLED = trace is not None
+_TRACER: Any = trace.get_tracer("embedrpc") if ENABLED else None
+
+
+class _NoSpan:
+    """Stands in for a span when tracing is off."""
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        pass
+
+    def set_error(self, code: str, message: str) -> None:
+        pass
+
+
+_NO_SPAN = _NoSpan()
+
+
+class _Span:
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Any) -> None:
+        self._span = span
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self._span.set_attribute(key, value)
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        self._span.set_attributes(attributes)
+
+    def set_error(self, code: str, message: str) -> None:
+        self._span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"))
+
+
+@contextlib.contextmanager
+def call_span(name: str, headers: Mapping[str, str],
+              attributes: Mapping[str, Any]) -> Iterator[_Span | _NoSpan]:
+    """A SERVER span around one call, child of the trace context in `headers`."""
+    if not ENABLED:
+        yield _NO_SPAN
+        return
+    parent = propagate.extract(dict(headers))
+    with _TRACER.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
+                                       attributes=dict(attributes),
+                                       record_exception=False,
+                                       set_status_on_exception=False) as span:
+        yield _Span(span)

@@ -1,0 +1,220 @@
+"""Structured logs with request ids, and optional OpenTelemetry tracing."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from embedrpc.server import EmbedServer, tracing
+from embedrpc.server.logs import (
+    JsonFormatter,
+    RequestIdFilter,
+    TextFormatter,
+    clean_request_id,
+    set_request_id,
+)
+from embedrpc.v1 import embedder_pb2 as pb
+from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
+
+from .conftest import running_server
+
+HEX_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def capture(formatter: logging.Formatter) -> tuple[logging.Logger, io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger(f"test.logs.{id(stream)}")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    return logger, stream
+
+
+def test_json_lines_carry_the_request_id_of_their_task() -> None:
+    logger, stream = capture(JsonFormatter())
+
+    async def call(request_id: str) -> None:
+        set_request_id(request_id)
+        await asyncio.sleep(0.01)  # the other call logs in between
+        logger.info("embedded %d texts", 3)
+
+    async def main() -> None:
+        logger.warning("outside any call")
+        await asyncio.gather(call("r-1"), call("r-2"))
+        try:
+            raise ValueError("boom \"quoted\"\nsecond line")
+        except ValueError:
+            logger.exception("failed")
+
+    asyncio.run(main())
+    lines = stream.getvalue().splitlines()
+    records = [json.loads(line) for line in lines]  # one object per line
+    assert len(lines) == 4
+    assert "request_id" not in records[0]
+    assert {r["request_id"] for r in records[1:3]} == {"r-1", "r-2"}
+    for record in records:
+        assert set(record) >= {"ts", "level", "logger", "message", "pid"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"])
+    assert records[1]["message"] == "embedded 3 texts" and records[1]["level"] == "INFO"
+    assert records[3]["level"] == "ERROR" and 'ValueError: boom "quoted"' in \
+        records[3]["exception"]
+
+
+def test_text_lines_append_the_request_id() -> None:
+    logger, stream = capture(TextFormatter("%(levelname)s %(message)s"))
+
+    async def main() -> None:
+        logger.info("no call")
+        set_request_id("abc")
+        logger.info("in a call")
+
+    asyncio.run(main())
+    assert stream.getvalue().splitlines() == ["INFO no call", "INFO in a call request_id=abc"]
+
+
+def test_caller_ids_are_kept_only_when_plain() -> None:
+    assert clean_request_id("req-42.a:b/c") == "req-42.a:b/c"
+    for bad in ("", "a b", "x\r\nSet-Cookie: y", "é", "x" * 129):
+        assert clean_request_id(bad) == ""
+
+
+@pytest.fixture(scope="module")
+def server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1,
+                        http_port=0) as running:
+        yield running
+
+
+def test_request_ids_reach_responses_and_log_records(server,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    srv, target = server
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.DEBUG, logger="embedrpc.server.service")
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        own = stub.Embed(pb.EmbedRequest(inputs=["a"], request_id="req-42"), timeout=10)
+        meta = stub.Embed(pb.EmbedRequest(inputs=["b"]), metadata=[("x-request-id", "meta-7")],
+                          timeout=10)
+        fresh = stub.Embed(pb.EmbedRequest(inputs=["c"]), timeout=10)
+        streamed = list(stub.EmbedStream(iter([pb.EmbedRequest(inputs=["d"], request_id="s1"),
+                                               pb.EmbedRequest(inputs=["e"])]),
+                                         metadata=[("x-request-id", "stream-9")], timeout=10))
+    assert (own.request_id, meta.request_id) == ("req-42", "meta-7")
+    assert HEX_ID.fullmatch(fresh.request_id)
+    assert [r.request_id for r in streamed] == ["s1", "stream-9"]
+    conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
+    conn.request("POST", "/v1/embeddings", body=b'{"input": "f"}',
+                 headers={"x-request-id": "http-5"})
+    assert conn.getresponse().read()
+    conn.close()
+    logged = [r.request_id for r in caplog.records if r.getMessage().startswith("embed ")]
+    # The stream's two requests run concurrently: their records may come in either order.
+    assert sorted(logged) == sorted(["req-42", "meta-7", fresh.request_id, "s1", "stream-9",
+                                     "http-5"])
+
+
+def test_spans_when_opentelemetry_is_installed(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # What trace.set_tracer_provider() would do, without leaving it set for later tests.
+    monkeypatch.setattr(tracing, "_TRACER", provider.get_tracer("embedrpc"))
+    srv, target = server
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        reply = stub.Embed(pb.EmbedRequest(inputs=["x", "y z"]), timeout=10,
+                           metadata=[("traceparent", parent)])
+        with pytest.raises(grpc.RpcError):
+            stub.Embed(pb.EmbedRequest(inputs=[]), timeout=10)
+    # A call's status reaches the client as soon as the servicer aborts; its span ends a
+    # moment later.
+    deadline = time.monotonic() + 5
+    while len(spans := [s for s in exporter.get_finished_spans()
+                        if s.name == "embedrpc.v1.Embedder/Embed"]) < 2:
+        assert time.monotonic() < deadline, spans
+        time.sleep(0.01)
+    [ok] = [s for s in spans if s.attributes["rpc.grpc.status_code"] == 0]
+    assert ok.attributes["embedrpc.inputs"] == 2
+    assert ok.attributes["embedrpc.tokens"] == reply.usage.prompt_tokens
+    assert ok.attributes["embedrpc.model"] == srv.spec.name
+    assert ok.attributes["rpc.grpc.status_code"] == 0
+    assert format(ok.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert ok.parent is not None and format(ok.parent.span_id, "016x") == "b7ad6b7169203331"
+    [failed] = [s for s in spans if s.attributes["rpc.grpc.status_code"] ==
+                grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    assert not failed.status.is_ok and "inputs is empty" in failed.status.description
+
+
+def test_tracing_is_skipped_cleanly_without_opentelemetry() -> None:
+    code = ("import sys; sys.modules['opentelemetry'] = None\n"
+            "from embedrpc.server import tracing\n"
+            "assert not tracing.ENABLED\n"
+            "with tracing.call_span('x', {'traceparent': 'junk'}, {'a': 1}) as span:\n"
+            "    span.set_attribute('b', 2); span.set_error('INTERNAL', 'no')\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
+def test_serve_with_json_logs_from_a_config_file(tmp_path: Path) -> None:
+    """End to end: `embedrpc serve --config` with log-format json; every line is JSON."""
+    config = tmp_path / "serve.toml"
+    config.write_text('model = "demo"\nbackend = "fake"\nlog-format = "json"\n'
+                      'log-level = "DEBUG"\nhost = "127.0.0.1"\nport = 0\ndevice = "cpu"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "embedrpc", "serve", "--config", str(config)],
+                            stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items()
+                                 if not k.startswith("EMBEDRPC_")})
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        port = None
+        while port is None and time.monotonic() < deadline and proc.poll() is None:
+            for line in list(lines):
+                if match := re.search(r"serving demo on 127\.0\.0\.1:(\d+)", line):
+                    port = int(match.group(1))
+            time.sleep(0.05)
+        assert port, "server did not start:\n" + "".join(lines)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb_grpc.EmbedderStub(channel).Embed(
+                pb.EmbedRequest(inputs=["hello"], request_id="cli-1"), timeout=10)
+        assert reply.request_id == "cli-1"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        reader.join(10)
+    records = [json.loads(line) for line in lines if line.strip()]
+    assert records, "no log lines"
+    for record in records:
+        assert {"ts", "level", "logger", "message"} <= set(record)
+    [embed] = [r for r in records if r["message"].startswith("embed inputs=1")]
+    assert embed["request_id"] == "cli-1" and embed["level"] == "DEBUG"
+    assert any(r["message"] == "stopped" for r in records)

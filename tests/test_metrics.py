@@ -1,0 +1,206 @@
+"""Prometheus metrics: scrape /metrics over HTTP after real gRPC calls and check what moved."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedrpc.client import EmbedClient
+from embedrpc.server import EmbedServer
+from embedrpc.v1 import embedder_pb2 as pb
+from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
+
+from .conftest import running_server
+
+EMBED = "/embedrpc.v1.Embedder/Embed"
+STREAM = "/embedrpc.v1.Embedder/EmbedStream"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(server: EmbedServer) -> Samples:
+    """Every sample on /metrics, parsed with prometheus_client's own text parser."""
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+@pytest.fixture(scope="module")
+def server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
+    with running_server(model=str(fake_model_dir), backend="fake", workers=2,
+                        max_batch_size=4, metrics_port=0) as running:
+        yield running
+
+
+def test_metrics_off_unless_asked(fake_server) -> None:
+    server, _ = fake_server
+    assert server.metrics_port is None
+
+
+def test_requests_embeddings_tokens_and_batches_move_as_sent(server) -> None:
+    srv, target = server
+    before = scrape(srv)
+    texts = [f"text number {i} " + "word " * (i % 7) for i in range(13)]
+    sent_tokens = 0
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        for chunk in (texts[:5], texts[5:6], texts[6:]):
+            reply = stub.Embed(pb.EmbedRequest(inputs=chunk), timeout=10)
+            assert reply.count == len(chunk)
+            sent_tokens += reply.usage.prompt_tokens
+        # Usage is checked against the Tokenize RPC, which counts independently.
+        counted = stub.Tokenize(pb.TokenizeRequest(inputs=texts), timeout=10)
+        assert counted.usage.prompt_tokens == sent_tokens
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Embed(pb.EmbedRequest(inputs=["x"], dimensions=3), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        replies = list(stub.EmbedStream(iter([pb.EmbedRequest(inputs=["a", "b"]),
+                                              pb.EmbedRequest(inputs=["c"])]), timeout=10))
+        sent_tokens += sum(r.usage.prompt_tokens for r in replies)
+    # A call's status reaches the client as soon as the servicer aborts; it is counted a
+    # moment later.
+    deadline = time.monotonic() + 5
+    while value(after := scrape(srv), "embedrpc_requests_total", method=EMBED,
+                code="INVALID_ARGUMENT") == value(before, "embedrpc_requests_total",
+                                                  method=EMBED, code="INVALID_ARGUMENT"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("embedrpc_requests_total", method=EMBED, code="OK") == 3
+    assert delta("embedrpc_requests_total", method=EMBED, code="INVALID_ARGUMENT") == 1
+    assert delta("embedrpc_requests_total", method=STREAM, code="OK") == 1
+    assert delta("embedrpc_requests_total", method="/embedrpc.v1.Embedder/Tokenize",
+                 code="OK") == 1
+    assert delta("embedrpc_request_duration_seconds_count", method=EMBED) == 4
+    assert delta("embedrpc_request_duration_seconds_sum", method=EMBED) > 0
+    n = len(texts) + 3  # Embed's texts, then the stream's
+    assert delta("embedrpc_embeddings_total") == n
+    assert delta("embedrpc_tokens_total") == sent_tokens
+    # Every text went to a worker in exactly one batch (no worker died).
+    batches = delta("embedrpc_batch_texts_count")
+    assert batches >= np.ceil(len(texts[6:]) / 4) + 3
+    assert delta("embedrpc_batch_texts_sum") == n
+    assert delta("embedrpc_batch_tokens_total") == sent_tokens
+    padded = delta("embedrpc_batch_padded_tokens_sum")
+    assert delta("embedrpc_batch_padding_tokens_total") == padded - sent_tokens >= 0
+    assert delta("embedrpc_queue_wait_seconds_count") == n
+    assert delta("embedrpc_inference_duration_seconds_count") == batches
+    busy = sum(delta("embedrpc_worker_busy_seconds_total", worker=w.name) for w in srv.workers)
+    assert busy == pytest.approx(delta("embedrpc_inference_duration_seconds_sum"), rel=1e-6)
+    assert value(after, "embedrpc_workers_alive") == 2 == value(after, "embedrpc_workers")
+    assert value(after, "embedrpc_build_info", model=srv.spec.name, version="0.1.0") == 1
+    # Histogram buckets are cumulative and end with every observation.
+    assert value(after, "embedrpc_batch_texts_bucket", le="+Inf") == \
+        value(after, "embedrpc_batch_texts_count")
+    assert value(after, "embedrpc_batch_texts_bucket", le="4.0") == \
+        value(after, "embedrpc_batch_texts_count")  # max_batch_size is 4
+
+
+def test_restarts_counted_after_a_worker_is_killed(server) -> None:
+    srv, target = server
+    victim = srv.workers[0]
+    before = value(scrape(srv), "embedrpc_worker_restarts_total", worker=victim.name)
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = scrape(srv)
+        if (value(after, "embedrpc_worker_restarts_total", worker=victim.name) == before + 1
+                and value(after, "embedrpc_workers_alive") == 2):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"restart not seen in metrics: {after}")
+    with EmbedClient(target) as client:
+        assert client.embed(["still serving"]).shape[0] == 1
+
+
+@pytest.fixture(scope="module")
+def slow_server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
+    """One slow worker that takes two batches of at most two texts at a time."""
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1, max_batch_size=2,
+                        fake_delay_ms=400, metrics_port=0, http_port=0) as running:
+        yield running
+
+
+def test_queue_depth_gauges(slow_server) -> None:
+    srv, target = slow_server
+    with EmbedClient(target) as client:
+        tokens = client.tokenize(["same length text"]).usage.prompt_tokens
+        with ThreadPoolExecutor(1) as pool:
+            # Ten texts at once: two batches of two go to the worker, six wait.
+            future = pool.submit(client.embed, ["same length text"] * 10)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                now = scrape(srv)
+                if value(now, "embedrpc_queue_texts") == 6:
+                    break
+                time.sleep(0.02)
+            assert value(now, "embedrpc_queue_texts") == 6  # 10 sent, 4 at the worker
+            assert value(now, "embedrpc_queue_tokens") == 6 * tokens
+            assert future.result(30).shape[0] == 10
+    final = scrape(srv)
+    assert value(final, "embedrpc_queue_texts") == 0 == value(final, "embedrpc_queue_tokens")
+    # Batches 3, 4 and 5 could start only after 1, 2 and 3 ended (0.4 s each, at least):
+    # their six texts waited at least 0.4, 0.8 and 1.2 s.
+    assert value(final, "embedrpc_queue_wait_seconds_count") == 10
+    assert value(final, "embedrpc_queue_wait_seconds_bucket", le="0.25") <= 4
+    assert value(final, "embedrpc_queue_wait_seconds_sum") >= 2 * (0.4 + 0.8 + 1.2) - 0.01
+
+
+def test_http_client_gone_drops_its_texts(slow_server) -> None:
+    srv, target = slow_server
+    assert srv.service is not None
+    before = scrape(srv)
+    body = json.dumps({"input": ["abandoned one", "abandoned two"]}).encode()
+
+    def wait_active(n: int) -> None:  # requests inside the servicer, their texts queued
+        deadline = time.monotonic() + 10
+        while srv.service.active < n:
+            assert time.monotonic() < deadline, f"{srv.service.active} requests active, not {n}"
+            time.sleep(0.002)
+
+    with EmbedClient(target) as client, ThreadPoolExecutor(6) as pool:
+        # Six gRPC requests of two texts: 2.4 s of work for the one slow worker.
+        busy = [pool.submit(client.embed, ["a", "b"]) for _ in range(6)]
+        wait_active(6)
+        with socket.create_connection(("127.0.0.1", srv.http_port)) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                         b"%d\r\n\r\n%s" % (len(body), body))
+            wait_active(7)  # queued behind at least four gRPC texts
+        # The client closed its socket: its request is cancelled, its texts leave the queue.
+        deadline = time.monotonic() + 5
+        while value(scrape(srv), "embedrpc_requests_total", method="POST /v1/embeddings",
+                    code="CANCELLED") < 1:
+            assert time.monotonic() < deadline, "the abandoned request was not cancelled"
+            time.sleep(0.02)
+        for future in busy:
+            future.result(20)
+    after = scrape(srv)
+    # Only the gRPC texts ever reached the worker.
+    assert (value(after, "embedrpc_batch_texts_sum")
+            - value(before, "embedrpc_batch_texts_sum")) == 12
+    assert value(after, "embedrpc_queue_texts") == 0
