@@ -12,6 +12,9 @@ import numpy as np
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
+from .channel import DEFAULT_ATTEMPTS, channel_args
+from .credentials import Pem, auth_metadata, channel_credentials
+
 ENCODINGS = {
     "float": pb.ENCODING_FLOAT,
     "float32": pb.ENCODING_FLOAT32_BYTES,
@@ -111,18 +114,35 @@ def _as_request(item: pb.EmbedRequest | Sequence[str] | str, index: int,
 
 
 class EmbedClient:
-    """Blocking client. `with EmbedClient("localhost:50051") as c: c.embed(["text"])`."""
+    """Blocking client. `with EmbedClient("localhost:50051") as c: c.embed(["text"])`.
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    `target`: one HOST:PORT (or gRPC target URI), several replicas (a list, or
+    "h1:p,h2:p"), or "dns:///name:port"; several replicas and dns: targets are balanced
+    round_robin over healthy replicas. `retries`: attempts in all (1-5) for Embed,
+    Tokenize and Info calls that fail with UNAVAILABLE or CANCELLED (a replica stopping
+    mid-call). See embedrpc.client.channel.
+    """
+
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (),
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
-        opts = [*DEFAULT_OPTIONS, *options]
+                 metadata: Sequence[tuple[str, str]] = (),
+                 balance: bool | None = None, retries: int = DEFAULT_ATTEMPTS,
+                 api_key: str | None = None, tls: bool = False,
+                 root_certificates: Pem | None = None, client_cert: Pem | None = None,
+                 client_key: Pem | None = None) -> None:
+        # api_key: sent as `authorization: Bearer <key>`. TLS: see channel_credentials().
+        credentials = channel_credentials(credentials, tls=tls,
+                                          root_certificates=root_certificates,
+                                          client_cert=client_cert, client_key=client_key)
+        # Several targets / dns: → round_robin; UNAVAILABLE retried (see channel.py).
+        target, opts = channel_args(target, [*DEFAULT_OPTIONS, *options], balance=balance,
+                                    retries=retries)
         self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
                         else grpc.insecure_channel(target, opts))
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = (*metadata, *auth_metadata(api_key))
 
     def __enter__(self) -> EmbedClient:
         return self
@@ -168,16 +188,25 @@ class EmbedClient:
 class AsyncEmbedClient:
     """asyncio client. `async with AsyncEmbedClient(target) as c: await c.embed([...])`."""
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str | Sequence[str], *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None,
                  options: Sequence[tuple[str, Any]] = (),
-                 metadata: Sequence[tuple[str, str]] = ()) -> None:
-        opts = [*DEFAULT_OPTIONS, *options]
+                 metadata: Sequence[tuple[str, str]] = (),
+                 balance: bool | None = None, retries: int = DEFAULT_ATTEMPTS,
+                 api_key: str | None = None, tls: bool = False,
+                 root_certificates: Pem | None = None, client_cert: Pem | None = None,
+                 client_key: Pem | None = None) -> None:
+        # api_key: sent as `authorization: Bearer <key>`. TLS: see channel_credentials().
+        credentials = channel_credentials(credentials, tls=tls,
+                                          root_certificates=root_certificates,
+                                          client_cert=client_cert, client_key=client_key)
+        target, opts = channel_args(target, [*DEFAULT_OPTIONS, *options], balance=balance,
+                                    retries=retries)
         self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
                         else grpc.aio.insecure_channel(target, opts))
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        self.metadata = (*metadata, *auth_metadata(api_key))
 
     async def __aenter__(self) -> AsyncEmbedClient:
         return self

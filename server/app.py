@@ -15,12 +15,15 @@ from grpc_reflection.v1alpha import reflection
 
 from embedrpc import __version__
 from embedrpc.v1 import embedder_pb2 as pb
-from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from .errors import ModelError
+from .http import HttpServer, tls_context
+from .logs import LOG_FORMATS
+from .metrics import Metrics, ObservingInterceptor
 from .model import ModelSpec, load_model_spec
 from .router import BatchConfig, Router
-from .service import EmbedderService, ServiceLimits
+from .security import ServerSecurity
+from .service import EmbedderService, ServiceLimits, add_embedder_to_server
 from .tokenizer import TextEncoder
 from .worker import WorkerSpec
 from .workers import WorkerHandle
@@ -58,6 +61,17 @@ class ServeConfig:
     fake_crash_mode: str = "kill"  # kill | segv | exit
     startup_timeout_s: float = 600.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (worker processes log the same way)
+    metrics_port: int | None = None  # Prometheus /metrics; None: off, 0: any free port
+    metrics_host: str | None = None  # None: same as host
+    http_port: int | None = None  # OpenAI-compatible HTTP; None: off, 0: any free port
+    tls_cert: str | None = None  # PEM; with tls_key, the port speaks TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM; mutual TLS: clients need a cert signed by it
+    api_keys: tuple[str, ...] = ()  # calls need `authorization: Bearer <key>`
+    api_keys_file: str | None = None  # one key per line, '#' comments
+    auth_health: bool = False  # health needs a key too (default: open for probes)
+    auth_reflection: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -66,6 +80,12 @@ class ServeConfig:
             raise ValueError("--max-inputs must be at least 1")
         if self.backend not in ("onnx", "fake"):
             raise ValueError("backend must be 'onnx' or 'fake'")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        for name in ("metrics_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} {port} is not a port (0..65535)")
 
 
 def cuda_device_count() -> int:
@@ -122,6 +142,7 @@ class EmbedServer:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        self.security = ServerSecurity.from_config(config)  # read and check files first
         self.spec: ModelSpec = load_model_spec(config.model, onnx_file=config.onnx_file,
                                                max_length=config.max_length)
         self.encoder = TextEncoder(self.spec)
@@ -149,7 +170,7 @@ class EmbedServer:
                 threads=threads, pooling=self.spec.pooling, pad_id=self.encoder.pad_id,
                 hidden_size=self.spec.hidden_size, fake_delay_ms=config.fake_delay_ms,
                 fake_crash_token=config.fake_crash_token, fake_crash_mode=config.fake_crash_mode,
-                log_level=config.log_level,
+                log_level=config.log_level, log_format=config.log_format,
             )
             for i in range(config.workers):
                 self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",
@@ -159,6 +180,10 @@ class EmbedServer:
         self.server: grpc.aio.Server | None = None
         self.service: EmbedderService | None = None
         self.port = 0
+        self.metrics = Metrics(model=self.spec.name)
+        self.metrics_port: int | None = None  # where /metrics listens, when it does
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
         self._serving: bool | None = None  # None outside normal operation
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -196,6 +221,15 @@ class EmbedServer:
 
     async def start(self) -> int:
         """Start workers, then the gRPC server (NOT_SERVING until warm-up); return the port."""
+        try:
+            return await self._start()
+        except BaseException:
+            if self.http is not None:
+                await self.http.stop(0)
+            await asyncio.to_thread(self.metrics.close)
+            raise
+
+    async def _start(self) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
         log.info("model %s (%s pooling, %d dimensions, max_length %d) on %s × %d workers",
@@ -206,21 +240,28 @@ class EmbedServer:
                         "vectors are still L2-normalised unless a request sets normalize=false")
         # Spawn workers before the gRPC server exists (grpc and fork do not mix).
         ready = [w.start(loop) for w in self.workers]
-        self.router = Router(self.workers, self.batch_config, self.spec.hidden_size)
+        self.router = Router(self.workers, self.batch_config, self.spec.hidden_size,
+                             metrics=self.metrics)
+        self.metrics.watch(self.router, self.workers)
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port fails loudly
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(
+            options=options, interceptors=[ObservingInterceptor(self.metrics, self.spec.name),
+                                           *self.security.interceptors()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            tls = self.security.tls
+            self.port = (self.server.add_secure_port(address, tls.server_credentials()) if tls
+                         else self.server.add_insecure_port(address))
         except RuntimeError as exc:
             await self._stop_workers()
             raise ModelError(f"cannot listen on {address}: {exc}") from exc
+        await self._start_side_ports()  # now: a busy port should not wait for the warm-up
         try:
             infos = await asyncio.wait_for(asyncio.gather(*ready), cfg.startup_timeout_s)
         except BaseException:
@@ -234,8 +275,10 @@ class EmbedServer:
             log.info("%s ready (pid %s, %s)", w.name, w.pid, info.get("providers"))
         self.service = service = EmbedderService(
             spec=self.spec, encoder=self.encoder, router=self.router,
-            limits=ServiceLimits(max_inputs=cfg.max_inputs), info=self._info())
-        pb_grpc.add_EmbedderServicer_to_server(service, self.server)
+            limits=ServiceLimits(max_inputs=cfg.max_inputs,
+                                 max_message_bytes=cfg.max_message_bytes),
+            info=self._info())
+        add_embedder_to_server(service, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.router.start()
@@ -243,6 +286,34 @@ class EmbedServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         return self.port
+
+    async def _start_side_ports(self) -> None:
+        """Prometheus /metrics and the OpenAI-compatible HTTP API, when asked for."""
+        cfg = self.config
+        what = "metrics"
+        try:
+            if cfg.metrics_port is not None:
+                host = cfg.metrics_host or cfg.host
+                self.metrics_port = self.metrics.serve(host, cfg.metrics_port)
+                log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+            if cfg.http_port is not None:
+                what = "HTTP"
+                self.http = HttpServer(service=lambda: self.service, model=self.spec.name,
+                                       metrics=self.metrics,
+                                       serving=lambda: self._serving is True,
+                                       max_body_bytes=cfg.max_message_bytes,
+                                       authorize=keys.authorize_header
+                                       if (keys := self.security.keys) else None,
+                                       auth_health=cfg.auth_health)
+                tls = self.security.tls  # HTTPS with the same certificate (and client CAs)
+                self.http_port = await self.http.start(cfg.host, cfg.http_port, tls=tls_context(
+                    cfg.tls_cert, cfg.tls_key, tls.client_ca) if tls and cfg.tls_cert
+                    and cfg.tls_key else None)
+                log.info("HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
+                         "https" if tls else "http", cfg.host, self.http_port)
+        except OSError as exc:
+            await self._stop_workers()
+            raise ModelError(f"cannot listen for {what}: {exc}") from exc
 
     async def _stop_workers(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers))
@@ -252,6 +323,8 @@ class EmbedServer:
         grace = self.config.grace_seconds if grace is None else grace
         self._serving = None
         await self.health.enter_graceful_shutdown()
+        http_stopping = asyncio.ensure_future(self.http.stop(grace) if self.http else
+                                              asyncio.sleep(0))
         if self.server is not None:
             stopping = asyncio.ensure_future(self.server.stop(grace))
             # Calls in flight finish within the grace period; once none is left, streams
@@ -264,9 +337,10 @@ class EmbedServer:
             if not stopping.done():
                 await self.server.stop(0)
             await stopping
+        await http_stopping
         if self.router is not None:
             await self.router.close()
-        await self._stop_workers()
+        await asyncio.gather(self._stop_workers(), asyncio.to_thread(self.metrics.close))
 
 
 async def serve(config: ServeConfig) -> None:
@@ -289,7 +363,8 @@ async def serve(config: ServeConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     port = await server.start()
-    log.info("embedrpc %s serving %s on %s:%d", __version__, server.spec.name, config.host, port)
+    log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, server.spec.name,
+             config.host, port, server.security.describe())
     await stop.wait()
     await server.stop()
     log.info("stopped")

@@ -165,6 +165,12 @@ def _pooling_mode(path: Path) -> tuple[str, bool, dict[str, Any]]:
     return active[0], normalize, cfg
 
 
+def pooling_of(path: Path) -> tuple[str, bool]:
+    """(pooling mode, whether a Normalize module follows) of a model directory."""
+    mode, normalize, _ = _pooling_mode(path)
+    return mode, normalize
+
+
 def _max_length(path: Path, config: dict[str, Any], tok_cfg: dict[str, Any]) -> int:
     """The model's own limit as sentence-transformers sees it, capped."""
     st = _optional_json(path / "sentence_bert_config.json")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DeadlineExceeded, EmbedError, Overloaded, Unavailable, WorkerFailed
+from .metrics import BatchMetrics
 from .worker import Batch
 from .workers import WorkerCrashed, WorkerHandle
 
@@ -90,10 +91,11 @@ class _Entry:
 
 class Router:
     def __init__(self, workers: Sequence[WorkerHandle], config: BatchConfig,
-                 hidden_size: int) -> None:
+                 hidden_size: int, *, metrics: BatchMetrics | None = None) -> None:
         self.workers = list(workers)
         self.config = config
         self.hidden_size = hidden_size
+        self.metrics = metrics or BatchMetrics()
         self._queue: deque[_Entry] = deque()
         self._queued_tokens = 0  # tokens of queued entries whose job still wants them
         self._dead_entries = 0  # queued entries whose job has ended (dropped when popped)
@@ -310,6 +312,7 @@ class Router:
         self.batched_tokens += int(lengths.sum())
         self.padded_tokens += int(lengths.max()) * len(entries)
         future = worker.submit(batch)
+        self.metrics.batch_sent(worker, lengths, [e.enqueued for e in entries], future)
         future.add_done_callback(lambda f: self._on_done(entries, f))
 
     def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray]) -> None:

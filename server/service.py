@@ -6,16 +6,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .errors import EmbedError, InvalidInput
+from .errors import EmbedError, InvalidInput, TooLarge
+from .logs import current_request_id, set_request_id
 from .model import ModelSpec
 from .pooling import finish
 from .router import Router
@@ -37,6 +42,60 @@ ENCODINGS = {
 class ServiceLimits:
     max_inputs: int = 2048
     stream_window: int = 64  # requests of one EmbedStream processed at once
+    max_message_bytes: int = 64 << 20  # gRPC's limit on one response (--max-message-bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request protobuf could not parse (e.g. a string field holding invalid UTF-8).
+
+    grpc answers a request deserializer's exception with UNKNOWN and a traceback in
+    the log; parsing leniently lets the servicer answer INVALID_ARGUMENT instead, and
+    an EmbedStream answer that one request and go on.
+    """
+
+    message: str
+    request_id: str = ""  # salvaged from the raw bytes, for EmbedStream bookkeeping
+
+
+def _explain_decode_error(message_type: type[Message], data: bytes) -> Undecodable:
+    """Say which field is wrong: re-read the wire format with no schema (every field
+    unknown, kept as raw bytes) and check the string fields' UTF-8 ourselves."""
+    name = message_type.DESCRIPTOR.full_name
+    try:
+        fields = UnknownFieldSet(empty_pb2.Empty.FromString(data))
+    except DecodeError:
+        return Undecodable(f"the request is not a valid {name}: its protobuf wire format "
+                           "is corrupt")
+    by_number = message_type.DESCRIPTOR.fields_by_number
+    problem, request_id, seen = "", "", dict.fromkeys(by_number, 0)
+    for field in fields:
+        desc = by_number.get(field.field_number)
+        if desc is None or field.wire_type != 2 or desc.type != desc.TYPE_STRING:
+            continue
+        where = f"{desc.name}[{seen[desc.number]}]" if desc.is_repeated else desc.name
+        seen[desc.number] += 1
+        try:
+            text = field.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            text = field.data.decode("utf-8", errors="replace")
+            problem = problem or (f"{where} is not valid UTF-8 ({exc.reason} at byte "
+                                  f"{exc.start}); string fields must hold UTF-8 text")
+        if desc.name == "request_id":
+            request_id = text
+    return Undecodable(f"the request is not a valid {name}: "
+                       f"{problem or 'protobuf could not parse it'}", request_id)
+
+
+def lenient_parser(message_type: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that returns Undecodable instead of raising."""
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return _explain_decode_error(message_type, data)
+
+    return parse
 
 
 def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedResponse) -> None:
@@ -90,9 +149,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         return await asyncio.to_thread(self.encoder.encode, texts, prompt=prompt,
                                        truncate=truncate)
 
-    async def embed(self, request: pb.EmbedRequest,
+    async def embed(self, request: pb.EmbedRequest | Undecodable,
                     time_remaining: float | None) -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
+        if isinstance(request, Undecodable):
+            raise InvalidInput(request.message)
         self.active += 1
         try:
             return await self._embed(request, time_remaining)
@@ -103,6 +164,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                      time_remaining: float | None) -> pb.EmbedResponse:
         started = time.monotonic()
         deadline = None if time_remaining is None else started + time_remaining
+        # The request's own id, else the call's (x-request-id metadata, or generated).
+        request_id = request.request_id or current_request_id()
+        set_request_id(request_id)  # for every log record of this request
         self._check_inputs(request.inputs)
         dimensions = self._dimensions(request.dimensions)
         if request.encoding not in ENCODINGS:
@@ -113,7 +177,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                                        request.instruction, request.truncate)
         vectors = await self.router.embed(encoded.ids, deadline=deadline)
         response = pb.EmbedResponse(
-            request_id=request.request_id,
+            request_id=request_id,
             dimensions=dimensions,
             encoding=request.encoding,
             count=len(encoded.ids),
@@ -122,9 +186,18 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         )
         encode_vectors(finish(vectors, dimensions, normalize), request.encoding, response)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("embed request_id=%r inputs=%d tokens=%d dimensions=%d %.1f ms",
-                      request.request_id, len(encoded.ids), encoded.total_tokens, dimensions,
+            log.debug("embed inputs=%d tokens=%d dimensions=%d %.1f ms",
+                      len(encoded.ids), encoded.total_tokens, dimensions,
                       (time.monotonic() - started) * 1000)
+        return response
+
+    def _fits(self, response: pb.EmbedResponse) -> pb.EmbedResponse:
+        """gRPC fails a call whose response is over its limit, and with it a whole
+        EmbedStream; say so for this one request instead, and what would fit."""
+        if (size := response.ByteSize()) > self.limits.max_message_bytes:
+            raise TooLarge(f"the response would be {size} bytes, over the server's "
+                           f"--max-message-bytes {self.limits.max_message_bytes}; send fewer "
+                           "inputs per request, ask for fewer dimensions, or use a byte encoding")
         return response
 
     # -- RPCs --------------------------------------------------------------
@@ -132,7 +205,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         try:
-            return await self.embed(request, context.time_remaining())
+            return self._fits(await self.embed(request, context.time_remaining()))
         except EmbedError as exc:
             await context.abort(exc.code, str(exc))
         except Exception as exc:
@@ -140,16 +213,17 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
         raise AssertionError("unreachable")  # abort() raises
 
-    async def _embed_or_error(self, request: pb.EmbedRequest,
+    async def _embed_or_error(self, request: pb.EmbedRequest | Undecodable,
                               time_remaining: float | None) -> pb.EmbedResponse:
         try:
-            return await self.embed(request, time_remaining)
+            return self._fits(await self.embed(request, time_remaining))
         except EmbedError as exc:
             code, message = exc.code, str(exc)
         except Exception as exc:
             log.exception("EmbedStream request failed")
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
-        return pb.EmbedResponse(request_id=request.request_id, encoding=request.encoding,
+        return pb.EmbedResponse(request_id=request.request_id or current_request_id(),
+                                encoding=getattr(request, "encoding", pb.ENCODING_FLOAT),
                                 error=pb.Status(code=code.value[0], message=message))
 
     async def EmbedStream(self, request_iterator: AsyncIterator[pb.EmbedRequest],
@@ -188,6 +262,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidInput(request.message)
             self._check_inputs(request.inputs)
             encoded = await self._tokenize(request.inputs, request.prompt_name,
                                            request.instruction, request.truncate)
@@ -204,4 +280,31 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Info(self, request: pb.InfoRequest,
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return self.info
+
+
+def add_embedder_to_server(service: EmbedderService, server: grpc.aio.Server) -> None:
+    """Register the servicer as the generated add_EmbedderServicer_to_server does, but
+    with lenient_parser: an undecodable request gets INVALID_ARGUMENT, not UNKNOWN."""
+    embed_in, embed_out = lenient_parser(pb.EmbedRequest), pb.EmbedResponse.SerializeToString
+    handlers = {
+        "Embed": grpc.unary_unary_rpc_method_handler(
+            service.Embed, request_deserializer=embed_in, response_serializer=embed_out),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            service.EmbedStream, request_deserializer=embed_in, response_serializer=embed_out),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            service.Tokenize, request_deserializer=lenient_parser(pb.TokenizeRequest),
+            response_serializer=pb.TokenizeResponse.SerializeToString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            service.Info, request_deserializer=lenient_parser(pb.InfoRequest),
+            response_serializer=pb.InfoResponse.SerializeToString),
+    }
+    descriptor = pb.DESCRIPTOR.services_by_name["Embedder"]
+    if set(handlers) != set(descriptor.methods_by_name):  # the proto gained an RPC
+        raise RuntimeError(f"add_embedder_to_server serves {sorted(handlers)}; "
+                           f"the proto has {sorted(descriptor.methods_by_name)}")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)

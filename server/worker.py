@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import ModelError
+from .logs import configure_logging, worker_text_format
 from .pooling import pool
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ class WorkerSpec:
     onnx_path: str = ""
     device: str = "cpu"  # "cpu" or "cuda:N"
     threads: int = 1
+    # CPU: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off in
+    # the server: its main process and the other workers share these cores, and threads
+    # spinning while a batch waits on them took up to 3x the CPU per text under load.
+    spin: bool = False
     pooling: str = "lasttoken"
     pad_id: int = 0
     hidden_size: int = 0
@@ -58,6 +63,7 @@ class WorkerSpec:
     fake_crash_token: int = -1
     fake_crash_mode: str = "kill"
     log_level: str = "INFO"
+    log_format: str = "text"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,8 @@ class OrtBackend:
         if self.device_type == "cpu":
             options.intra_op_num_threads = spec.threads
             options.inter_op_num_threads = 1
+            if not spec.spin:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers: list[Any] = ["CPUExecutionProvider"]
         else:
             if hasattr(ort, "preload_dlls"):
@@ -146,7 +154,10 @@ class OrtBackend:
         self.pooled_by_graph = name == _POOLED_OUTPUT
         dim = outputs[name].shape[-1]
         self.hidden_size = dim if isinstance(dim, int) else self.spec.hidden_size
-        self.precision = _PRECISION.get(outputs[name].type, outputs[name].type)
+        # A prepared graph says what it computes in (its output is float32 whatever it is).
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.precision = meta.get("embedrpc.precision") or _PRECISION.get(
+            outputs[name].type, outputs[name].type)
 
     def describe(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "precision": self.precision,
@@ -250,8 +261,7 @@ def make_backend(spec: WorkerSpec) -> Backend:
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
-    logging.basicConfig(level=spec.log_level,
-                        format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s")
+    configure_logging(spec.log_level, spec.log_format, text_format=worker_text_format())
     try:
         backend = make_backend(spec)
         backend.warmup()

@@ -1,18 +1,21 @@
-"""The `embedrpc` command: serve, embed, tokenize, info.
+"""The `embedrpc` command: serve, embed, tokenize, info, bench.
 
 Every flag can also be set by an environment variable EMBEDRPC_<FLAG>
-(e.g. EMBEDRPC_MODEL, EMBEDRPC_MAX_BATCH_TOKENS); a flag on the command
-line wins. This is the only place that parses flags or environment.
+(e.g. EMBEDRPC_MODEL, EMBEDRPC_MAX_BATCH_TOKENS), and every serve flag in a
+TOML file named by `serve --config FILE` (keys are flag names). Precedence:
+command line > environment > config file > built-in default. This is the only
+place that parses flags, environment or config files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from embedrpc import __version__
@@ -28,27 +31,101 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _key_list(text: str) -> list[str]:
+    """'k1,k2' → ['k1', 'k2']; '' → []. The server checks each key (without echoing it)."""
+    return [part.strip() for part in text.split(",")] if text.strip() else []
+
+
+class _ExtendKeys(argparse.Action):
+    """--api-key K1 --api-key K2,K3 adds up; keys on the command line replace the
+    environment's or the config file's."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), *values])
+
+
+@dataclass
+class ConfigFile:
+    """Option values from a TOML file, by dest; add_option() takes out what it uses."""
+
+    name: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(path: str) -> ConfigFile:
+    """Read a flat TOML file of serve options; keys may use dashes or underscores."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"--config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML: {exc}") from exc
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    if "config" in values:
+        raise ValueError(f"--config {path}: a config file cannot name another one")
+    return ConfigFile(path, values)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """`serve --config FILE` (or EMBEDRPC_CONFIG), found before the real parse."""
+    if not argv or argv[0] != "serve":
+        return None
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv[1:])
+    return known.config or os.environ.get(ENV_PREFIX + "CONFIG") or None
+
+
 class _EnvParser(argparse.ArgumentParser):
-    """add_option() reads its default from EMBEDRPC_<DEST> and says so in --help."""
+    """add_option() reads its default from EMBEDRPC_<DEST>, else from the config file,
+    and says so in --help."""
+
+    def __init__(self, *args: Any, config: ConfigFile | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config or ConfigFile()
 
     def add_option(self, *flags: str, type: Callable[[str], Any] = str, default: Any = None,
-                   help: str = "", **kwargs: Any) -> None:
+                   help: str = "", secret: bool = False, **kwargs: Any) -> None:
+        """secret: the value (an API key) is never shown in --help or an error."""
         dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
         env = ENV_PREFIX + dest.upper()
+        from_file = self.config.values.pop(dest, None)
         if env in os.environ:
+            source, text = env, os.environ[env]
+        elif from_file is not None:
+            source = f"{self.config.name}: {dest.replace('_', '-')}"
+            if isinstance(from_file, dict | list) or (isinstance(from_file, bool)
+                                                       and type is not _bool):
+                shown_value = "" if secret else f" = {from_file!r}"
+                self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
+            text = from_file if isinstance(from_file, str) else str(from_file)
+        else:
+            source = text = None
+        if source is not None:
             try:
-                default = type(os.environ[env])
+                default = type(text)
             except (ValueError, argparse.ArgumentTypeError) as exc:
-                self.error(f"{env}={os.environ[env]!r}: {exc}")
-        shown = "" if default is None else f"default: {default}; "
+                self.error(f"{source}: {exc}" if secret else f"{source}={text!r}: {exc}")
+            choices = kwargs.get("choices")
+            if choices is not None and default not in choices:
+                self.error(f"{source}={text!r}: use one of {', '.join(map(str, choices))}")
+        shown = "" if default is None or secret else f"default: {default}; "
         self.add_argument(*flags, dest=dest, type=type, default=default,
                           help=f"{help} ({shown}env {env})", **kwargs)
 
 
-def _serve_parser(sub: Any) -> None:
+def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
     p: _EnvParser = sub.add_parser(
-        "serve", help="run the gRPC server",
-        description="Serve an embedding model over gRPC (Embedder, health, reflection).")
+        "serve", help="run the gRPC server", config=config,
+        description="Serve an embedding model over gRPC (Embedder, health, reflection). "
+        "Each option also reads EMBEDRPC_<OPTION> from the environment and <option> from "
+        "the --config file; the command line wins over the environment, which wins over "
+        "the file.")
+    p.add_option("--config", help="TOML file of serve options, keys named like the flags "
+                 "(e.g. max-batch-tokens = 16384)")
     p.add_option("--model", default="demo",
                  help="'demo' (bundled tiny model), a model directory, or a Hugging Face id")
     p.add_option("--onnx-file", help="ONNX file name in the model directory (model.onnx)")
@@ -83,11 +160,46 @@ def _serve_parser(sub: Any) -> None:
     p.add_option("--fake-delay-ms", type=float, default=0.0,
                  help="with --backend fake: simulated inference time per batch")
     p.add_option("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_option("--log-format", default="text", choices=("text", "json"),
+                 help="'json': one JSON object per line (ts, level, logger, message, "
+                      "request_id)")
+    p.add_option("--metrics-port", type=int, default=0,
+                 help="serve Prometheus metrics at /metrics on this port (0: off)")
+    p.add_option("--metrics-host", help="address for --metrics-port (default: --host)")
+    p.add_option("--http-port", type=int, default=0,
+                 help="serve the OpenAI-compatible HTTP API (POST /v1/embeddings, "
+                      "GET /v1/models, GET /health) on this port (0: off)")
+    p.add_option("--tls-cert", help="PEM certificate (chain) of the server: the port speaks "
+                 "TLS only (needs --tls-key)")
+    p.add_option("--tls-key", help="PEM private key (unencrypted) of --tls-cert")
+    p.add_option("--tls-client-ca", help="PEM CA certificate(s): mutual TLS, every client "
+                 "must present a certificate signed by one (health included)")
+    p.add_option("--api-key", type=_key_list, action=_ExtendKeys, default=[], secret=True,
+                 help="require the metadata 'authorization: Bearer KEY' on every call; "
+                      "repeat or comma-separate for several keys. Flags show in ps: prefer "
+                      "the environment variable or --api-keys-file")
+    p.add_option("--api-keys-file", help="file of API keys, one per line ('#' starts a "
+                 "comment line); read at start, added to --api-key")
+    p.add_option("--auth-health", type=_bool, nargs="?", const=True, default=False,
+                 help="health checks need an API key too (by default they stay open "
+                      "for probes and load balancers)")
+    p.add_option("--auth-reflection", type=_bool, nargs="?", const=True, default=False,
+                 help="server reflection needs an API key too (by default it stays open)")
+    return p
 
 
 def _client_options(p: _EnvParser) -> None:
     p.add_option("--target", default="localhost:50051", help="server address HOST:PORT")
     p.add_option("--timeout", type=float, default=60.0, help="seconds before giving up")
+    p.add_option("--api-key", secret=True, help="API key, sent as 'authorization: Bearer KEY'")
+    # A value is required (--tls true): a bare flag would swallow the first text.
+    p.add_option("--tls", type=_bool, default=False,
+                 help="true: connect with TLS, trusting the system's root certificates")
+    p.add_option("--tls-ca", help="PEM CA certificate(s) to trust (implies --tls)")
+    p.add_option("--tls-cert", dest="client_tls_cert",
+                 help="PEM client certificate, for mutual TLS (with --tls-key; implies --tls)")
+    p.add_option("--tls-key", dest="client_tls_key",
+                 help="PEM private key of --tls-cert")
 
 
 def _request_options(p: _EnvParser) -> None:
@@ -98,12 +210,12 @@ def _request_options(p: _EnvParser) -> None:
                  help="how to cut inputs longer than max_length")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: ConfigFile | None = None) -> argparse.ArgumentParser:
     parser = _EnvParser(prog="embedrpc", description="gRPC inference server for text "
                         "embeddings. Every flag also reads EMBEDRPC_<FLAG> from the environment.")
     parser.add_argument("--version", action="version", version=f"embedrpc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvParser)
-    _serve_parser(sub)
+    serve = _serve_parser(sub, config)
 
     embed = sub.add_parser("embed", help="embed texts with a running server; prints JSON")
     _client_options(embed)
@@ -119,6 +231,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what a running server serves; prints JSON")
     _client_options(info)
+
+    from embedrpc.client.health import add_health_arguments
+
+    health = sub.add_parser("health", help="a server's gRPC health status; exit 0 when "
+                            "SERVING (for container health checks)")
+    _client_options(health)
+    add_health_arguments(health)
+
+    from embedrpc.client.bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser(
+        "bench", help="load-test a running server; prints a report",
+        description="Load-test an embedrpc server: closed loop (--concurrency) or open loop "
+                    "(--rate), unary Embed or EmbedStream; reports throughput, latency "
+                    "percentiles and errors."))
+
+    from embedrpc.prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
+    if serve.config.values:  # keys no option took
+        serve.error(f"{serve.config.name}: unknown option(s) "
+                    f"{', '.join(sorted(k.replace('_', '-') for k in serve.config.values))}; "
+                    "the keys are the long flag names of 'embedrpc serve'")
     return parser
 
 
@@ -133,10 +268,10 @@ def _run_serve(ns: argparse.Namespace) -> int:
 
     from embedrpc.server import ServeConfig, serve
     from embedrpc.server.errors import ModelError
+    from embedrpc.server.logs import configure_logging
 
-    logging.basicConfig(level=ns.log_level.upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        configure_logging(ns.log_level, ns.log_format)
         config = ServeConfig(
             model=ns.model, onnx_file=ns.onnx_file, device=ns.device, workers=ns.workers,
             host=ns.host, port=ns.port, max_length=ns.max_length,
@@ -146,6 +281,12 @@ def _run_serve(ns: argparse.Namespace) -> int:
             max_inputs=ns.max_inputs, max_message_bytes=ns.max_message_bytes,
             grace_seconds=ns.grace_seconds, backend=ns.backend,
             fake_delay_ms=ns.fake_delay_ms, log_level=ns.log_level.upper(),
+            log_format=ns.log_format, metrics_port=ns.metrics_port or None,
+            metrics_host=ns.metrics_host, http_port=ns.http_port or None,
+            tls_cert=ns.tls_cert or None, tls_key=ns.tls_key or None,
+            tls_client_ca=ns.tls_client_ca or None, api_keys=tuple(ns.api_key),
+            api_keys_file=ns.api_keys_file or None, auth_health=ns.auth_health,
+            auth_reflection=ns.auth_reflection,
         )
         asyncio.run(serve(config))
     except (ModelError, ValueError) as exc:
@@ -160,7 +301,12 @@ def _run_client(ns: argparse.Namespace) -> int:
     from embedrpc.client import EmbedClient
 
     try:
-        with EmbedClient(ns.target, timeout=ns.timeout) as client:
+        if ns.api_key and "," in ns.api_key:
+            raise ValueError("--api-key: give one key, not a comma-separated list")
+        with EmbedClient(ns.target, timeout=ns.timeout, api_key=ns.api_key or None,
+                         tls=ns.tls, root_certificates=ns.tls_ca or None,
+                         client_cert=ns.client_tls_cert or None,
+                         client_key=ns.client_tls_key or None) as client:
             if ns.command == "info":
                 r = client.info()
                 out: dict[str, Any] = {
@@ -193,15 +339,42 @@ def _run_client(ns: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"embedrpc {ns.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"embedrpc {ns.command}: {exc}", file=sys.stderr)
+        return 2
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Flags, then environment, then the serve --config file; exits 2 on a bad value."""
+    config = None
+    if path := _config_path(argv):
+        try:
+            config = load_config(path)
+        except ValueError as exc:
+            print(f"embedrpc serve: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+    return build_parser(config).parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(list(sys.argv[1:] if argv is None else argv))
     if ns.command == "serve":
         return _run_serve(ns)
+    if ns.command == "bench":
+        from embedrpc.client.bench import run_bench
+
+        return run_bench(ns)
+    if ns.command == "health":
+        from embedrpc.client.health import run_health
+
+        return run_health(ns)
+    if ns.command == "prepare":
+        from embedrpc.prepare import run_prepare
+
+        return run_prepare(ns)
     return _run_client(ns)
 
 
