@@ -190,9 +190,11 @@ def test_three_times_capacity_is_refused_fast_and_leaves_nothing_behind(
     """Capacity: 2 workers x 8 texts per 20 ms batch = 800 texts/s. Offered: 2400 texts/s
     (300 requests/s of 8 texts, Poisson-free fixed schedule) for 1.5 s. The queue holds
     about 4 batches, so an accepted request waits at most ~8 batch times; without a bound
-    the backlog would reach ~2400 texts (3 s). Accepted p99 must stay under 1 s, refusals
-    must come back RESOURCE_EXHAUSTED within 250 ms (p99), and afterwards the queue is
-    empty, the server healthy and memory back near its baseline (+32 MB)."""
+    the backlog would reach ~2400 texts (3 s). Accepted p99 must stay under 1 s;
+    refusals must come back RESOURCE_EXHAUSTED within 500 ms (p99; typically a few ms,
+    the bound leaves room for a loaded machine) and faster than accepted calls (p50).
+    Afterwards the queue is empty, the server healthy and memory back near its
+    baseline (+32 MB)."""
     text = "overload " * 10  # 11 tokens with EOS
     with running_server(model=str(fake_model_dir), backend="fake", workers=2,
                         max_batch_size=8, max_batch_tokens=8 * 16, fake_delay_ms=20,
@@ -231,7 +233,8 @@ def test_three_times_capacity_is_refused_fast_and_leaves_nothing_behind(
         assert len(refused) > len(results) // 3, "3x capacity should be mostly refused"
         assert len(ok) > 0
         assert np.percentile(ok, 99) < 1.0
-        assert np.percentile(refused, 99) < 0.25
+        assert np.percentile(refused, 99) < 0.5
+        assert np.percentile(refused, 50) < np.percentile(ok, 50)
         assert_drained(server)
         assert health_status(target) == health_pb2.HealthCheckResponse.SERVING
         asyncio.run(burst(300, 1.5))  # a second burst must not grow memory either
