@@ -1,10 +1,13 @@
 """WorkerHandle: the one place that knows worker processes and IPC.
 
-Each handle owns one worker process (started with `spawn`), a supervisor
-thread that reads its replies and restarts it when it dies, and a sender
-thread so that writing a large batch never blocks the event loop. Results
-are handed to the event loop with `call_soon_threadsafe`; all bookkeeping of
-in-flight batches happens on the loop, so it needs no locks.
+Each handle owns one worker process (started with `spawn`) and a supervisor
+thread that starts it, waits for its warm-up answer, and restarts it when it
+dies. Once a worker is ready, batches and replies travel over its socket on
+the event loop itself (`_Channel`): a batch is written without blocking (what
+the socket cannot take yet goes out when it becomes writable) and replies are
+read when it becomes readable. No thread sits between the loop and a worker,
+so a batch costs the main process no thread wake-ups and no GIL hand-offs.
+All bookkeeping of in-flight batches happens on the loop, so it needs no locks.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
-import queue
+import os
+import pickle
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
@@ -44,6 +51,122 @@ class WorkerCrashed(WorkerFailed):
         self.ran = ran
 
 
+# Framing of multiprocessing.Connection (what the worker's conn.recv/conn.send use):
+# a big-endian int32 length, or -1 followed by a uint64 length for huge messages.
+_LEN32 = struct.Struct("!i")
+_LEN64 = struct.Struct("!Q")
+_READ_CHUNK = 256 << 10
+
+
+class _Channel:
+    """The loop's end of one worker's socket: pickled messages, framed as
+    multiprocessing.Connection frames them, sent and received without blocking."""
+
+    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop,
+                 on_message: Callable[[Any], None], on_closed: Callable[[], None]) -> None:
+        self._conn = conn  # owns the file descriptor
+        self._fd: int = conn.fileno()
+        self._loop = loop
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._inbuf = bytearray()
+        self._chunk = bytearray(_READ_CHUNK)  # reused: no allocation per read
+        self._outbuf: deque[memoryview] = deque()
+        self._writing = False  # a writer callback is registered
+        self.closed = False
+        os.set_blocking(self._fd, False)
+        loop.add_reader(self._fd, self._readable)
+
+    def send(self, obj: Any) -> None:
+        if self.closed:
+            return  # the worker is gone; the supervisor reports it
+        payload = memoryview(ForkingPickler.dumps(obj)).cast("B")
+        n = len(payload)
+        header = _LEN32.pack(n) if n <= 0x7FFFFFFF else _LEN32.pack(-1) + _LEN64.pack(n)
+        queued = bool(self._outbuf)
+        self._outbuf.append(memoryview(header))
+        self._outbuf.append(payload)
+        if not queued:
+            self._flush()
+            if self._outbuf and not self.closed:
+                self._writing = True
+                self._loop.add_writer(self._fd, self._flush)
+
+    def _flush(self) -> None:
+        while self._outbuf:
+            try:
+                sent = os.writev(self._fd, list(self._outbuf)[:64])
+            except (BlockingIOError, InterruptedError):
+                return  # the writer callback (added by send) resumes here
+            except OSError:  # the worker died: its batches fail through the supervisor
+                self.close()
+                return
+            while sent:
+                head = self._outbuf[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    self._outbuf.popleft()
+                else:
+                    self._outbuf[0] = head[sent:]
+                    sent = 0
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        self.read_available(once=True)
+
+    def read_available(self, *, once: bool = False) -> None:
+        """Read what has arrived and hand over every complete message (until the socket
+        would block, or after one read with `once`); end of file closes the channel."""
+        while not self.closed:
+            try:
+                n = os.readv(self._fd, [self._chunk])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self.close()
+                return
+            with memoryview(self._chunk) as view, view[:n] as data:
+                self._inbuf += data
+            self._deliver()
+            if once:
+                return
+
+    def _deliver(self) -> None:
+        buf = self._inbuf
+        while len(buf) >= 4:
+            (n,) = _LEN32.unpack_from(buf)
+            start = 4
+            if n == -1:
+                if len(buf) < 12:
+                    return
+                (n,) = _LEN64.unpack_from(buf, 4)
+                start = 12
+            if len(buf) < start + n:
+                return
+            with memoryview(buf) as view, view[start:start + n] as body:
+                message = pickle.loads(body)
+            del buf[:start + n]
+            self._on_message(message)
+            if self.closed:
+                return
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._outbuf.clear()
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+        self._conn.close()
+        self._on_closed()
+
+
 class WorkerHandle:
     """A supervised worker process, seen from the event loop."""
 
@@ -57,14 +180,12 @@ class WorkerHandle:
         self._on_change = on_change
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[int, asyncio.Future[np.ndarray]] = {}
-        self._outbox: queue.SimpleQueue[tuple[int, Batch | None]] = queue.SimpleQueue()
+        self._channel: _Channel | None = None  # the live worker's socket (loop side)
         self._alive = False  # ready and serving (loop-side view)
-        self._generation = 0  # bumped on every (re)start, so stale sends are dropped
         self._stopping = threading.Event()
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._proc: Any = None
-        self._conn: Any = None
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     # -- loop side ---------------------------------------------------------
 
@@ -84,25 +205,26 @@ class WorkerHandle:
         """Spawn the process; the returned future resolves when it answered warm-up."""
         self._loop = loop
         self._ready = loop.create_future()
-        for target, name in ((self._supervise, "supervisor"), (self._send_loop, "sender")):
-            thread = threading.Thread(target=target, name=f"{self.name}-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._thread = threading.Thread(target=self._supervise, name=f"{self.name}-supervisor",
+                                        daemon=True)
+        self._thread.start()
         return self._ready
 
     def submit(self, batch: Batch) -> asyncio.Future[np.ndarray]:
-        assert self._loop is not None and self._alive
+        assert self._loop is not None and self._alive and self._channel is not None
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
         self._inflight[batch.id] = future
-        self._outbox.put((self._generation, batch))
+        self._channel.send(batch)  # a dead socket: the supervisor fails the batch
         return future
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the process to exit, make sure it does, fail what it still held."""
         self._stopping.set()
-        self._outbox.put((-1, None))
+        if self._channel is not None:
+            self._channel.send(None)
         await asyncio.to_thread(self._join, timeout)
         self._alive = False
+        self._close_channel()
         lost = list(self._inflight.values())
         self._inflight.clear()
         for future in lost:
@@ -122,8 +244,18 @@ class WorkerHandle:
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _on_ready(self, generation: int, info: dict[str, Any]) -> None:
-        self._generation = generation
+    def _close_channel(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    def _on_ready(self, info: dict[str, Any], conn: Any, closed: threading.Event) -> None:
+        """The worker answered warm-up: from now on the loop owns its socket."""
+        assert self._loop is not None
+        self._channel = _Channel(conn, self._loop, self._on_message, closed.set)
+        if self._stopping.is_set():  # stop() ran while it was starting
+            self._channel.send(None)
+            return
         self.info = info
         self._alive = True
         if self._ready is not None and not self._ready.done():
@@ -138,7 +270,8 @@ class WorkerHandle:
             log.error("%s could not restart: %s", self.name, message)
         self._on_change()
 
-    def _on_reply(self, kind: str, batch_id: int, payload: Any) -> None:
+    def _on_message(self, message: Any) -> None:
+        kind, batch_id, payload = message
         future = self._inflight.pop(batch_id, None)
         if future is None or future.done():
             return
@@ -149,6 +282,10 @@ class WorkerHandle:
         self._on_change()
 
     def _on_death(self, exitcode: int | None) -> None:
+        if self._channel is not None:
+            # Replies the worker sent before it died still count.
+            self._channel.read_available()
+            self._close_channel()
         was_alive, self._alive = self._alive, False
         lost = list(self._inflight.values())  # in the order the worker runs them
         self._inflight.clear()
@@ -165,60 +302,40 @@ class WorkerHandle:
     # -- threads -----------------------------------------------------------
 
     def _supervise(self) -> None:
-        """Start the process, relay its replies, restart it when it dies."""
+        """Start the process, hand its socket to the loop once it is ready, restart it
+        when it dies."""
         failures = 0
-        generation = 0
         while not self._stopping.is_set():
-            generation += 1
             parent, child = _CTX.Pipe(duplex=True)
             proc = _CTX.Process(target=worker_main, args=(child, self.spec),
                                 name=f"embedrpc-{self.name}", daemon=True)
             proc.start()
             child.close()
-            self._proc, self._conn = proc, parent
+            self._proc = proc
             started = time.monotonic()
-            served = self._relay(parent, generation)
+            try:
+                first = parent.recv()
+            except (EOFError, OSError):
+                first = ("error", "the worker process exited during start-up")
+            if first[0] != "ready":  # a broken model will not heal by retrying
+                parent.close()
+                proc.join(5.0)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(1.0)
+                if not self._stopping.is_set():
+                    self._post(self._on_startup_error, first[1])
+                return
+            closed = threading.Event()  # set by the loop when the socket closes
+            self._post(self._on_ready, first[1], parent, closed)
+            # The loop reads the socket now; wait for the process to end (or for the
+            # socket to break while the process hangs on).
+            while proc.is_alive() and not closed.is_set():
+                proc.join(0.2)
             proc.join(5.0)
-            if proc.is_alive():  # the pipe broke but the process hangs on
+            if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
-            parent.close()
-            if served is None:  # start-up failed: a broken model will not heal by retrying
-                return
             self._post(self._on_death, proc.exitcode)
             failures = 0 if time.monotonic() - started > 30 else failures + 1
             self._stopping.wait(min(0.05 * 2**failures, _MAX_BACKOFF_S))
-
-    def _relay(self, conn: Any, generation: int) -> bool | None:
-        """Read replies until the pipe closes. None: the worker never became ready."""
-        try:
-            first = conn.recv()
-        except (EOFError, OSError):
-            first = ("error", "the worker process exited during start-up")
-        if first[0] != "ready":
-            if not self._stopping.is_set():
-                self._post(self._on_startup_error, first[1])
-            return None
-        self._post(self._on_ready, generation, first[1])
-        while True:
-            try:
-                kind, batch_id, payload = conn.recv()
-            except (EOFError, OSError):
-                return True
-            self._post(self._on_reply, kind, batch_id, payload)
-
-    def _send_loop(self) -> None:
-        while True:
-            generation, batch = self._outbox.get()
-            if batch is None:
-                conn = self._conn
-                if conn is not None:
-                    with contextlib.suppress(OSError):
-                        conn.send(None)
-                return
-            if generation != self._generation or self._conn is None:
-                continue  # sent to a process that has died since; the router retries it
-            # On OSError the supervisor sees the death and fails the batch.
-            with contextlib.suppress(OSError):
-                self._conn.send(batch)
-

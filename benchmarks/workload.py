@@ -1,0 +1,73 @@
+"""The benchmark workload: one corpus, tokenized once, cut into the batch shapes each side runs.
+
+Every backend in the suite embeds the same texts:
+
+- requests: what gRPC clients send, `batch` texts per Embed call, in corpus order;
+- `client_batches`: what a user of an in-process library runs for the same calls: each
+  window of `concurrency` requests is length-sorted and cut into `batch`-row batches
+  (sentence-transformers' `encode(window, batch_size=batch)` does exactly this);
+- the server's own batches, recorded while it serves those requests (runners.ServerHost),
+  which raw ONNX Runtime replays to measure what the server adds to the same work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+WORDS = ("the of and to in is was for on that with as by at from his an were are which this "
+         "be has had it or not but what all they their we one you there been more when will "
+         "capital China Beijing gravity plants energy language model search query document "
+         "北京 首都 天气 東京 Москва столица القاهرة Grüße München naïve café").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """Texts of 4..120 words (a long-tailed, multilingual mix, like documents and queries)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(3.0, 0.7, n).astype(int), 4, 120)
+    return [" ".join(rng.choice(WORDS, size=k)) for k in lengths]
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One batch as a worker receives it: flat int32 ids and per-row lengths."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    texts: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def padded(self) -> int:
+        return int(self.lengths.max()) * len(self.lengths)
+
+
+def pack(items: Sequence[tuple[str, np.ndarray]]) -> Packed:
+    return Packed(ids=np.concatenate([ids for _, ids in items]),
+                  lengths=np.array([len(ids) for _, ids in items], dtype=np.int32),
+                  texts=tuple(text for text, _ in items))
+
+
+def pack_ids(batches: Sequence[Sequence[np.ndarray]]) -> list[Packed]:
+    """Batches given as token ids only (recorded from the server)."""
+    return [pack([("", ids) for ids in batch]) for batch in batches]
+
+
+def client_batches(texts: Sequence[str], ids: Sequence[np.ndarray], *, batch: int,
+                   window: int) -> list[Packed]:
+    """Windows of `window` texts, each length-sorted and cut into `batch`-row batches."""
+    out = []
+    for start in range(0, len(texts), window):
+        items = sorted(zip(texts[start:start + window], ids[start:start + window],
+                           strict=True), key=lambda item: len(item[1]))
+        out.extend(pack(items[i:i + batch]) for i in range(0, len(items), batch))
+    return out
