@@ -113,6 +113,22 @@ def _as_request(item: pb.EmbedRequest | Sequence[str] | str, index: int,
     return make_request(item, request_id=str(index), **kwargs)
 
 
+def _open_channel(module: Any, target: str | Sequence[str],
+                  credentials: grpc.ChannelCredentials | None,
+                  options: Sequence[tuple[str, Any]], balance: bool | None, retries: int,
+                  tls: bool, root_certificates: Pem | None, client_cert: Pem | None,
+                  client_key: Pem | None) -> Any:
+    """A channel from `module` (grpc or grpc.aio): TLS as channel_credentials() says;
+    several targets / dns: balanced round_robin, UNAVAILABLE retried (see channel.py)."""
+    credentials = channel_credentials(credentials, tls=tls,
+                                      root_certificates=root_certificates,
+                                      client_cert=client_cert, client_key=client_key)
+    target, opts = channel_args(target, [*DEFAULT_OPTIONS, *options], balance=balance,
+                                retries=retries)
+    return (module.secure_channel(target, credentials, opts) if credentials
+            else module.insecure_channel(target, opts))
+
+
 class EmbedClient:
     """Blocking client. `with EmbedClient("localhost:50051") as c: c.embed(["text"])`.
 
@@ -132,14 +148,8 @@ class EmbedClient:
                  root_certificates: Pem | None = None, client_cert: Pem | None = None,
                  client_key: Pem | None = None) -> None:
         # api_key: sent as `authorization: Bearer <key>`. TLS: see channel_credentials().
-        credentials = channel_credentials(credentials, tls=tls,
-                                          root_certificates=root_certificates,
-                                          client_cert=client_cert, client_key=client_key)
-        # Several targets / dns: → round_robin; UNAVAILABLE retried (see channel.py).
-        target, opts = channel_args(target, [*DEFAULT_OPTIONS, *options], balance=balance,
-                                    retries=retries)
-        self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
-                        else grpc.insecure_channel(target, opts))
+        self.channel = _open_channel(grpc, target, credentials, options, balance, retries,
+                                     tls, root_certificates, client_cert, client_key)
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.timeout = timeout
         self.metadata = (*metadata, *auth_metadata(api_key))
@@ -196,14 +206,8 @@ class AsyncEmbedClient:
                  api_key: str | None = None, tls: bool = False,
                  root_certificates: Pem | None = None, client_cert: Pem | None = None,
                  client_key: Pem | None = None) -> None:
-        # api_key: sent as `authorization: Bearer <key>`. TLS: see channel_credentials().
-        credentials = channel_credentials(credentials, tls=tls,
-                                          root_certificates=root_certificates,
-                                          client_cert=client_cert, client_key=client_key)
-        target, opts = channel_args(target, [*DEFAULT_OPTIONS, *options], balance=balance,
-                                    retries=retries)
-        self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
-                        else grpc.aio.insecure_channel(target, opts))
+        self.channel = _open_channel(grpc.aio, target, credentials, options, balance,
+                                     retries, tls, root_certificates, client_cert, client_key)
         self.stub = pb_grpc.EmbedderStub(self.channel)
         self.timeout = timeout
         self.metadata = (*metadata, *auth_metadata(api_key))

@@ -70,20 +70,10 @@ def read_keys_file(path: str) -> list[str]:
     """One key per line; blank lines and lines starting with '#' are skipped."""
     where = f"--api-keys-file {path}"
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except PermissionError:
-        raise ValueError(f"{where}: permission denied (the server's user must be able to "
-                         "read it)") from None
-    except IsADirectoryError:
-        raise ValueError(f"{where}: is a directory, not a file") from None
+        lines = _read(path, "--api-keys-file").decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{where}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ValueError(f"{where}: {exc.strerror or exc}") from None
+    mode = os.stat(path).st_mode
     if mode & stat.S_IROTH:
         log.warning("%s is readable by every user on this machine; chmod 600 it", where)
     keys = []
