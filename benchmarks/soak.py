@@ -40,9 +40,9 @@ WORDS = ("embedding server latency vector search retrieval query document passag
          "données recherche modèle 向量 检索 模型 запрос документ").split()
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB."""
-    total = 0
+def rss_by_process(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of a process and each of its descendants, by pid."""
+    found: dict[str, float] = {}
     pids = [pid]
     while pids:
         p = pids.pop()
@@ -50,12 +50,12 @@ def rss_mb(pid: int) -> float:
             with open(f"/proc/{p}/status") as status:
                 for line in status:
                     if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                        found[str(p)] = int(line.split()[1]) / 1024
             for task in Path(f"/proc/{p}/task").iterdir():  # any thread may be a parent
                 pids.extend(int(c) for c in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError):
             continue
-    return total / 1024
+    return found
 
 
 def text(rng: random.Random) -> str:
@@ -135,6 +135,7 @@ async def drive(target: str, pid: int, args: argparse.Namespace) -> list[dict]:
         await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
         now = time.monotonic()
         window = stats.reset()
+        rss = rss_by_process(pid)  # the server's pid first, then its workers
         lat = np.array(window.latencies) * 1000 if window.latencies else np.array([np.nan])
         row = {
             "t_s": round(now - start, 1), "ok": window.ok,
@@ -143,7 +144,8 @@ async def drive(target: str, pid: int, args: argparse.Namespace) -> list[dict]:
             "p99_ms": round(float(np.percentile(lat, 99)), 2),
             "expected_errors": dict(window.expected_errors),
             "unexpected_errors": dict(window.unexpected),
-            "rss_mb": round(rss_mb(pid), 1),
+            "rss_mb": round(sum(rss.values()), 1),
+            "rss_mb_by_pid": {k: round(v, 1) for k, v in rss.items()},
         }
         rows.append(row)
         print(f"{row['t_s']:>7.0f}s {row['requests_per_s']:>8.1f}/s "
