@@ -61,6 +61,7 @@ from .corpus import (
     TextGenerator,
     load_corpus,
 )
+from .credentials import auth_metadata, channel_credentials
 from .histogram import Histogram
 
 EMBED_METHOD = "/embedrpc.v1.Embedder/Embed"
@@ -107,6 +108,16 @@ class BenchConfig:
     json_path: str | None = None
     plot_path: str | None = None
     progress: bool = True
+    # Connection: API key (never written to the report) and TLS, as for EmbedClient.
+    api_key: str | None = field(default=None, repr=False)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return auth_metadata(self.api_key)
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -205,6 +216,13 @@ def add_bench_arguments(p: Any) -> None:
         "(needs matplotlib: pip install 'embedrpc[bench]')")
     opt("--progress", type=_flag, default=True, metavar="BOOL",
         help="print a progress line each second on stderr")
+    opt("--api-key", secret=True, help="API key, sent as 'authorization: Bearer KEY'")
+    opt("--tls", type=_flag, default=False, metavar="BOOL",
+        help="true: connect with TLS, trusting the system's root certificates")
+    opt("--tls-ca", help="PEM CA certificate(s) to trust (implies --tls)")
+    opt("--tls-cert", dest="client_tls_cert",
+        help="PEM client certificate, for mutual TLS (with --tls-key; implies --tls)")
+    opt("--tls-key", dest="client_tls_key", help="PEM private key of --tls-cert")
     opt("--noop-server", type=int, metavar="PORT", help="instead of a load test: serve a "
         "no-op Embedder on 127.0.0.1:PORT (answers at once with zero vectors) to measure "
         "the harness's own ceiling")
@@ -221,7 +239,8 @@ def config_from_namespace(ns: argparse.Namespace) -> BenchConfig:
         query_lengths=ns.query_lengths, query_fraction=ns.query_fraction, texts=ns.texts,
         locales=locales, seed=ns.seed, warmup=ns.warmup, encoding=ns.encoding,
         dimensions=ns.dimensions, timeout=ns.timeout, time_limit=ns.time_limit,
-        json_path=ns.json, plot_path=ns.plot, progress=ns.progress)
+        json_path=ns.json, plot_path=ns.plot, progress=ns.progress, api_key=ns.api_key,
+        tls=ns.tls, tls_ca=ns.tls_ca, tls_cert=ns.client_tls_cert, tls_key=ns.client_tls_key)
 
 
 def run_bench(ns: argparse.Namespace) -> int:
@@ -400,9 +419,12 @@ class _StreamSession:
 class _StreamCaller:
     """Sends requests over one long-lived EmbedStream, reopening it if it breaks."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
-        self.method = channel.stream_stream(STREAM_METHOD, request_serializer=None,
-                                            response_deserializer=pb.EmbedResponse.FromString)
+    def __init__(self, channel: grpc.aio.Channel, timeout: float,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.method = functools.partial(
+            channel.stream_stream(STREAM_METHOD, request_serializer=None,
+                                  response_deserializer=pb.EmbedResponse.FromString),
+            metadata=metadata)
         self.timeout = timeout
         self.session: _StreamSession | None = None
         self.sessions: list[_StreamSession] = []
@@ -466,12 +488,14 @@ class _Load:
         self.rng = np.random.default_rng([config.seed, share.index, 1])
         if config.stream:
             self.callers: list[Callable[[bytes], Any]] = [
-                _StreamCaller(channel, config.timeout) for _ in range(config.streams)]
+                _StreamCaller(channel, config.timeout, config.metadata)
+                for _ in range(config.streams)]
         else:
             unary = channel.unary_unary(EMBED_METHOD, request_serializer=None,
                                         response_deserializer=pb.EmbedResponse.FromString)
             # The call object is awaitable itself; no wrapper coroutine per request.
-            self.callers = [functools.partial(unary, timeout=config.timeout)]
+            self.callers = [functools.partial(unary, timeout=config.timeout,
+                                              metadata=config.metadata)]
 
     def _take(self, when: float) -> tuple[bytes, int, bool] | None:
         """The next request if one may be sent (or is due) at `when`, and if it is measured."""
@@ -634,8 +658,12 @@ class _Load:
         return self.result
 
 
-async def _connect(target: str) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(target, options=DEFAULT_OPTIONS)
+async def _connect(config: BenchConfig) -> grpc.aio.Channel:
+    target = config.target
+    credentials = channel_credentials(tls=config.tls, root_certificates=config.tls_ca,
+                                      client_cert=config.tls_cert, client_key=config.tls_key)
+    channel = (grpc.aio.secure_channel(target, credentials, options=DEFAULT_OPTIONS)
+               if credentials else grpc.aio.insecure_channel(target, options=DEFAULT_OPTIONS))
     try:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
     except TimeoutError:
@@ -648,7 +676,8 @@ async def _server_info(channel: grpc.aio.Channel, config: BenchConfig) -> dict[s
     """The server's Info, and a check that it accepts what the workload sends."""
     stub = pb_grpc.EmbedderStub(channel)
     try:
-        info = await stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S)
+        info = await stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S,
+                               metadata=config.metadata)
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             return None
@@ -666,7 +695,7 @@ async def _run_share(config: BenchConfig, share: Share, workload: Workload,
                      start: Callable[[], Any], on_progress: ProgressFn | None) -> WorkerResult:
     """Connect, then run one share from the instant `start()` returns (or resolves to)."""
     pool = request_pool(config, workload, seed=[config.seed, share.index, 0])
-    channel = await _connect(config.target)
+    channel = await _connect(config)
     try:
         start_at = start()
         if asyncio.iscoroutine(start_at):
@@ -850,7 +879,7 @@ def run(config: BenchConfig, *, progress_stream: TextIO | None = None) -> BenchR
 
 
 async def _probe(config: BenchConfig) -> dict[str, Any] | None:
-    channel = await _connect(config.target)
+    channel = await _connect(config)
     try:
         return await _server_info(channel, config)
     finally:

@@ -474,3 +474,21 @@ def test_serve_reads_the_key_from_the_environment(fake_model_dir: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_bench_connects_with_tls_and_a_key(locked_server: str, pki: Pki, stream: bool) -> None:
+    """`embedrpc bench` against a TLS server that needs a key: with the CA and the key
+    every request succeeds; without the key the server refuses the run's first call."""
+    from embedrpc.client.bench import BenchConfig, BenchError, run
+
+    target = locked_server.replace("127.0.0.1", "localhost")
+    common: dict[str, object] = {"target": target, "concurrency": 2, "requests": 20,
+                                 "warmup": 0.1, "texts": 16, "progress": False,
+                                 "query_fraction": 0.0, "stream": stream,
+                                 "tls_ca": str(pki.ca)}
+    report = run(BenchConfig(**common, api_key=KEY)).report  # type: ignore[arg-type]
+    assert report["errors"] == {} and report["requests"] == 20
+    assert KEY not in json.dumps(report)  # the key never reaches the report
+    with pytest.raises(BenchError, match="UNAUTHENTICATED"):
+        run(BenchConfig(**common))  # type: ignore[arg-type]
