@@ -50,6 +50,7 @@ import grpc
 import numpy as np
 
 from embedrpc import __version__
+from embedrpc.cli import parse_bool
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -168,14 +169,6 @@ class BenchConfig:
         return None if self.requests is not None else 10.0
 
 
-def _flag(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_bench_arguments(p: Any) -> None:
     """The `embedrpc bench` flags, on cli.py's parser (each also reads EMBEDRPC_<FLAG>)."""
     opt = p.add_option
@@ -188,7 +181,7 @@ def add_bench_arguments(p: Any) -> None:
     opt("--rate", type=float, help="open loop: send this many requests/s (Poisson arrivals); "
         "latency counts from each request's intended send time")
     opt("--batch", type=int, default=1, help="texts per request")
-    opt("--stream", type=_flag, default=False, nargs="?", const=True, metavar="BOOL",
+    opt("--stream", type=parse_bool, default=False, nargs="?", const=True, metavar="BOOL",
         help="send requests over EmbedStream instead of unary Embed")
     opt("--streams", type=int, default=1, help="with --stream: EmbedStream calls per process")
     opt("--processes", type=int, default=1, help="load-generating processes (clients and rate "
@@ -214,10 +207,10 @@ def add_bench_arguments(p: Any) -> None:
     opt("--json", help="write the report as JSON to this file")
     opt("--plot", help="write a PNG of latency over time and its distribution "
         "(needs matplotlib: pip install 'embedrpc[bench]')")
-    opt("--progress", type=_flag, default=True, metavar="BOOL",
+    opt("--progress", type=parse_bool, default=True, metavar="BOOL",
         help="print a progress line each second on stderr")
     opt("--api-key", secret=True, help="API key, sent as 'authorization: Bearer KEY'")
-    opt("--tls", type=_flag, default=False, metavar="BOOL",
+    opt("--tls", type=parse_bool, default=False, metavar="BOOL",
         help="true: connect with TLS, trusting the system's root certificates")
     opt("--tls-ca", help="PEM CA certificate(s) to trust (implies --tls)")
     opt("--tls-cert", dest="client_tls_cert",

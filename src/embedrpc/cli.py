@@ -23,7 +23,8 @@ from embedrpc import __version__
 ENV_PREFIX = "EMBEDRPC_"
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A flag or environment value: 1/true/yes/on or 0/false/no/off/'' (any case)."""
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off", ""):
@@ -98,7 +99,7 @@ class _EnvParser(argparse.ArgumentParser):
         elif from_file is not None:
             source = f"{self.config.name}: {dest.replace('_', '-')}"
             if isinstance(from_file, dict | list) or (isinstance(from_file, bool)
-                                                       and type is not _bool):
+                                                       and type is not parse_bool):
                 shown_value = "" if secret else f" = {from_file!r}"
                 self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
             text = from_file if isinstance(from_file, str) else str(from_file)
@@ -180,10 +181,10 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
                       "the environment variable or --api-keys-file")
     p.add_option("--api-keys-file", help="file of API keys, one per line ('#' starts a "
                  "comment line); read at start, added to --api-key")
-    p.add_option("--auth-health", type=_bool, nargs="?", const=True, default=False,
+    p.add_option("--auth-health", type=parse_bool, nargs="?", const=True, default=False,
                  help="health checks need an API key too (by default they stay open "
                       "for probes and load balancers)")
-    p.add_option("--auth-reflection", type=_bool, nargs="?", const=True, default=False,
+    p.add_option("--auth-reflection", type=parse_bool, nargs="?", const=True, default=False,
                  help="server reflection needs an API key too (by default it stays open)")
     return p
 
@@ -193,7 +194,7 @@ def _client_options(p: _EnvParser) -> None:
     p.add_option("--timeout", type=float, default=60.0, help="seconds before giving up")
     p.add_option("--api-key", secret=True, help="API key, sent as 'authorization: Bearer KEY'")
     # A value is required (--tls true): a bare flag would swallow the first text.
-    p.add_option("--tls", type=_bool, default=False,
+    p.add_option("--tls", type=parse_bool, default=False,
                  help="true: connect with TLS, trusting the system's root certificates")
     p.add_option("--tls-ca", help="PEM CA certificate(s) to trust (implies --tls)")
     p.add_option("--tls-cert", dest="client_tls_cert",
@@ -221,7 +222,7 @@ def build_parser(config: ConfigFile | None = None) -> argparse.ArgumentParser:
     _client_options(embed)
     _request_options(embed)
     embed.add_option("--dimensions", type=int, default=0, help="Matryoshka size (0: full)")
-    embed.add_option("--normalize", type=_bool, default=True, help="L2-normalise vectors")
+    embed.add_option("--normalize", type=parse_bool, default=True, help="L2-normalise vectors")
     embed.add_option("--encoding", default="float32",
                      choices=("float", "float32", "float16", "ubinary"), help="wire encoding")
 
