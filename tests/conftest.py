@@ -10,7 +10,8 @@ import asyncio
 import importlib.util
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def write_model_dir(path: Path, *, hidden_size: int = 64, max_length: int = 64,
 @pytest.fixture(scope="session")
 def fake_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("fake-model"))
+
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll *predicate* until it holds; fail the test after *timeout* seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from embedrpc.server import EmbedServer
 from embedrpc.server.worker import fake_vector
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import qwen_tokenizer_file, running_server
+from .conftest import qwen_tokenizer_file, running_server, wait_until
 from .test_reference import CASES, assert_close
 
 T = TypeVar("T")
@@ -67,12 +67,6 @@ def server_tasks(server: EmbedServer) -> list[str]:
         return found
     return on_loop(server, ours)
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def assert_drained(server: EmbedServer) -> None:

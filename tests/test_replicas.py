@@ -33,6 +33,8 @@ from embedrpc.client.channel import channel_args, resolve_target, service_config
 from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.worker import fake_vector
 
+from .conftest import wait_until
+
 HIDDEN = 64  # conftest.write_model_dir's hidden size
 
 
@@ -198,13 +200,6 @@ def run_load(client: EmbedClient, texts: list[str],
         for f in futures:
             f.result()
     return results, errors
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("grace", [5.0, 0.0], ids=["drained", "cut-off"])

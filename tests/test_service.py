@@ -25,7 +25,13 @@ from embedrpc.server.worker import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import QUERY_PROMPT, QWEN_EOS_ID, qwen_tokenizer_file, running_server
+from .conftest import (
+    QUERY_PROMPT,
+    QWEN_EOS_ID,
+    qwen_tokenizer_file,
+    running_server,
+    wait_until,
+)
 
 HIDDEN, MAX_LENGTH = 64, 64
 TEXTS = ["What is the capital of China?", "", "   ", "Gravity pulls masses together.",
@@ -244,17 +250,22 @@ def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
 def test_cancelled_call_never_reaches_a_worker(fake_model_dir) -> None:
     with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=500,
                         workers=1) as (server, target), EmbedClient(target, timeout=30) as c:
-        # Two single-text calls fill the worker's two slots (one running, one waiting).
-        busy = [c.stub.Embed.future(make_request([f"busy {i}"])) for i in range(2)]
-        time.sleep(0.1)
+        router = server.router
+        # Two single-text calls fill the worker's two slots (one running, one prefetched).
+        # Each is sent only once the previous one has become a batch, so they never share one.
+        busy = []
+        for i in range(2):
+            busy.append(c.stub.Embed.future(make_request([f"busy {i}"])))
+            wait_until(lambda n=i + 1: router.batches == n, timeout=10)
         cancelled = c.stub.Embed.future(make_request(["never embedded", "nor this"]))
-        time.sleep(0.1)
+        wait_until(lambda: router.queued_entries == 2, timeout=10)  # waiting behind the busy two
         assert cancelled.cancel()
+        wait_until(lambda: router.queued_entries == 0, timeout=10)  # dropped on cancellation
         for future in busy:
             future.result()
         assert c.embed(["after"]).shape == (1, HIDDEN)
         # Three batches ran: the two busy calls and "after"; nothing of the cancelled call.
-        assert server.router.batches == 3
+        assert router.batches == 3
 
 
 def test_health_follows_worker_liveness(fake_model_dir) -> None:
