@@ -532,6 +532,7 @@ class HttpServer:
                       or new_request_id())
         set_request_id(request_id)
         started = time.monotonic()
+        self.metrics.call_started(route)
         counts = [0, 0]  # embeddings, tokens
         with tracing.call_span(route, request.headers, {
                 "http.request.method": request.method, "url.path": request.path,

@@ -27,7 +27,14 @@ from typing import Any
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -133,6 +140,8 @@ class Metrics(BatchMetrics):
         r = self.registry
         self.requests = Counter("embedrpc_requests", "Calls finished, by method and gRPC "
                                 "status code.", ["method", "code"], registry=r)
+        self.in_progress = Gauge("embedrpc_requests_in_progress", "Calls being served now, "
+                                 "by method.", ["method"], registry=r)
         self.request_seconds = Histogram("embedrpc_request_duration_seconds", "Time from a "
                                          "call's arrival to its end.", ["method"],
                                          buckets=LATENCY_BUCKETS, registry=r)
@@ -190,8 +199,13 @@ class Metrics(BatchMetrics):
 
     # -- recording -----------------------------------------------------------
 
+    def call_started(self, method: str) -> None:
+        self.in_progress.labels(method).inc()
+
     def call_done(self, method: str, code: str, seconds: float, *, embeddings: int = 0,
                   tokens: int = 0) -> None:
+        """A call that `call_started` announced has ended with `code`."""
+        self.in_progress.labels(method).dec()
         self.requests.labels(method, code).inc()
         self.request_seconds.labels(method).observe(seconds)
         if embeddings:
@@ -255,6 +269,7 @@ class _Call:
             "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
             "embedrpc.model": model})
         self.span = self._span_cm.__enter__()
+        metrics.call_started(method)  # last: `end` will run only once this returns
 
     def begin(self, request: Any) -> None:
         if isinstance(request, pb.EmbedRequest) and request.request_id:

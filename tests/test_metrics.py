@@ -119,6 +119,29 @@ def test_requests_embeddings_tokens_and_batches_move_as_sent(server) -> None:
         value(after, "embedrpc_batch_texts_count")  # max_batch_size is 4
 
 
+def test_calls_in_progress_rise_and_fall(fake_model_dir: Path) -> None:
+    # One worker, 1 s per batch of one: four concurrent calls are all in progress at once.
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1,
+                        max_batch_size=1, fake_delay_ms=1000, metrics_port=0) as (srv, target), \
+            EmbedClient(target, timeout=30) as client, ThreadPoolExecutor(4) as pool:
+        assert value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED) == 0
+        calls = [pool.submit(client.embed, [f"slow {i}"]) for i in range(4)]
+        deadline = time.monotonic() + 10
+        seen = []
+        while (n := value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED)) < 4:
+            seen.append(n)
+            assert time.monotonic() < deadline, f"in progress never reached 4: {seen}"
+            time.sleep(0.01)
+        assert not any(c.done() for c in calls)  # four in progress while none has answered
+        for c in calls:
+            c.result(30)
+        deadline = time.monotonic() + 5
+        while value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED) != 0:
+            assert time.monotonic() < deadline, "in progress did not fall back to 0"
+            time.sleep(0.01)
+        assert value(scrape(srv), "embedrpc_requests_total", method=EMBED, code="OK") == 4
+
+
 def test_restarts_counted_after_a_worker_is_killed(server) -> None:
     srv, target = server
     victim = srv.workers[0]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,11 +25,14 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from embedrpc.client import EmbedClient
 
 SERVING = re.compile(r"serving .* on .*:(\d+)")
 WORKER_PID = re.compile(r"ready \(pid (\d+)")
+METRICS = re.compile(r"metrics on http://.*:(\d+)/metrics")
+EMBED = "/embedrpc.v1.Embedder/Embed"
 
 
 class ServerProcess:
@@ -35,6 +40,7 @@ class ServerProcess:
         self.proc = proc
         self.lines: list[str] = []
         self.port = 0
+        self.metrics_port = 0
         self.worker_pids: list[int] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -45,6 +51,8 @@ class ServerProcess:
             self.lines.append(line)
             if m := WORKER_PID.search(line):
                 self.worker_pids.append(int(m.group(1)))
+            if m := METRICS.search(line):
+                self.metrics_port = int(m.group(1))
             if m := SERVING.search(line):
                 self.port = int(m.group(1))
                 self._ready.set()
@@ -56,6 +64,22 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 60) -> None:
         assert self._ready.wait(timeout) and self.port, "".join(self.lines)
+
+    def wait_in_progress(self, calls: int, timeout: float = 20) -> None:
+        """Wait until the server reports `calls` Embed calls in progress (needs --metrics-port)."""
+        assert self.metrics_port, "start the server with --metrics-port"
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        deadline = time.monotonic() + timeout
+        while True:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                text = reply.read().decode()
+            now = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                      if s.name == "embedrpc_requests_in_progress"
+                      and s.labels.get("method") == EMBED)
+            if now >= calls:
+                return
+            assert time.monotonic() < deadline, f"{now} calls in progress, not {calls}"
+            time.sleep(0.02)
 
 
 @contextmanager
@@ -73,6 +97,13 @@ def serve(model_dir: Path, *args: str) -> Iterator[ServerProcess]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def free_port() -> str:
+    """A loopback port free now (the CLI's --metrics-port 0 means off, not any port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def process_gone(pid: int) -> bool:
@@ -98,7 +129,8 @@ def watch_health(target: str, seen: list[int], stop: threading.Event) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
                                                       signum: int) -> None:
-    with serve(fake_model_dir, "--fake-delay-ms", "150", "--grace-seconds", "20") as server:
+    with serve(fake_model_dir, "--fake-delay-ms", "150", "--grace-seconds", "20",
+               "--metrics-port", free_port()) as server:
         assert len(server.worker_pids) == 2
         statuses: list[int] = []
         stop = threading.Event()
@@ -109,10 +141,13 @@ def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
             # 8 calls of 8 texts: 16 batches of 4 on 2 workers at 150 ms each ≈ 1.2 s.
             calls = [pool.submit(client.embed, [f"in flight {i} {j}" for j in range(8)])
                      for i in range(8)]
-            time.sleep(0.3)
+            server.wait_in_progress(8)  # all eight have arrived
             signalled = time.monotonic()
             server.proc.send_signal(signum)
-            time.sleep(0.2)
+            deadline = time.monotonic() + 10
+            while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
+                assert time.monotonic() < deadline, f"health never NOT_SERVING: {statuses}"
+                time.sleep(0.01)
             with pytest.raises(grpc.RpcError) as refused:
                 client.embed(["too late"])
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -132,11 +167,12 @@ def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
 
 
 def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:
-    with serve(fake_model_dir, "--fake-delay-ms", "3000", "--grace-seconds", "60") as server, \
+    with serve(fake_model_dir, "--fake-delay-ms", "3000", "--grace-seconds", "60",
+               "--metrics-port", free_port()) as server, \
             EmbedClient(server.target, timeout=60) as client, ThreadPoolExecutor(2) as pool:
         client.wait_ready()
         call = pool.submit(client.embed, ["slow"] * 8)  # ~6 s of fake work
-        time.sleep(0.3)
+        server.wait_in_progress(1)
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         assert server.proc.poll() is None, "the first signal must wait for the call"
