@@ -336,7 +336,7 @@ def test_closed_loop_unary_against_fake_server(fake_server, capsys) -> None:
     assert report["server"]["dimensions"] == 64
     assert report["warmup"]["requests"] > 0  # warm-up ran and was left out
     # every client's last answer comes after the 1 s window closes
-    assert 1.0 <= report["elapsed_s"] < 3.0
+    assert 1.0 <= report["elapsed_s"] < 10.0  # bounded: the window, then the last answers
     assert "req/s" in capsys.readouterr().err  # the progress line
 
 

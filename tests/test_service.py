@@ -243,7 +243,7 @@ def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
             c.embed(["one more text"] * 4)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in info.value.details()
-        assert time.monotonic() - started < 0.4  # refused, not queued behind the work
+        assert time.monotonic() - started < 1.0  # refused, not queued behind 2.4 s of work
         for future in busy:
             assert len(future.result().data) == 4 * HIDDEN * 4
 
