@@ -14,9 +14,12 @@ What it does, in one process on one device:
 3. measures tokens/s, at lengths 32 … 32768 and on a mixed-length corpus, for
    (a) transformers' Qwen3Model in fp16 with SDPA attention (PyTorch),
    (b) the prepared model through the whole server: gRPC client → router → GPU worker,
-   (c) the prepared model run by ONNX Runtime in-process with IOBinding (the ceiling);
+   (c) the prepared model run by ONNX Runtime in-process with IOBinding (the ceiling),
+   (d) the server again with --cuda-graphs (on the CPU: the same bucketed path
+       without capture);
    every method gets the same batches: rows × length as the server's router cuts them
-   (at most --max-batch-tokens padded tokens and --max-batch-size rows);
+   (at most --max-batch-tokens padded tokens and --max-batch-size rows), and small
+   requests (1 × 32, 8 × 128 tokens) sent as they are;
 4. prints a table with ratios and writes JSON.
 
 `--smoke` runs the same steps on the CPU with a tiny model and short lengths, to check
@@ -51,6 +54,10 @@ SMOKE = {"vocab_size": 2003, "hidden_size": 64, "intermediate_size": 128,
          "head_dim": 16, "max_position_embeddings": 512}
 LENGTHS = (32, 128, 512, 2048, 8192, 32768)
 SMOKE_LENGTHS = (8, 32, 128)
+# Small requests (rows × length, sent as they are): where kernel launches, not the
+# work, cost the time, and where CUDA graphs should help.
+SMALL = ((1, 32), (8, 128))
+SMOKE_SMALL = ((1, 8), (4, 32))
 
 
 def log(message: str) -> None:
@@ -269,7 +276,8 @@ def bench_raw(onnx_path: Path, device: str, workloads: dict[str, list[list[np.nd
 
 def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[str]]],
                  token_counts: dict[str, int], seconds: float, max_length: int,
-                 max_tokens: int, max_rows: int, concurrency: int) -> dict[str, Any]:
+                 max_tokens: int, max_rows: int, concurrency: int,
+                 cuda_graphs: bool = False) -> dict[str, Any]:
     from embedrpc.client import EmbedClient
     from embedrpc.server import EmbedServer, ServeConfig
 
@@ -279,11 +287,17 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
     server = EmbedServer(ServeConfig(
         model=str(model_dir), device=device, workers=1, host="127.0.0.1", port=0,
         max_length=max_length, max_batch_tokens=max_tokens, max_batch_size=max_rows,
-        max_inputs=max(2048, max_rows), max_message_bytes=256 << 20, log_level="WARNING"))
+        max_inputs=max(2048, max_rows), max_message_bytes=256 << 20, log_level="WARNING",
+        cuda_graphs=cuda_graphs and device.startswith("cuda"),
+        static_shapes=cuda_graphs and not device.startswith("cuda")))
     results: dict[str, Any] = {}
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(900)
         target = f"127.0.0.1:{port}"
+        if cuda_graphs:
+            info = server.workers[0].info
+            log(f"  worker: cuda_graphs={info.get('cuda_graphs')} "
+                f"static_shapes={info.get('static_shapes')}")
         clients = [EmbedClient(target, timeout=600) for _ in range(concurrency)]
         for name, requests in workloads.items():
             tokens_per_round = token_counts[name]
@@ -340,11 +354,13 @@ def table(shapes: dict[str, str], results: dict[str, dict[str, Any]], torch_dtyp
 
     short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[torch_dtype]
     lines = [f"| workload | batch | torch {short} SDPA | server | raw ORT | server/torch | "
-             "raw/torch | server/raw |", "|---|---|---|---|---|---|---|---|"]
+             "raw/torch | server/raw | server, CUDA graphs | graphs/server |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, shape in shapes.items():
         t, s, r = rate("torch", name), rate("server", name), rate("raw_ort", name)
+        g = rate("server_graphs", name)
         lines.append(f"| {name} | {shape} | {num(t)} | {num(s)} | {num(r)} | {ratio(s, t)} | "
-                     f"{ratio(r, t)} | {ratio(s, r)} |")
+                     f"{ratio(r, t)} | {ratio(s, r)} | {num(g)} | {ratio(g, s)} |")
     return "\n".join(lines)
 
 
@@ -365,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4, help="server clients")
     parser.add_argument("--mixed-texts", type=int, help="texts in the mixed corpus")
     parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
-    parser.add_argument("--skip", nargs="*", default=[], choices=("torch", "server", "raw_ort"))
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=("torch", "server", "raw_ort", "server_graphs"))
     ns = parser.parse_args(argv)
 
     smoke = ns.smoke
@@ -425,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
                             4, min(max_length, 4096)).astype(int).tolist()
     mixed = [texts.make(n, rng) for n in mixed_lengths]
     cut = mixed_batches(mixed_lengths, max_tokens, max_rows)
+    for rows, length in (SMOKE_SMALL if smoke else SMALL):
+        name = f"small {rows} × {length}"
+        n_requests = max(4 * ns.concurrency, (round_tokens // 16) // (rows * length))
+        text_workloads[name] = [[texts.make(length, rng) for _ in range(rows)]
+                                for _ in range(n_requests)]
+        shapes[name] = f"{rows} × {length} per request"
     shapes["mixed"] = f"{n_mixed} texts, {min(mixed_lengths)}..{max(mixed_lengths)} tokens"
     # The server gets the corpus in requests of 32 texts in corpus order (its router sorts);
     # torch and raw ORT get length-sorted batches cut the same way.
@@ -446,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                                         seconds, max_length, max_tokens, max_rows,
                                         ns.concurrency)),
         ("torch", lambda: bench_torch(ckpt, device, torch_dtype, id_workloads, pad, seconds)),
+        ("server_graphs", lambda: bench_server(prepared, device, text_workloads, token_counts,
+                                               seconds, max_length, max_tokens, max_rows,
+                                               ns.concurrency, cuda_graphs=True)),
     ]
     for method, run in methods:
         if method in ns.skip:

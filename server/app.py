@@ -56,6 +56,9 @@ class ServeConfig:
     max_message_bytes: int = 64 << 20
     grace_seconds: float = 10.0
     backend: str = "onnx"  # "fake": deterministic vectors, no model run (tests)
+    cuda_graphs: bool = False  # capture short batches as CUDA graphs (prepared models)
+    cuda_graph_max_tokens: int = 4096  # padded tokens of the largest batch captured
+    static_shapes: bool = False  # tests: the bucketed path of cuda_graphs, on any device
     fake_delay_ms: float = 0.0  # fake backend: simulated compute per batch
     fake_crash_token: int = -1  # fake backend: a batch with this token id kills its worker
     fake_crash_mode: str = "kill"  # kill | segv | exit
@@ -78,6 +81,8 @@ class ServeConfig:
             raise ValueError("--workers must be at least 1")
         if self.max_inputs < 1:
             raise ValueError("--max-inputs must be at least 1")
+        if self.cuda_graph_max_tokens < 8:
+            raise ValueError("--cuda-graph-max-tokens must be at least 8")
         if self.backend not in ("onnx", "fake"):
             raise ValueError("backend must be 'onnx' or 'fake'")
         if self.log_format not in LOG_FORMATS:
@@ -161,6 +166,13 @@ class EmbedServer:
                                    if config.batch_overhead_tokens is None
                                    else config.batch_overhead_tokens),
         )
+        cuda_graphs = config.cuda_graphs and config.backend == "onnx"
+        if cuda_graphs and kind == "cpu":
+            if config.device != "auto":
+                raise ModelError(f"--cuda-graphs needs a CUDA device, not --device "
+                                 f"{config.device}")
+            log.warning("--cuda-graphs: no GPU, so no CUDA graphs")
+            cuda_graphs = False
         cpu_workers = config.workers if kind == "cpu" else 0
         threads = max(1, available_cores() // max(cpu_workers, 1))
         self.workers: list[WorkerHandle] = []
@@ -171,6 +183,8 @@ class EmbedServer:
                 hidden_size=self.spec.hidden_size, fake_delay_ms=config.fake_delay_ms,
                 fake_crash_token=config.fake_crash_token, fake_crash_mode=config.fake_crash_mode,
                 log_level=config.log_level, log_format=config.log_format,
+                cuda_graphs=cuda_graphs, static_shapes=config.static_shapes,
+                graph_max_tokens=config.cuda_graph_max_tokens, max_length=self.spec.max_length,
             )
             for i in range(config.workers):
                 self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",
@@ -272,7 +286,9 @@ class EmbedServer:
                 await self._stop_workers()
                 raise ModelError(f"the graph's output has {info['hidden_size']} dimensions; "
                                  f"config says {self.spec.hidden_size}")
-            log.info("%s ready (pid %s, %s)", w.name, w.pid, info.get("providers"))
+            extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
+                            if info.get(key))
+            log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"), extra)
         self.service = service = EmbedderService(
             spec=self.spec, encoder=self.encoder, router=self.router,
             limits=ServiceLimits(max_inputs=cfg.max_inputs,

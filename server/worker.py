@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import ModelError
+from .graphs import StaticShapes
 from .logs import configure_logging, worker_text_format
 from .pooling import pool
 
@@ -56,6 +57,14 @@ class WorkerSpec:
     pooling: str = "lasttoken"
     pad_id: int = 0
     hidden_size: int = 0
+    # Static shapes (graphs.py): batches padded up to (rows, length) buckets and run
+    # on bindings allocated once per bucket, which CUDA graphs need; with `cuda_graphs`
+    # each bucket is captured once and replayed. For graphs that pool inside (prepared
+    # models) and batches of at most `graph_max_tokens` padded tokens.
+    cuda_graphs: bool = False
+    static_shapes: bool = False  # the bucketed path without capture (CPU tests)
+    graph_max_tokens: int = 4096
+    max_length: int = 0  # the model's longest input; no bucket is longer (0: no limit)
     fake_delay_ms: float = 0.0  # FakeBackend: simulated compute time per batch
     # FakeBackend fault injection (tests): a batch holding this token id kills the
     # process the way `fake_crash_mode` says: "kill" (SIGKILL, as the OOM killer
@@ -82,9 +91,10 @@ class Backend(Protocol):
 
 
 def right_pad(ids: np.ndarray, lengths: np.ndarray, pad_id: int,
-              dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:
-    """Flat ids → ([B, L] ids, [B, L] attention mask), padding on the right."""
-    width = int(lengths.max())
+              dtype: type = np.int64, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ids → ([B, L] ids, [B, L] attention mask), padding on the right to
+    `width` (default: the longest row)."""
+    width = max(width, int(lengths.max()))
     mask = np.arange(width)[None, :] < lengths[:, None]
     padded = np.full((len(lengths), width), pad_id, dtype=dtype)
     padded[mask] = ids  # row-major fill matches the concatenation order
@@ -112,17 +122,32 @@ class OrtBackend:
         else:
             if hasattr(ort, "preload_dlls"):
                 ort.preload_dlls()
-            providers = [("CUDAExecutionProvider", {"device_id": self.device_id}),
-                         "CPUExecutionProvider"]
+            cuda: dict[str, Any] = {"device_id": self.device_id}
+            if spec.cuda_graphs:
+                cuda["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(spec.onnx_path, options, providers=providers)
         except Exception as exc:
-            raise ModelError(f"{spec.onnx_path}: ONNX Runtime cannot load it: {exc}") from exc
+            hint = (" (--cuda-graphs needs every node of the graph on the CUDA provider; "
+                    "serve it without --cuda-graphs)" if spec.cuda_graphs else "")
+            raise ModelError(f"{spec.onnx_path}: ONNX Runtime cannot load it{hint}: "
+                             f"{exc}") from exc
         if self.device_type == "cuda" and self.session.get_providers()[0] != \
                 "CUDAExecutionProvider":
             raise ModelError(f"{spec.device}: the CUDA execution provider is not usable "
                              "(onnxruntime-gpu, CUDA and cuDNN are needed)")
         self._inspect()
+        # A session with CUDA graphs captures every run unless told not to (id -1).
+        self.run_options = ort.RunOptions()
+        if spec.cuda_graphs and self.device_type == "cuda":
+            self.run_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.static: StaticShapes | None = None
+        if spec.cuda_graphs and self.device_type != "cuda":
+            raise ModelError(f"--cuda-graphs needs a CUDA device, not {spec.device}")
+        if spec.cuda_graphs or spec.static_shapes:
+            self.static = StaticShapes(self, capture=spec.cuda_graphs,
+                                       max_tokens=spec.graph_max_tokens)
 
     def _inspect(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -160,11 +185,14 @@ class OrtBackend:
             outputs[name].type, outputs[name].type)
 
     def describe(self) -> dict[str, Any]:
-        return {"hidden_size": self.hidden_size, "precision": self.precision,
+        info = {"hidden_size": self.hidden_size, "precision": self.precision,
                 "output": self.output, "inputs": sorted(self.inputs),
                 "providers": self.session.get_providers(), "device": self.spec.device}
+        if self.static is not None:
+            info.update(self.static.describe())
+        return info
 
-    def _int_type(self, name: str) -> type:
+    def int_type(self, name: str) -> type:
         """The graph's own integer type for an input (int64 or int32)."""
         return _ORT_TYPES.get(self.inputs[name].type, np.int64)
 
@@ -178,7 +206,14 @@ class OrtBackend:
             binding.bind_ortvalue_input(name, value)
 
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        padded, mask = right_pad(ids, lengths, self.spec.pad_id, self.ids_dtype)
+        if self.static is not None:
+            out = self.static.embed(ids, lengths)
+            if out is not None:
+                return out
+        return self.embed_exact(ids, lengths)
+
+    def feeds(self, padded: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Every graph input for right-padded [B, L] ids and their attention mask."""
         batch, width = padded.shape
         feeds: dict[str, np.ndarray] = {"input_ids": padded}
         if "attention_mask" in self.inputs:
@@ -187,17 +222,22 @@ class OrtBackend:
         if "position_ids" in self.inputs:
             # Right padding: real tokens sit at 0..len-1 in every row.
             feeds["position_ids"] = np.ascontiguousarray(np.broadcast_to(
-                np.arange(width, dtype=self._int_type("position_ids")), (batch, width)))
+                np.arange(width, dtype=self.int_type("position_ids")), (batch, width)))
         if "token_type_ids" in self.inputs:
             feeds["token_type_ids"] = np.zeros((batch, width),
-                                               dtype=self._int_type("token_type_ids"))
+                                               dtype=self.int_type("token_type_ids"))
         for name, (heads, head_dim, dtype) in self.past.items():
             feeds[name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        return feeds
+
+    def embed_exact(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One batch at its own shape: padded to its longest row, no more."""
+        padded, mask = right_pad(ids, lengths, self.spec.pad_id, self.ids_dtype)
         binding = self.session.io_binding()
-        for name, array in feeds.items():
+        for name, array in self.feeds(padded, mask).items():
             self._bind(binding, name, array)
         binding.bind_output(self.output, "cpu")
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.run_options)
         out = binding.copy_outputs_to_cpu()[0]
         if self.pooled_by_graph:
             return np.ascontiguousarray(out, dtype=np.float32)

@@ -155,6 +155,14 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
                  help="largest gRPC message received or sent")
     p.add_option("--grace-seconds", type=float, default=10.0,
                  help="on SIGTERM/SIGINT, time for in-flight calls to finish")
+    p.add_option("--cuda-graphs", type=parse_bool, nargs="?", const=True, default=False,
+                 help="replay short batches as CUDA graphs: batches are padded up to "
+                      "(rows, length) buckets, each captured once and checked against the "
+                      "ordinary path on first use. Needs a prepared model (embedrpc "
+                      "prepare) and a CUDA device")
+    p.add_option("--cuda-graph-max-tokens", type=int, default=4096,
+                 help="with --cuda-graphs: batches of up to this many padded tokens are "
+                      "replayed; larger ones run with their exact shape")
     p.add_option("--backend", default="onnx", choices=("onnx", "fake"),
                  help="'fake' returns deterministic vectors without running the model "
                       "(for testing clients and load balancers)")
@@ -281,6 +289,7 @@ def _run_serve(ns: argparse.Namespace) -> int:
             max_queue_tokens=ns.max_queue_tokens,
             max_inputs=ns.max_inputs, max_message_bytes=ns.max_message_bytes,
             grace_seconds=ns.grace_seconds, backend=ns.backend,
+            cuda_graphs=ns.cuda_graphs, cuda_graph_max_tokens=ns.cuda_graph_max_tokens,
             fake_delay_ms=ns.fake_delay_ms, log_level=ns.log_level.upper(),
             log_format=ns.log_format, metrics_port=ns.metrics_port or None,
             metrics_host=ns.metrics_host, http_port=ns.http_port or None,
