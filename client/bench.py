@@ -54,6 +54,7 @@ from embedrpc.cli import parse_bool
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
+from .channel import channel_args
 from .client import DEFAULT_OPTIONS, ENCODINGS, make_request
 from .corpus import (
     DEFAULT_DOC_LENGTHS,
@@ -172,7 +173,9 @@ class BenchConfig:
 def add_bench_arguments(p: Any) -> None:
     """The `embedrpc bench` flags, on cli.py's parser (each also reads EMBEDRPC_<FLAG>)."""
     opt = p.add_option
-    opt("--target", default="localhost:50051", help="server address HOST:PORT")
+    opt("--target", default="localhost:50051",
+        help="server address HOST:PORT; several replicas as HOST:PORT,HOST:PORT or "
+             "dns:///NAME:PORT (round_robin across them)")
     opt("--concurrency", type=int, help="closed loop: concurrent clients (default 8); "
         f"open loop: most requests in flight (default {OPEN_LOOP_IN_FLIGHT})")
     opt("--duration", type=float, help="measured seconds, after the warm-up (default 10 "
@@ -652,16 +655,22 @@ class _Load:
 
 
 async def _connect(config: BenchConfig) -> grpc.aio.Channel:
-    target = config.target
+    # Several replicas (HOST:PORT,HOST:PORT or dns:///NAME:PORT) get round_robin, as the
+    # client library does; no retries, so every failure shows in the error counts.
+    try:
+        target, options = channel_args(config.target, DEFAULT_OPTIONS, retries=1)
+    except ValueError as exc:
+        raise BenchError(f"--target {config.target}: {exc}") from None
     credentials = channel_credentials(tls=config.tls, root_certificates=config.tls_ca,
                                       client_cert=config.tls_cert, client_key=config.tls_key)
-    channel = (grpc.aio.secure_channel(target, credentials, options=DEFAULT_OPTIONS)
-               if credentials else grpc.aio.insecure_channel(target, options=DEFAULT_OPTIONS))
+    channel = (grpc.aio.secure_channel(target, credentials, options=options)
+               if credentials else grpc.aio.insecure_channel(target, options=options))
     try:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
     except TimeoutError:
         await channel.close()
-        raise BenchError(f"cannot connect to {target} within {CONNECT_TIMEOUT_S:g} s") from None
+        raise BenchError(f"cannot connect to {config.target} within {CONNECT_TIMEOUT_S:g} s"
+                         ) from None
     return channel
 
 

@@ -33,6 +33,8 @@ from embedrpc.client.corpus import LengthSpec, TextGenerator, load_corpus
 from embedrpc.client.histogram import Histogram
 from embedrpc.v1 import embedder_pb2 as pb
 
+from .conftest import running_server
+
 # -- histogram ---------------------------------------------------------------------------
 
 
@@ -338,6 +340,17 @@ def test_closed_loop_unary_against_fake_server(fake_server, capsys) -> None:
     # every client's last answer comes after the 1 s window closes
     assert 1.0 <= report["elapsed_s"] < 10.0  # bounded: the window, then the last answers
     assert "req/s" in capsys.readouterr().err  # the progress line
+
+
+def test_several_replicas_share_the_load(fake_model_dir) -> None:
+    # Two servers named as one comma-separated --target: round_robin spreads the calls.
+    with running_server(model=str(fake_model_dir), backend="fake") as (one, a), \
+            running_server(model=str(fake_model_dir), backend="fake") as (two, b):
+        report = run(_quick(f"{a},{b}", concurrency=4, duration=1.0, batch=2)).report
+        _check_consistent(report, batch=2)
+        served = [one.router.batched_tokens, two.router.batched_tokens]
+        assert min(served) > 0.25 * sum(served), served  # both took a real share
+        assert sum(served) >= report["tokens"]  # every measured token was embedded by one
 
 
 def test_stream_against_fake_server(fake_server) -> None:
