@@ -7,6 +7,7 @@ import ctypes
 import logging
 import os
 import signal
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -198,6 +199,7 @@ class EmbedServer:
         self.metrics_port: int | None = None  # where /metrics listens, when it does
         self.http: HttpServer | None = None
         self.http_port: int | None = None
+        self._http_tls: ssl.SSLContext | None = None
         self._serving: bool | None = None  # None outside normal operation
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -270,8 +272,8 @@ class EmbedServer:
         address = f"{cfg.host}:{cfg.port}" if ":" not in cfg.host else f"[{cfg.host}]:{cfg.port}"
         try:
             tls = self.security.tls
-            self.port = (self.server.add_secure_port(address, tls.server_credentials()) if tls
-                         else self.server.add_insecure_port(address))
+            self.port = (self.server.add_secure_port(address, self.security.server_credentials())
+                         if tls else self.server.add_insecure_port(address))
         except RuntimeError as exc:
             await self._stop_workers()
             raise ModelError(f"cannot listen on {address}: {exc}") from exc
@@ -322,14 +324,27 @@ class EmbedServer:
                                        if (keys := self.security.keys) else None,
                                        auth_health=cfg.auth_health)
                 tls = self.security.tls  # HTTPS with the same certificate (and client CAs)
-                self.http_port = await self.http.start(cfg.host, cfg.http_port, tls=tls_context(
-                    cfg.tls_cert, cfg.tls_key, tls.client_ca) if tls and cfg.tls_cert
-                    and cfg.tls_key else None)
+                if tls and cfg.tls_cert and cfg.tls_key:
+                    self._http_tls = tls_context(cfg.tls_cert, cfg.tls_key, tls.client_ca)
+                self.http_port = await self.http.start(cfg.host, cfg.http_port,
+                                                       tls=self._http_tls)
                 log.info("HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
                          "https" if tls else "http", cfg.host, self.http_port)
         except OSError as exc:
             await self._stop_workers()
             raise ModelError(f"cannot listen for {what}: {exc}") from exc
+
+    def reload(self) -> list[str]:
+        """Read --api-keys-file and the TLS files again (SIGHUP): new calls and handshakes
+        use them, gRPC and HTTP alike. On a problem, ValueError and nothing changes."""
+        done = self.security.reload(self.config)
+        tls, cfg = self.security.tls, self.config
+        if self._http_tls is not None and tls is not None and cfg.tls_cert and cfg.tls_key:
+            # Files just checked by reload(); OpenSSL uses them from the next handshake.
+            self._http_tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            if tls.client_ca:
+                self._http_tls.load_verify_locations(cadata=tls.client_ca.decode("ascii"))
+        return done
 
     async def _stop_workers(self) -> None:
         await asyncio.gather(*(w.stop() for w in self.workers))
@@ -359,6 +374,16 @@ class EmbedServer:
         await asyncio.gather(self._stop_workers(), asyncio.to_thread(self.metrics.close))
 
 
+def _reload(server: EmbedServer) -> None:
+    try:
+        done = server.reload()
+    except ValueError as exc:
+        log.error("SIGHUP: nothing reloaded, the current keys and certificates stay: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s", ", ".join(done) if done else "nothing (no "
+             "--api-keys-file and no TLS files to read again)")
+
+
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT; a second signal stops at once."""
     server = EmbedServer(config)
@@ -378,6 +403,7 @@ async def serve(config: ServeConfig) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server)
     port = await server.start()
     log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, server.spec.name,
              config.host, port, server.security.describe())

@@ -94,9 +94,16 @@ class ApiKeys:
     """The accepted keys, as digests; `check()` returns None or why a call is refused."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple({_digest(k) for k in keys})
-        if not self._digests:
+        self._digests: tuple[bytes, ...] = ()
+        self.replace(keys)
+
+    def replace(self, keys: Iterable[str]) -> None:
+        """Accept these keys from now on, and only these (one assignment: a call checks
+        either the old set or the new one, never a mixture)."""
+        digests = tuple({_digest(k) for k in keys})
+        if not digests:
             raise ValueError("ApiKeys needs at least one key")
+        self._digests = digests
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -244,22 +251,24 @@ class TlsFiles:
                                  "(expected '-----BEGIN CERTIFICATE-----' blocks)") from None
         return cls(cert_pem, key_pem, ca_pem)
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.key, self.cert)], root_certificates=self.client_ca,
-            require_client_auth=self.client_ca is not None)
+    def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key, self.cert)], root_certificates=self.client_ca)
 
 
 # -- what the server uses -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServerSecurity:
-    """Everything security-related the server needs, loaded and checked at start."""
+    """Everything security-related the server needs, loaded and checked at start;
+    `reload()` reads the keys file and the TLS files again (SIGHUP)."""
 
     tls: TlsFiles | None = None
     keys: ApiKeys | None = None
     open_prefixes: tuple[str, ...] = ()
+    # A certificate configuration read by reload(), handed to gRPC at its next handshake.
+    _pending: grpc.ServerCertificateConfiguration | None = None
 
     @classmethod
     def from_config(cls, config: ServeConfig) -> ServerSecurity:
@@ -269,12 +278,8 @@ class ServerSecurity:
         if config.tls_client_ca is not None and config.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is "
                              "TLS with client certificates")
-        tls = None
-        if config.tls_cert is not None and config.tls_key is not None:
-            tls = TlsFiles.load(config.tls_cert, config.tls_key, config.tls_client_ca)
-        given = [check_key(k, "--api-key") for k in config.api_keys]
-        if config.api_keys_file is not None:
-            given += read_keys_file(config.api_keys_file)
+        tls = _load_tls(config)
+        given = _given_keys(config)
         keys = ApiKeys(given) if given else None
         if keys is None and (config.auth_health or config.auth_reflection):
             raise ValueError("--auth-health and --auth-reflection need API keys "
@@ -294,6 +299,35 @@ class ServerSecurity:
             open_prefixes += REFLECTION_PREFIXES
         return cls(tls, keys, open_prefixes)
 
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """TLS credentials whose certificates `reload()` can replace: gRPC asks for a new
+        configuration before every handshake; connections already open keep theirs."""
+        assert self.tls is not None
+        return grpc.dynamic_ssl_server_credentials(
+            self.tls.certificate_configuration(), self._take_pending,
+            require_client_authentication=self.tls.client_ca is not None)
+
+    def _take_pending(self) -> grpc.ServerCertificateConfiguration | None:
+        pending, self._pending = self._pending, None
+        return pending
+
+    def reload(self, config: ServeConfig) -> list[str]:
+        """Read --api-keys-file and the TLS files again and use them for new calls and
+        handshakes. All or nothing: on any problem, raise ValueError and keep what is in
+        use. API keys can be replaced, not turned on or off (that needs a restart).
+        Returns what was reloaded, for the log."""
+        tls = _load_tls(config) if self.tls is not None else None
+        given = _given_keys(config) if self.keys is not None else []  # never empty
+        done = []
+        if self.keys is not None and config.api_keys_file is not None:
+            self.keys.replace(given)
+            done.append(f"{len(self.keys)} API key(s)")
+        if tls is not None:
+            self.tls = tls
+            self._pending = tls.certificate_configuration()
+            done.append("TLS certificate" + (" and client CAs" if tls.client_ca else ""))
+        return done
+
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         return [] if self.keys is None else [AuthInterceptor(self.keys, self.open_prefixes)]
 
@@ -303,3 +337,17 @@ class ServerSecurity:
         if self.keys is not None:
             parts.append(f"{len(self.keys)} API key(s)")
         return ", ".join(parts)
+
+
+def _load_tls(config: ServeConfig) -> TlsFiles | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return TlsFiles.load(config.tls_cert, config.tls_key, config.tls_client_ca)
+
+
+def _given_keys(config: ServeConfig) -> list[str]:
+    """--api-key (and EMBEDRPC_API_KEY) and the lines of --api-keys-file."""
+    given = [check_key(k, "--api-key") for k in config.api_keys]
+    if config.api_keys_file is not None:
+        given += read_keys_file(config.api_keys_file)
+    return given
