@@ -188,7 +188,8 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
                       "repeat or comma-separate for several keys. Flags show in ps: prefer "
                       "the environment variable or --api-keys-file")
     p.add_option("--api-keys-file", help="file of API keys, one per line ('#' starts a "
-                 "comment line); read at start, added to --api-key")
+                 "comment line); read at start and on SIGHUP (with the TLS files), added "
+                 "to --api-key")
     p.add_option("--auth-health", type=parse_bool, nargs="?", const=True, default=False,
                  help="health checks need an API key too (by default they stay open "
                       "for probes and load balancers)")
