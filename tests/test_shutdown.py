@@ -67,7 +67,7 @@ class ServerProcess:
 
     def wait_in_progress(self, calls: int, timeout: float = 20) -> None:
         """Wait until the server reports `calls` Embed calls in progress (needs --metrics-port)."""
-        assert self.metrics_port, "start the server with --metrics-port"
+        assert self.metrics_port, "start the server with serve(..., metrics=True)"
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         deadline = time.monotonic() + timeout
         while True:
@@ -83,13 +83,24 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(model_dir: Path, *args: str) -> Iterator[ServerProcess]:
-    command = [sys.executable, "-m", "embedrpc", "serve", "--model", str(model_dir),
-               "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
-               "--workers", "2", "--max-batch-size", "4", *args]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
-    server = ServerProcess(proc)
+def serve(model_dir: Path, *args: str, metrics: bool = False) -> Iterator[ServerProcess]:
+    """`embedrpc serve` on the fake backend; `metrics`: also on a free --metrics-port."""
+    for attempt in range(3):
+        extra = ["--metrics-port", free_port()] if metrics else []
+        command = [sys.executable, "-m", "embedrpc", "serve", "--model", str(model_dir),
+                   "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port",
+                   "0", "--workers", "2", "--max-batch-size", "4", *extra, *args]
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                text=True)
+        server = ServerProcess(proc)
+        server._ready.wait(60)
+        # A port free when picked can be taken before the server binds it (an outgoing
+        # connection of this test session gets it): pick another.
+        if (metrics and attempt < 2 and not server.port and server._ready.is_set()
+                and any("cannot listen for metrics" in line for line in server.lines)):
+            proc.wait(10)  # it exited: its output ended
+            continue
+        break
     try:
         server.wait_ready()
         yield server
@@ -130,7 +141,7 @@ def watch_health(target: str, seen: list[int], stop: threading.Event) -> None:
 def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
                                                       signum: int) -> None:
     with serve(fake_model_dir, "--fake-delay-ms", "150", "--grace-seconds", "20",
-               "--metrics-port", free_port()) as server:
+               metrics=True) as server:
         assert len(server.worker_pids) == 2
         statuses: list[int] = []
         stop = threading.Event()
@@ -168,7 +179,7 @@ def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
 
 def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:
     with serve(fake_model_dir, "--fake-delay-ms", "3000", "--grace-seconds", "60",
-               "--metrics-port", free_port()) as server, \
+               metrics=True) as server, \
             EmbedClient(server.target, timeout=60) as client, ThreadPoolExecutor(2) as pool:
         client.wait_ready()
         call = pool.submit(client.embed, ["slow"] * 8)  # ~6 s of fake work
