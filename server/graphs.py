@@ -45,7 +45,7 @@ LENGTH_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # The replay must agree with the ordinary path on the same batch: the same kernels
 # on the same data, except padding to the bucket (fp16 rounding differs a little).
 AGREE_COSINE = 0.9995
-CAPTURE_RUNS = 3  # ONNX Runtime runs a graph id normally before it captures it
+CAPTURE_RUNS = 3  # ONNX Runtime may run a graph id normally a few times before capturing
 
 
 def bucket(rows: int, width: int, max_tokens: int,
@@ -93,13 +93,16 @@ class _Slot:
         all_ids = np.concatenate([ids, np.full(extra, pad_id, np.int32)])
         return right_pad(all_ids, all_lengths, pad_id, self.backend.ids_dtype, self.width)
 
-    def run(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def run(self, ids: np.ndarray, lengths: np.ndarray, *, eager: bool = False) -> np.ndarray:
+        """Fill the buffers and run: as this bucket's graph, or (`eager`) as an ordinary
+        run on the same buffers, which captures nothing."""
         padded, mask = self._padded(ids, lengths)
         self.values["input_ids"].update_inplace(padded)
         if "attention_mask" in self.values:
             self.values["attention_mask"].update_inplace(
                 mask.astype(self.backend.int_type("attention_mask"), copy=False))
-        self.backend.session.run_with_iobinding(self.binding, self.run_options)
+        options = self.backend.run_options if eager else self.run_options
+        self.backend.session.run_with_iobinding(self.binding, options)
         return self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
 
 
@@ -141,7 +144,10 @@ class StaticShapes:
         try:
             slot = _Slot(self.backend, *shape, next(self._graph_ids) if self.capture else 0)
             empty = np.zeros(0, np.int32)
-            for _ in range(CAPTURE_RUNS if self.capture else 1):
+            # An ordinary run at this shape first: ONNX Runtime's memory arena grows to what
+            # the shape needs, so nothing is allocated while a capture is under way.
+            slot.run(empty, empty, eager=True)
+            for _ in range(CAPTURE_RUNS if self.capture else 0):
                 slot.run(empty, empty)  # pad rows only: captured on other data than the batch
             got = slot.run(ids, lengths)
         except Exception as exc:

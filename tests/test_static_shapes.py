@@ -127,10 +127,11 @@ def test_a_bucket_that_disagrees_is_turned_off(prepared: Path, monkeypatch: pyte
     original = graphs._Slot.run
     runs = {"n": 0}
 
-    def stale(self: graphs._Slot, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def stale(self: graphs._Slot, ids: np.ndarray, lengths: np.ndarray, *,
+              eager: bool = False) -> np.ndarray:
         runs["n"] += 1
         if runs["n"] == 1:
-            return original(self, ids, lengths)
+            return original(self, ids, lengths, eager=eager)
         backend.session.run_with_iobinding(self.binding, self.run_options)  # no update
         return self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
 
