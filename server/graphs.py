@@ -15,8 +15,9 @@ up to a (rows, length) bucket, and each bucket owns its buffers, bound once:
 - batches over `max_tokens` padded tokens run with their exact shape: there the
   kernels are long and launch overhead is small beside them.
 
-Every bucket is checked once, when it is first used: it runs on pad rows (the
-capture), then on the real batch (a replay), and the replay must agree with the
+Every bucket is checked once, when it is first used: it runs once ordinarily (the
+memory arena grows to the shape), then on pad rows (the capture), then on the real
+batch (a replay), and the replay must agree with the
 ordinary path on that batch. A replay that reads stale inputs, or any other
 disagreement, turns graphs off for this worker with a warning; the batch is
 answered by the ordinary path. With `capture` off (the CPU provider has no
