@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                        say=lambda m: log(f"  {m}"))
     report["prepare"] = {"seconds": info["seconds"], "validation": info["validation"],
                          "fp16_scales": info["fp16_scales"], "graph": info["graph"]}
+    ns.json.parent.mkdir(parents=True, exist_ok=True)  # the validation, kept whatever follows
+    ns.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
     texts = Texts(prepared, max_length)
     rng = np.random.default_rng(0)
@@ -473,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
                                                seconds, max_length, max_tokens, max_rows,
                                                ns.concurrency, cuda_graphs=True)),
     ]
+    def save(final: bool) -> None:
+        # After every method, so a run cut short by a time limit keeps what it measured.
+        report["table"] = table(shapes, report["results"], torch_dtype)
+        report["complete"] = final
+        ns.json.parent.mkdir(parents=True, exist_ok=True)
+        ns.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     for method, run in methods:
         if method in ns.skip:
             continue
@@ -483,12 +492,10 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 report["errors"][method] = f"{type(exc).__name__}: {exc}"[:500]
         gc.collect()  # the method's session or model, before the next one loads its own
+        save(final=False)
 
-    text = table(shapes, report["results"], torch_dtype)
-    print(text, flush=True)
-    report["table"] = text
-    ns.json.parent.mkdir(parents=True, exist_ok=True)
-    ns.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    save(final=True)
+    print(report["table"], flush=True)
     log(f"wrote {ns.json}")
     return 1 if report["errors"] else 0
 
