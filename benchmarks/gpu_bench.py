@@ -277,7 +277,7 @@ def bench_raw(onnx_path: Path, device: str, workloads: dict[str, list[list[np.nd
 def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[str]]],
                  token_counts: dict[str, int], seconds: float, max_length: int,
                  max_tokens: int, max_rows: int, concurrency: int,
-                 cuda_graphs: bool = False) -> dict[str, Any]:
+                 cuda_graphs: bool = False, workers: int = 1) -> dict[str, Any]:
     from embedrpc.client import EmbedClient
     from embedrpc.server import EmbedServer, ServeConfig
 
@@ -285,7 +285,7 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     server = EmbedServer(ServeConfig(
-        model=str(model_dir), device=device, workers=1, host="127.0.0.1", port=0,
+        model=str(model_dir), device=device, workers=workers, host="127.0.0.1", port=0,
         max_length=max_length, max_batch_tokens=max_tokens, max_batch_size=max_rows,
         max_inputs=max(2048, max_rows), max_message_bytes=256 << 20, log_level="WARNING",
         cuda_graphs=cuda_graphs and device.startswith("cuda"),
@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="server and every method (default 32768; smoke 1024)")
     parser.add_argument("--max-batch-size", type=int, help="default 256; smoke 32")
     parser.add_argument("--concurrency", type=int, default=4, help="server clients")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server worker processes on the device (2: one runs while the "
+                             "other copies and pools)")
     parser.add_argument("--mixed-texts", type=int, help="texts in the mixed corpus")
     parser.add_argument("--precision", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--skip", nargs="*", default=[],
@@ -400,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"device": device, "smoke": smoke, "shape": shape,
                               "precision": ns.precision, "torch_dtype": torch_dtype,
                               "max_batch_tokens": max_tokens,
-                              "max_batch_size": max_rows, "results": {},
+                              "max_batch_size": max_rows, "workers": ns.workers,
+                              "results": {},
                               "errors": {}}
     import onnxruntime
     import torch
@@ -469,11 +473,12 @@ def main(argv: list[str] | None = None) -> int:
                                       seconds)),
         ("server", lambda: bench_server(prepared, device, text_workloads, token_counts,
                                         seconds, max_length, max_tokens, max_rows,
-                                        ns.concurrency)),
+                                        ns.concurrency, workers=ns.workers)),
         ("torch", lambda: bench_torch(ckpt, device, torch_dtype, id_workloads, pad, seconds)),
         ("server_graphs", lambda: bench_server(prepared, device, text_workloads, token_counts,
                                                seconds, max_length, max_tokens, max_rows,
-                                               ns.concurrency, cuda_graphs=True)),
+                                               ns.concurrency, cuda_graphs=True,
+                                               workers=ns.workers)),
     ]
     def save(final: bool) -> None:
         # After every method, so a run cut short by a time limit keeps what it measured.
