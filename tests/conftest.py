@@ -55,11 +55,13 @@ def fake_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll *predicate* until it holds; fail the test after *timeout* seconds."""
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0,
+               why: Callable[[], str] = lambda: "condition not reached in time") -> None:
+    """Poll *predicate* until it holds; fail the test after *timeout* seconds, saying
+    `why()`."""
     end = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < end, "condition not reached in time"
+        assert time.monotonic() < end, why()
         time.sleep(0.005)
 
 

@@ -22,7 +22,7 @@ from embedrpc.server import EmbedServer
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import running_server
+from .conftest import running_server, wait_until
 
 EMBED = "/embedrpc.v1.Embedder/Embed"
 STREAM = "/embedrpc.v1.Embedder/EmbedStream"
@@ -126,19 +126,15 @@ def test_calls_in_progress_rise_and_fall(fake_model_dir: Path) -> None:
             EmbedClient(target, timeout=30) as client, ThreadPoolExecutor(4) as pool:
         assert value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED) == 0
         calls = [pool.submit(client.embed, [f"slow {i}"]) for i in range(4)]
-        deadline = time.monotonic() + 10
-        seen = []
-        while (n := value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED)) < 4:
-            seen.append(n)
-            assert time.monotonic() < deadline, f"in progress never reached 4: {seen}"
-            time.sleep(0.01)
+        def in_progress() -> float:
+            return value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED)
+
+        wait_until(lambda: in_progress() >= 4, 10,
+                   lambda: f"in progress never reached 4: {in_progress()}")
         assert not any(c.done() for c in calls)  # four in progress while none has answered
         for c in calls:
             c.result(30)
-        deadline = time.monotonic() + 5
-        while value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED) != 0:
-            assert time.monotonic() < deadline, "in progress did not fall back to 0"
-            time.sleep(0.01)
+        wait_until(lambda: in_progress() == 0, 5, lambda: "in progress did not fall back to 0")
         assert value(scrape(srv), "embedrpc_requests_total", method=EMBED, code="OK") == 4
 
 

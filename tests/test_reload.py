@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import signal
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from embedrpc.client import EmbedClient
 
-from .conftest import running_server
+from .conftest import running_server, wait_until
 from .test_security import _certificate, _pem, _write_key
 from .test_shutdown import serve
 
@@ -124,16 +123,15 @@ def test_sighup_reloads_a_running_server(fake_model_dir: Path, tmp_path: Path) -
         assert _refused(server.target, OLD) is None
         keys.write_text(f"{NEW}\n")
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while not any("SIGHUP: reloaded 1 API key(s)" in line for line in server.lines):
-            assert time.monotonic() < deadline, "".join(server.lines)
-            time.sleep(0.02)
+        def logged(text: str) -> bool:
+            return any(text in line for line in server.lines)
+
+        wait_until(lambda: logged("SIGHUP: reloaded 1 API key(s)"), 10,
+                   lambda: "".join(server.lines))
         assert _refused(server.target, NEW) is None
         assert _refused(server.target, OLD) == grpc.StatusCode.UNAUTHENTICATED
         keys.write_text("")
         server.proc.send_signal(signal.SIGHUP)
-        while not any("SIGHUP: nothing reloaded" in line for line in server.lines):
-            assert time.monotonic() < deadline, "".join(server.lines)
-            time.sleep(0.02)
+        wait_until(lambda: logged("SIGHUP: nothing reloaded"), 10, lambda: "".join(server.lines))
         assert _refused(server.target, NEW) is None
         assert server.proc.poll() is None  # still serving

@@ -29,6 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedrpc.client import EmbedClient
 
+from .conftest import wait_until
+
 SERVING = re.compile(r"serving .* on .*:(\d+)")
 WORKER_PID = re.compile(r"ready \(pid (\d+)")
 METRICS = re.compile(r"metrics on http://.*:(\d+)/metrics")
@@ -69,17 +71,16 @@ class ServerProcess:
         """Wait until the server reports `calls` Embed calls in progress (needs --metrics-port)."""
         assert self.metrics_port, "start the server with serve(..., metrics=True)"
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def now() -> float:
             with urllib.request.urlopen(url, timeout=5) as reply:
                 text = reply.read().decode()
-            now = sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                      if s.name == "embedrpc_requests_in_progress"
-                      and s.labels.get("method") == EMBED)
-            if now >= calls:
-                return
-            assert time.monotonic() < deadline, f"{now} calls in progress, not {calls}"
-            time.sleep(0.02)
+            return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                       if s.name == "embedrpc_requests_in_progress"
+                       and s.labels.get("method") == EMBED)
+
+        wait_until(lambda: now() >= calls, timeout,
+                   lambda: f"{now()} calls in progress, not {calls}")
 
 
 @contextmanager
@@ -155,10 +156,8 @@ def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
             server.wait_in_progress(8)  # all eight have arrived
             signalled = time.monotonic()
             server.proc.send_signal(signum)
-            deadline = time.monotonic() + 10
-            while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:
-                assert time.monotonic() < deadline, f"health never NOT_SERVING: {statuses}"
-                time.sleep(0.01)
+            wait_until(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, 10,
+                       lambda: f"health never NOT_SERVING: {statuses}")
             with pytest.raises(grpc.RpcError) as refused:
                 client.embed(["too late"])
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
