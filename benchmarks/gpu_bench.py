@@ -364,6 +364,11 @@ def table(shapes: dict[str, str], results: dict[str, dict[str, Any]], torch_dtyp
     return "\n".join(lines)
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -429,8 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                        say=lambda m: log(f"  {m}"))
     report["prepare"] = {"seconds": info["seconds"], "validation": info["validation"],
                          "fp16_scales": info["fp16_scales"], "graph": info["graph"]}
-    ns.json.parent.mkdir(parents=True, exist_ok=True)  # the validation, kept whatever follows
-    ns.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(ns.json, report)  # the validation, kept whatever follows
 
     texts = Texts(prepared, max_length)
     rng = np.random.default_rng(0)
@@ -484,8 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         # After every method, so a run cut short by a time limit keeps what it measured.
         report["table"] = table(shapes, report["results"], torch_dtype)
         report["complete"] = final
-        ns.json.parent.mkdir(parents=True, exist_ok=True)
-        ns.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_report(ns.json, report)
 
     for method, run in methods:
         if method in ns.skip:

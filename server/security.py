@@ -317,9 +317,11 @@ class ServerSecurity:
         use. API keys can be replaced, not turned on or off (that needs a restart).
         Returns what was reloaded, for the log."""
         tls = _load_tls(config) if self.tls is not None else None
-        given = _given_keys(config) if self.keys is not None else []  # never empty
+        # Only a keys file can have changed; the flags' keys come along (never empty).
+        given = (_given_keys(config) if self.keys is not None
+                 and config.api_keys_file is not None else None)
         done = []
-        if self.keys is not None and config.api_keys_file is not None:
+        if self.keys is not None and given is not None:
             self.keys.replace(given)
             done.append(f"{len(self.keys)} API key(s)")
         if tls is not None:

@@ -217,8 +217,7 @@ class OrtBackend:
         batch, width = padded.shape
         feeds: dict[str, np.ndarray] = {"input_ids": padded}
         if "attention_mask" in self.inputs:
-            feeds["attention_mask"] = mask.astype(
-                _ORT_TYPES.get(self.inputs["attention_mask"].type, np.int64), copy=False)
+            feeds["attention_mask"] = mask.astype(self.int_type("attention_mask"), copy=False)
         if "position_ids" in self.inputs:
             # Right padding: real tokens sit at 0..len-1 in every row.
             feeds["position_ids"] = np.ascontiguousarray(np.broadcast_to(
