@@ -809,6 +809,18 @@ class Case:
             return f"Instruct: {self.instruction}\nQuery:"
         return ""
 
+    def st_encode(self, st: Any) -> np.ndarray:
+        """The case's inputs encoded by sentence-transformers `st` the way a user would:
+        its prompt by name or as text, Matryoshka size, normalised."""
+        kwargs: dict[str, Any] = {"convert_to_numpy": True, "normalize_embeddings": True}
+        if self.prompt_name:
+            kwargs["prompt_name"] = self.prompt_name
+        elif self.instruction:
+            kwargs["prompt"] = self.prompt()
+        if self.dimensions:
+            kwargs["truncate_dim"] = self.dimensions
+        return st.encode(self.inputs, **kwargs)
+
 
 DOCUMENTS = [
     "The capital of China is Beijing.",
@@ -891,14 +903,7 @@ def make_reference(
                 vectors.append(hidden[0, -1].numpy())
             embeddings = np.stack(vectors)
         else:
-            kwargs: dict[str, Any] = {"convert_to_numpy": True, "normalize_embeddings": True}
-            if case.prompt_name:
-                kwargs["prompt_name"] = case.prompt_name
-            elif case.instruction:
-                kwargs["prompt"] = case.prompt()
-            if case.dimensions:
-                kwargs["truncate_dim"] = case.dimensions
-            embeddings = st.encode(case.inputs, **kwargs)
+            embeddings = case.st_encode(st)
             # What the sentence-transformers pipeline itself feeds the model must be token_ids.
             features = st.preprocess(case.inputs, prompt=case.prompt() or None)
             st_ids = [

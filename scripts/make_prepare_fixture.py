@@ -80,14 +80,7 @@ def main() -> int:
                     vectors = np.stack([hf(input_ids=torch.tensor([row])).last_hidden_state[0, -1]
                                         .numpy() for row in ids])
             else:
-                kwargs: dict = {"convert_to_numpy": True, "normalize_embeddings": True}
-                if case.prompt_name:
-                    kwargs["prompt_name"] = case.prompt_name
-                elif case.instruction:
-                    kwargs["prompt"] = case.prompt()
-                if case.dimensions:
-                    kwargs["truncate_dim"] = case.dimensions
-                vectors = st.encode(case.inputs, **kwargs)
+                vectors = case.st_encode(st)
             vectors = np.asarray(vectors, dtype=np.float32)
             assert np.isfinite(vectors).all(), case.name
             cases.append({"name": case.name, "inputs": case.inputs,
