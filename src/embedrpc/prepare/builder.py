@@ -197,6 +197,11 @@ class _Graph:
             return self.node("Cast", [x], to=self.onnx.TensorProto.FLOAT)
         return x
 
+    def to_f32_unscaled(self, x: str, div: float) -> str:
+        """The low-precision region → float32, undoing a range scaling by 1/`div`."""
+        out = self.to_f32(x)
+        return out if div == 1.0 else self.node("Mul", [out, self.f32(div)])
+
     def rounded(self, x: str) -> str:
         """When emulating: what the real graph would store (round to low precision)."""
         if not self.emulating:
@@ -306,9 +311,7 @@ def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
         attn = g.rounded(attn)
         o = g.linear(attn, f"{p}.o_proj", weights.get(f"{p}.self_attn.o_proj.weight",
                                                       (hidden, q_size)).T)
-        attn_out = g.to_f32(o)
-        if attn_div != 1.0:
-            attn_out = g.node("Mul", [attn_out, g.f32(attn_div)])
+        attn_out = g.to_f32_unscaled(o, attn_div)
         if options.probes:
             probes.append((f"probe.{i}.attention", absmax([v, attn, o])))
 
@@ -331,9 +334,7 @@ def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
         act = g.rounded(g.node("Mul", [silu, up]))
         down = g.linear(act, f"{p}.down_proj", weights.get(f"{p}.mlp.down_proj.weight",
                                                            (hidden, inter)).T)
-        mlp_out = g.to_f32(down)
-        if mlp_div != 1.0:
-            mlp_out = g.node("Mul", [mlp_out, g.f32(mlp_div)])
+        mlp_out = g.to_f32_unscaled(down, mlp_div)
         if options.probes:
             probes.append((f"probe.{i}.mlp", absmax([up, act, down])))
 
