@@ -18,9 +18,11 @@ def pool(hidden: np.ndarray, lengths: np.ndarray, mode: str) -> np.ndarray:
         return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
     if mode == "mean":
         mask = np.arange(hidden.shape[1])[None, :] < lengths[:, None]
-        summed = np.einsum("blh,bl->bh", hidden.astype(np.float32, copy=False),
-                           mask.astype(np.float32))
-        return summed / np.maximum(lengths, 1)[:, None].astype(np.float32)
+        # Selected, not multiplied by the mask: a padded position may hold inf or NaN
+        # (kernels may leave padded rows unspecified), and NaN times 0 is NaN.
+        real = np.where(mask[:, :, None], hidden.astype(np.float32, copy=False),
+                        np.float32(0))
+        return real.sum(axis=1) / np.maximum(lengths, 1)[:, None].astype(np.float32)
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 

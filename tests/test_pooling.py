@@ -34,6 +34,18 @@ def test_pool(mode: str, dtype: type) -> None:
     np.testing.assert_allclose(out, reference(hidden, mode), **TOL)
 
 
+@pytest.mark.parametrize("mode", ["lasttoken", "mean", "cls"])
+def test_non_finite_padding_does_not_leak(mode: str) -> None:
+    # Kernels may leave padded rows unspecified (inf, NaN): only real tokens count, so
+    # the result is the reference computed from the real tokens alone (which are finite).
+    hidden = HIDDEN.copy()
+    for row, n in enumerate(LENGTHS):
+        hidden[row, n:] = [np.nan, np.inf, -np.inf, np.nan, 1e3][:hidden.shape[2]]
+    out = pool(hidden, LENGTHS, mode)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, reference(hidden, mode), **TOL)
+
+
 def test_pool_rejects_unknown_mode() -> None:
     with pytest.raises(ValueError, match="max"):
         pool(HIDDEN, LENGTHS, "max")
