@@ -233,6 +233,9 @@ class EmbedServer:
             precision=",".join(sorted(precision)), devices=self.devices,
             max_batch_tokens=self.batch_config.max_batch_tokens, version=__version__,
             max_inputs=self.config.max_inputs, workers=len(self.workers),
+            pooled_token=self.encoder.pooled.token,
+            pooled_token_id=max(self.encoder.pooled.id, 0),
+            pooled_token_source=self.encoder.pooled.source,
         )
 
     async def start(self) -> int:
@@ -251,6 +254,10 @@ class EmbedServer:
         log.info("model %s (%s pooling, %d dimensions, max_length %d) on %s × %d workers",
                  self.spec.name, self.spec.pooling, self.spec.hidden_size,
                  self.spec.max_length, ",".join(self.devices), cfg.workers)
+        for assumption in self.spec.assumed:
+            log.info("model directory: %s", assumption)
+        if self.spec.pooling == "lasttoken":
+            log.info("pooled token: %s", self.encoder.pooled.describe())
         if not self.spec.normalize:
             log.warning("the model's sentence-transformers pipeline has no Normalize module; "
                         "vectors are still L2-normalised unless a request sets normalize=false")

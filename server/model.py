@@ -62,9 +62,12 @@ class ModelSpec:
     max_length: int
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
-    eos_token: str | None = None
+    eos_token: str | None = None  # tokenizer_config.json's (not always the pooled token)
     pad_token: str | None = None
+    config_eos_token_id: int | None = None  # config.json's eos_token_id (first, if a list)
     min_dimensions: int = DEFAULT_MIN_DIMENSIONS
+    # What was assumed because the directory does not say (for the start-up log).
+    assumed: tuple[str, ...] = ()
 
 
 def resolve_model_path(model: str) -> tuple[str, Path]:
@@ -182,6 +185,13 @@ def _max_length(path: Path, config: dict[str, Any], tok_cfg: dict[str, Any]) -> 
     return MAX_LENGTH_CAP
 
 
+def _first_int(value: Any) -> int | None:
+    """config.json's eos_token_id: an int, or a list of them (the first counts)."""
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, int)), None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
         value = value.get("content")
@@ -201,6 +211,11 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
     tok_cfg = _optional_json(path / "tokenizer_config.json")
     st_cfg = _optional_json(path / "config_sentence_transformers.json")
     pooling, normalize, pool_cfg = _pooling_mode(path)
+    assumed = []
+    if not pool_cfg:
+        assumed.append("no 1_Pooling/config.json: last-token pooling (Qwen3-Embedding's)")
+        if not (path / "modules.json").is_file():
+            assumed.append("no modules.json: L2-normalised vectors (Qwen3-Embedding's Normalize)")
     hidden = pool_cfg.get("word_embedding_dimension") or config.get("hidden_size")
     if not isinstance(hidden, int) or hidden <= 0:
         raise ModelError(f"{path / 'config.json'}: no hidden_size")
@@ -212,9 +227,15 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
             log.warning("--max-length %d is above the model's own limit %d", max_length,
                         model_max)
         model_max = max_length
+    if max_length is None and not (path / "sentence_bert_config.json").is_file():
+        assumed.append(f"no sentence_bert_config.json: max_length {model_max} from "
+                       "tokenizer_config.json / config.json (capped at "
+                       f"{MAX_LENGTH_CAP})")
     prompts = st_cfg.get("prompts") or {}
     if not st_cfg and config.get("model_type") == "qwen3":
         prompts = QWEN3_PROMPTS
+        assumed.append("no config_sentence_transformers.json: Qwen3-Embedding's prompts "
+                       "(query: the web-search instruction; document: none)")
     if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
         raise ModelError(f"{path / 'config_sentence_transformers.json'}: prompts must map "
                          "names to strings")
@@ -234,5 +255,7 @@ def load_model_spec(model: str, *, onnx_file: str | None = None,
         default_prompt_name=default_prompt,
         eos_token=_token_content(tok_cfg.get("eos_token")),
         pad_token=_token_content(tok_cfg.get("pad_token")),
+        config_eos_token_id=_first_int(config.get("eos_token_id")),
         min_dimensions=min(DEFAULT_MIN_DIMENSIONS, hidden),
+        assumed=tuple(assumed),
     )

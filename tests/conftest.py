@@ -20,7 +20,8 @@ import pytest
 from embedrpc.server import EmbedServer, ServeConfig
 
 DATA = Path(__file__).parent / "data"
-QWEN_EOS_ID = 151643  # <|endoftext|> in Qwen3's vocabulary
+QWEN_EOS_ID = 151643  # <|endoftext|> in Qwen3's vocabulary: the pooled token
+QWEN_IM_END_ID = 151645  # <|im_end|>: tokenizer_config.json's eos_token, never pooled
 QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer " \
     "the query\nQuery:"
 
@@ -35,13 +36,19 @@ def qwen_tokenizer_file() -> Path:
 
 def write_model_dir(path: Path, *, hidden_size: int = 64, max_length: int = 64,
                     tokenizer: Path | None = None) -> Path:
-    """A model directory with Qwen3's tokenizer and no real graph (for the fake backend)."""
+    """A model directory with Qwen3's tokenizer and no real graph (for the fake backend).
+
+    Its metadata says what the published Qwen3-Embedding's does: tokenizer_config.json
+    names <|im_end|> as eos_token and <|endoftext|> as pad_token, config.json has
+    eos_token_id 151643 (<|endoftext|>)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "tokenizer.json").write_bytes((tokenizer or qwen_tokenizer_file()).read_bytes())
     (path / "config.json").write_text(json.dumps({"hidden_size": hidden_size,
-                                                  "max_position_embeddings": 40960}))
+                                                  "max_position_embeddings": 40960,
+                                                  "eos_token_id": QWEN_EOS_ID,
+                                                  "bos_token_id": QWEN_EOS_ID}))
     (path / "tokenizer_config.json").write_text(json.dumps({
-        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
         "model_max_length": max_length}))
     (path / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {"query": QUERY_PROMPT, "document": ""}, "default_prompt_name": None}))

@@ -126,7 +126,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dimensions", "min_dimensions", "max_length", "prompt_names", "pooling", "precision", "devices", "max_batch_tokens", "version", "max_inputs", "workers")
+    __slots__ = ("model", "dimensions", "min_dimensions", "max_length", "prompt_names", "pooling", "precision", "devices", "max_batch_tokens", "version", "max_inputs", "workers", "pooled_token", "pooled_token_id", "pooled_token_source")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,9 @@ class InfoResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    POOLED_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    POOLED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    POOLED_TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     dimensions: int
     min_dimensions: int
@@ -151,4 +154,7 @@ class InfoResponse(_message.Message):
     version: str
     max_inputs: int
     workers: int
-    def __init__(self, model: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_length: _Optional[int] = ..., prompt_names: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., precision: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., max_batch_tokens: _Optional[int] = ..., version: _Optional[str] = ..., max_inputs: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
+    pooled_token: str
+    pooled_token_id: int
+    pooled_token_source: str
+    def __init__(self, model: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_length: _Optional[int] = ..., prompt_names: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., precision: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., max_batch_tokens: _Optional[int] = ..., version: _Optional[str] = ..., max_inputs: _Optional[int] = ..., workers: _Optional[int] = ..., pooled_token: _Optional[str] = ..., pooled_token_id: _Optional[int] = ..., pooled_token_source: _Optional[str] = ...) -> None: ...
