@@ -26,10 +26,14 @@ from embedrpc.cli import main
 from embedrpc.client import EmbedClient
 from embedrpc.prepare import PrepareConfig, PrepareError, prepare
 from embedrpc.prepare import pipeline as pipeline_module
+from embedrpc.prepare import validate as validate_module
+from embedrpc.prepare.builder import GraphOptions, build_graph
 from embedrpc.prepare.checkpoint import (
     SafetensorsFile,
+    Weights,
     bf16_to_float32,
     float32_to_bf16,
+    read_config,
     write_safetensors,
 )
 
@@ -202,6 +206,82 @@ def test_graph_is_fused_and_self_contained(prepared: dict[str, Path]) -> None:
     assert info["graph"]["ops"]["com.microsoft.GroupQueryAttention"] == LAYERS
 
 
+def _poison_padding(model: onnx.ModelProto, value: float) -> str:
+    """Set the final hidden states at padded positions to `value` before pooling reads
+    them, as an attention kernel that leaves padded query rows unspecified may. Returns
+    the poisoned tensor's name (also made a graph output, to show the poison is there)."""
+    h, tp = onnx.helper, onnx.TensorProto
+    nodes = list(model.graph.node)
+    at = next(i for i, n in enumerate(nodes) if n.name.startswith("final_norm"))
+    final = nodes[at].output[0]
+    for node in nodes[at + 1:]:
+        for k, name in enumerate(node.input):
+            if name == final:
+                node.input[k] = "poisoned"
+    model.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "poison_axis"),
+        onnx.numpy_helper.from_array(np.array(value, np.float32), "poison_value")])
+    poison = [h.make_node("Cast", ["attention_mask"], ["poison_real"], to=tp.BOOL),
+              h.make_node("Unsqueeze", ["poison_real", "poison_axis"], ["poison_real3"]),
+              h.make_node("Where", ["poison_real3", final, "poison_value"], ["poisoned"])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes[:at + 1] + poison + nodes[at + 1:])
+    model.graph.output.append(h.make_tensor_value_info("poisoned", tp.FLOAT, None))
+    return "poisoned"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_mean_pooling_ignores_non_finite_padding(value: float) -> None:
+    # Mean pooling selects the real tokens (Where) instead of multiplying by the mask: NaN
+    # or inf at a padded position times 0 would be NaN for the whole row. Reference: the
+    # same graph on each text alone, where there is no padding (BATCH_INVARIANCE).
+    model = build_graph(read_config(SOURCE), Weights(SOURCE), GraphOptions(pooling="mean"))
+    pool_node = next(n for n in model.graph.node if n.name.startswith("pool_mask"))
+    assert pool_node.op_type == "Where"
+    clean = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    poisoned_name = _poison_padding(model, value)
+    poisoned = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    rows = [r for name in ("documents", "multilingual", "long") for r in CASES[name]["token_ids"]]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    got, states = poisoned.run(["sentence_embedding", poisoned_name],
+                               {"input_ids": ids, "attention_mask": mask})
+    assert (mask == 0).any() and not np.isfinite(states[mask == 0]).any()  # poison in place
+    alone = np.concatenate([clean.run(["sentence_embedding"], {
+        "input_ids": np.array([r], np.int64), "attention_mask": np.ones((1, len(r)), np.int64)
+    })[0] for r in rows])
+    assert np.isfinite(got).all()
+    assert np.abs(got - alone).max() <= BATCH_INVARIANCE
+
+
+def test_prepare_on_cuda_says_where_the_float32_reference_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CUDA branch of the pipeline, with its sessions made on the CPU (no GPU here):
+    # the float32 reference's attention has no CUDA kernel, and prepare says so.
+    class CpuRunner(validate_module.Runner):
+        def __init__(self, path: Path, device: str, threads: int = 0) -> None:
+            assert device == "cuda:0"
+            super().__init__(path, "cpu", threads)
+
+    monkeypatch.setattr(validate_module, "Runner", CpuRunner)
+    said: list[str] = []
+    info = prepare(PrepareConfig(model=str(SOURCE), out=tmp_path / "out", precision="fp16",
+                                 device="cuda:0", reference=False), say=said.append)
+    where = info["validation"]["reference_device"]
+    assert where.startswith("cuda:0") and "GroupQueryAttention" in where and "CPU" in where
+    assert any(line.strip() == f"the float32 reference runs on {where}" for line in said)
+    assert info["validation"]["method"] == "fp16 graph on cuda:0"
+    assert validate_module.reference_placement("cpu") == "cpu"
+    fp32 = prepare(PrepareConfig(model=str(SOURCE), out=tmp_path / "fp32", precision="fp32",
+                                 device="cuda:0", reference=False), say=said.append)
+    assert fp32["validation"]["reference_device"] == where
+    assert any("prepare fp16 or bf16 to serve on a GPU" in line for line in said)
+
+
 # ------------------------------------------------------------------ other precisions
 
 
@@ -372,16 +452,18 @@ def test_transformers_reference_when_installed(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_fp16_on_cuda_validates_and_serves(tmp_path: Path) -> None:
-    out = tmp_path / "fp16-cuda"
-    info = prepare(PrepareConfig(model=str(SOURCE), out=out, precision="fp16",
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_on_cuda_validates_and_serves(tmp_path: Path, precision: str) -> None:
+    # The real fp16/bf16 graph on the GPU (not an emulation), against float32: 0.999.
+    out = tmp_path / f"{precision}-cuda"
+    info = prepare(PrepareConfig(model=str(SOURCE), out=out, precision=precision,
                                  device="cuda:0", reference=False), say=lambda _: None)
-    assert info["validation"]["method"] == "fp16 graph on cuda:0"
+    assert info["validation"]["method"] == f"{precision} graph on cuda:0"
     assert info["validation"]["vs_fp32"]["min_cosine"] >= 0.999
     _, want = _all_cases(_prepare(tmp_path, "fp32"))
     with running_server(model=str(out), device="cuda:0") as (_, target), \
             EmbedClient(target, timeout=60) as client:
-        assert client.info().precision == "fp16"
+        assert client.info().precision == precision
         served = [client.embed(c["inputs"], prompt_name=c["prompt_name"],
                                instruction=c["instruction"], dimensions=c["dimensions"])
                   for c in CASES.values()]

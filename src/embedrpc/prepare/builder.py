@@ -51,7 +51,7 @@ from .errors import PrepareError
 
 OPSET = 18
 IR_VERSION = 8
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: mean pooling masks with Where
 FP16_MAX = 65504.0
 POOLINGS = ("lasttoken", "mean", "cls")
 # Values entering fp16 are kept this far below its largest finite value.
@@ -345,9 +345,12 @@ def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
     if pooled_early:
         pooled = g.node("Reshape", [final, g.ints([-1, hidden])], name="pooled")
     else:  # mean over real tokens
-        mask = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=tp.FLOAT),
+        # Where, not a product with the mask: padded positions may hold anything (cuDNN
+        # attention leaves padded query rows unspecified), and inf or NaN times 0 is NaN.
+        real = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=tp.BOOL),
                                     g.ints([-1])])
-        summed = g.node("ReduceSum", [g.node("Mul", [final, mask]), g.ints([1])], keepdims=0)
+        kept = g.node("Where", [real, final, g.f32(0.0)], name="pool_mask")
+        summed = g.node("ReduceSum", [kept, g.ints([1])], keepdims=0)
         count = g.node("Max", [g.node("Cast", [g.node("Reshape", [lengths, g.ints([-1, 1])])],
                                       to=tp.FLOAT), g.f32(1.0)])
         pooled = g.node("Div", [summed, count], name="pooled")

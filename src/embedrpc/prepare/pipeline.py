@@ -218,6 +218,9 @@ def _prepare_in(config: PrepareConfig, source: Path, arch: Any, weights: Weights
     say(f"validation: {len(rows)} texts, {min(lengths)}..{max(lengths)} tokens "
         f"({sum(lengths):,} in all), batches of {v.BATCH_ROWS}, right-padded, on "
         f"{config.device}")
+    placement = v.reference_placement(config.device)
+    if device_kind != "cpu":
+        say(f"  the float32 reference runs on {placement}")
 
     t = time.perf_counter()
     runner = v.Runner(work / "reference" / "model.onnx", config.device)
@@ -240,6 +243,7 @@ def _prepare_in(config: PrepareConfig, source: Path, arch: Any, weights: Weights
     report: dict[str, Any] = {
         "device": config.device, "texts": len(rows), "tokens": sum(lengths),
         "max_tokens": max(lengths), "threshold": v.THRESHOLDS[precision],
+        "reference_device": placement,
         "batch_invariance_max_abs": invariance,
         "activation_absmax": {"attention": max((x for k, x in maxima.items()
                                                 if k.endswith(".attention")), default=0.0),
@@ -274,6 +278,10 @@ def _prepare_in(config: PrepareConfig, source: Path, arch: Any, weights: Weights
         path = final_dir / "model.onnx"
         onnx.save(strip_probes(onnx.load(str(path), load_external_data=False)), str(path))
         report["vs_fp32"] = "is the float32 graph"
+        if device_kind != "cpu":
+            say("note: a float32 graph is a reference: served on a GPU its attention runs "
+                "on the CPU (slow) and --cuda-graphs refuses it; prepare fp16 or bf16 to "
+                "serve on a GPU")
     else:
         final_dir, runs = _build_candidate(config, arch, weights, options, maxima, work,
                                            device_kind, say, scales)

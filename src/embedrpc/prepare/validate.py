@@ -111,6 +111,17 @@ def tokenize(model_dir: Path, *, onnx_file: str,
     return rows, [t.kind for t in texts], encoder.pad_id
 
 
+def reference_placement(device: str) -> str:
+    """Where the float32 reference graph runs on `device`. ONNX Runtime's CUDA provider
+    registers GroupQueryAttention for fp16 and bf16 only, so in the float32 graph that node
+    runs on the CPU (ONNX Runtime copies its inputs and output each layer) and the rest on
+    the GPU: correct, and slower than an fp16 graph, which is only the candidate."""
+    if device == "cpu":
+        return "cpu"
+    return (f"{device}, except GroupQueryAttention (attention), which runs on the CPU: "
+            "ONNX Runtime has CUDA kernels for it in fp16 and bf16 only")
+
+
 class Runner:
     """An ONNX Runtime session that embeds token rows in right-padded batches."""
 
