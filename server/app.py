@@ -26,7 +26,7 @@ from .router import BatchConfig, Router
 from .security import ServerSecurity
 from .service import EmbedderService, ServiceLimits, add_embedder_to_server
 from .tokenizer import TextEncoder
-from .worker import WorkerSpec
+from .worker import WorkerSpec, attention_kernel_mask
 from .workers import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class ServeConfig:
     backend: str = "onnx"  # "fake": deterministic vectors, no model run (tests)
     cuda_graphs: bool = False  # capture short batches as CUDA graphs (prepared models)
     cuda_graph_max_tokens: int = 4096  # padded tokens of the largest batch captured
+    attention_kernel: str = "auto"  # CUDA: attention kernels ONNX Runtime may use (sdpa_kernel)
     static_shapes: bool = False  # tests: the bucketed path of cuda_graphs, on any device
     fake_delay_ms: float = 0.0  # fake backend: simulated compute per batch
     fake_crash_token: int = -1  # fake backend: a batch with this token id kills its worker
@@ -84,6 +85,10 @@ class ServeConfig:
             raise ValueError("--max-inputs must be at least 1")
         if self.cuda_graph_max_tokens < 8:
             raise ValueError("--cuda-graph-max-tokens must be at least 8")
+        try:
+            attention_kernel_mask(self.attention_kernel)
+        except ValueError as exc:
+            raise ValueError(f"--attention-kernel: {exc}") from None
         if self.backend not in ("onnx", "fake"):
             raise ValueError("backend must be 'onnx' or 'fake'")
         if self.log_format not in LOG_FORMATS:
@@ -186,6 +191,7 @@ class EmbedServer:
                 log_level=config.log_level, log_format=config.log_format,
                 cuda_graphs=cuda_graphs, static_shapes=config.static_shapes,
                 graph_max_tokens=config.cuda_graph_max_tokens, max_length=self.spec.max_length,
+                attention_kernel=config.attention_kernel,
             )
             for i in range(config.workers):
                 self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",

@@ -17,18 +17,27 @@ up to a (rows, length) bucket, and each bucket owns its buffers, bound once:
 
 Every bucket is checked once, when it is first used: it runs once ordinarily (the
 memory arena grows to the shape), then on pad rows (the capture), then on the real
-batch (a replay), and the replay must agree with the
-ordinary path on that batch. A replay that reads stale inputs, or any other
-disagreement, turns graphs off for this worker with a warning; the batch is
-answered by the ordinary path. With `capture` off (the CPU provider has no
-graphs) the same bucketed path runs with fixed bindings, which is what the CPU
-tests check against the reference.
+batch (a replay), and the replay must agree with the ordinary path on that batch
+(cosine, not equality: on a GPU a padded shape may pick other kernels, and fp16
+rounds differently). A replay that reads stale inputs, or any other disagreement,
+turns graphs off for this worker with a warning; the batch is answered by the
+ordinary path. A capture or replay that fails also turns them off, and the session
+is rebuilt without CUDA graphs first: a kernel that fails during a capture can leave
+the session's stream unusable. With `capture` off (the CPU provider has no graphs)
+the same bucketed path runs with fixed bindings, which is what the CPU tests check
+against the reference.
+
+The common buckets (WARMUP_ROWS × every length within the limits) are made at the
+worker's warm-up, before it takes traffic, so their captures cost no client any
+latency; rarer ones are made on first use. How long the warm-up took is logged and
+reported by describe().
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +52,17 @@ log = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 LENGTH_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-# The replay must agree with the ordinary path on the same batch: the same kernels
-# on the same data, except padding to the bucket (fp16 rounding differs a little).
+# The replay must agree with the ordinary path on the same batch, per row (cosine). On
+# a GPU the padded shape may pick other kernels, i.e. other summation orders, so the two
+# agree to rounding, not bit for bit. Both sides have the same weights and precision, so
+# they are held closer than `prepare` holds fp16/bf16 to float32 (0.999); a replay that
+# reads another batch's inputs gives cosines far below either. describe() reports the
+# smallest cosine seen, so a GPU run shows the margin.
 AGREE_COSINE = 0.9995
 CAPTURE_RUNS = 3  # ONNX Runtime may run a graph id normally a few times before capturing
+# Buckets made at warm-up: these row counts at every length bucket the limits allow.
+# Light traffic (where graphs pay) gives small batches; larger ones are made on first use.
+WARMUP_ROWS = (1, 2, 3, 4, 6, 8, 16, 32)
 
 
 def bucket(rows: int, width: int, max_tokens: int,
@@ -62,6 +78,31 @@ def bucket(rows: int, width: int, max_tokens: int,
     if shape[0] * shape[1] > max_tokens or (max_length and shape[1] > max_length):
         return None
     return shape
+
+
+def warmup_shapes(max_tokens: int, max_length: int = 0) -> list[tuple[int, int]]:
+    """The buckets made at warm-up: WARMUP_ROWS × LENGTH_BUCKETS, within the limits."""
+    return [(rows, width) for rows in WARMUP_ROWS for width in LENGTH_BUCKETS
+            if bucket(rows, width, max_tokens, max_length) == (rows, width)]
+
+
+def min_cosine(got: np.ndarray, want: np.ndarray) -> float:
+    """The smallest cosine between corresponding rows (NaN when any is non-finite)."""
+    got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    norms = np.linalg.norm(got64, axis=1) * np.linalg.norm(want64, axis=1)
+    with np.errstate(invalid="ignore"):
+        return float(np.min(np.sum(got64 * want64, 1) / np.maximum(norms, 1e-30)))
+
+
+def warmup_batch(rows: int, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch that fills bucket (rows, width): the first row `width` tokens, the others
+    shorter, ids spread over 0..pad_id (all valid: the pad token is in the vocabulary).
+    Its lengths differ from the pad rows a capture runs on, so a replay that reads stale
+    inputs gives other vectors."""
+    lengths = np.array([max(1, width - i * width // (2 * rows)) for i in range(rows)],
+                       np.int32)
+    ids = (np.arange(int(lengths.sum()), dtype=np.int64) * 7919 + 11) % (pad_id + 1)
+    return ids.astype(np.int32), lengths
 
 
 class _Slot:
@@ -103,7 +144,7 @@ class _Slot:
             self.values["attention_mask"].update_inplace(
                 mask.astype(self.backend.int_type("attention_mask"), copy=False))
         options = self.backend.run_options if eager else self.run_options
-        self.backend.session.run_with_iobinding(self.binding, options)
+        self.backend.run(self.binding, options)
         return self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
 
 
@@ -121,10 +162,41 @@ class StaticShapes:
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.off: str | None = None  # why graphs were turned off, once they are
         self._graph_ids = itertools.count(1)
+        self.warmup_s: float | None = None
+        self.warmup_buckets = 0  # made and checked at warm-up
+        self.min_agreement: float | None = None  # smallest replay-vs-ordinary cosine seen
+
+    @property
+    def what(self) -> str:
+        return "CUDA graphs" if self.capture else "static shapes"
 
     def describe(self) -> dict[str, Any]:
-        return {"cuda_graphs" if self.capture else "static_shapes": self.off is None,
-                "buckets": sorted(self.slots)}
+        info: dict[str, Any] = {
+            "cuda_graphs" if self.capture else "static_shapes": self.off is None,
+            "buckets": sorted(self.slots), "warmup_buckets": self.warmup_buckets,
+            "warmup_s": None if self.warmup_s is None else round(self.warmup_s, 3),
+            "min_agreement": self.min_agreement}
+        if self.off is not None:
+            info["graphs_off"] = self.off
+        return info
+
+    def warm(self) -> None:
+        """Make and check the common buckets (warmup_shapes) before any traffic."""
+        started = time.perf_counter()
+        pad_id = self.backend.spec.pad_id
+        for shape in warmup_shapes(self.max_tokens, self.backend.spec.max_length):
+            if self.off is not None:
+                break
+            if shape not in self.slots:
+                self._first_use(shape, *warmup_batch(*shape, pad_id))
+        self.warmup_s = time.perf_counter() - started
+        self.warmup_buckets = len(self.slots)
+        if self.off is None:
+            log.info("%s: %d buckets made and checked at warm-up in %.1fs", self.what,
+                     self.warmup_buckets, self.warmup_s)
+        else:
+            log.warning("%s: off after %.1fs of warm-up (%s)", self.what, self.warmup_s,
+                        self.off)
 
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
         """[B, H] from the bucketed path, or None: the caller runs the exact shape."""
@@ -137,33 +209,47 @@ class StaticShapes:
         slot = self.slots.get(shape)
         if slot is None:
             return self._first_use(shape, ids, lengths)
-        return slot.run(ids, lengths)
+        try:
+            return slot.run(ids, lengths)
+        except Exception as exc:
+            self._turn_off(f"bucket {shape[0]}x{shape[1]} failed on replay: "
+                           f"{type(exc).__name__}: {exc}", failed=True)
+            return None
+
+    def _turn_off(self, why: str, *, failed: bool) -> None:
+        """From now on every batch runs with its exact shape. After a failure with
+        capture on, on a new session without CUDA graphs (the old stream may be broken)."""
+        self.off = why
+        self.slots.clear()
+        log.warning("%s: %s; running every batch with its exact shape from now on",
+                    self.what, why)
+        if failed and self.capture:
+            self.backend.drop_cuda_graphs()
+            log.warning("%s: session rebuilt without CUDA graphs", self.what)
 
     def _first_use(self, shape: tuple[int, int], ids: np.ndarray,
                    lengths: np.ndarray) -> np.ndarray | None:
-        what = "CUDA graphs" if self.capture else "static shapes"
         try:
             slot = _Slot(self.backend, *shape, next(self._graph_ids) if self.capture else 0)
             empty = np.zeros(0, np.int32)
             # An ordinary run at this shape first: ONNX Runtime's memory arena grows to what
-            # the shape needs, so nothing is allocated while a capture is under way.
+            # the shape needs, and kernels that plan per shape (cuDNN attention) make their
+            # plans, so nothing is allocated or planned while a capture is under way.
             slot.run(empty, empty, eager=True)
             for _ in range(CAPTURE_RUNS if self.capture else 0):
                 slot.run(empty, empty)  # pad rows only: captured on other data than the batch
             got = slot.run(ids, lengths)
         except Exception as exc:
-            self.off = f"bucket {shape[0]}x{shape[1]} failed: {type(exc).__name__}: {exc}"
-            log.warning("%s: %s; running every batch with its exact shape from now on",
-                        what, self.off)
+            self._turn_off(f"bucket {shape[0]}x{shape[1]} failed: {type(exc).__name__}: "
+                           f"{exc}", failed=True)
             return None
         want = self.backend.embed_exact(ids, lengths)
-        cosine = float(np.min(np.sum(got * want, 1) / np.maximum(
-            np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1), 1e-30)))
+        cosine = min_cosine(got, want)
+        if cosine == cosine:  # not NaN
+            self.min_agreement = min(cosine, self.min_agreement or 1.0)
         if not np.isfinite(got).all() or not cosine >= AGREE_COSINE:
-            self.off = (f"bucket {shape[0]}x{shape[1]} disagreed with the ordinary path "
-                        f"(min cosine {cosine:.6f})")
-            log.warning("%s: %s; running every batch with its exact shape from now on",
-                        what, self.off)
+            self._turn_off(f"bucket {shape[0]}x{shape[1]} disagreed with the ordinary path "
+                           f"(min cosine {cosine:.6f})", failed=False)
             return want
         self.slots[shape] = slot
         log.debug("bucket %dx%d ready (min cosine to the ordinary path %.7f)",

@@ -1,24 +1,49 @@
 """CUDA workers give the same vectors as sentence-transformers (skipped without a GPU).
 
-Same tolerances as test_reference.py: the demo graph is fp32, so the CUDA
-provider must agree to cosine >= 0.9999 and max abs diff <= 1e-4. CUDA graph
-replays must equal the exact-shape path to 1e-5 (the same fp32 kernels on the
-same data, padded to a bucket).
+Tolerances, and why a GPU can meet them:
+
+- the demo graph is a float32 plain export: on the CUDA provider, with TF32 off (the
+  worker's provider options), it must agree as on the CPU, cosine >= 0.9999 and max
+  abs <= 1e-4 (test_reference.py's bounds);
+- the prepared graphs run on a GPU in fp16 (or bf16): vectors within cosine 0.999 of
+  the float32 reference, the bound `embedrpc prepare` validates them with;
+- a CUDA-graph replay and the exact-shape path on the same batch differ only in
+  padding, hence kernels and summation order: per row cosine >= graphs.AGREE_COSINE
+  (0.9995), the bound the worker itself checks each bucket with. Equality to 1e-5
+  is not something fp16 on different kernels can promise.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
+from embedrpc.server.graphs import AGREE_COSINE, warmup_shapes
 
 from .conftest import running_server
 from .test_reference import CASES, assert_close
 
 pytestmark = pytest.mark.gpu
+
+
+def _row_cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    got, want = got.astype(np.float64), want.astype(np.float64)
+    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+
+
+def _prepare(tmp_path: Path, precision: str, device: str = "cuda:0") -> Path:
+    from embedrpc.prepare import PrepareConfig, prepare
+
+    from .test_prepare import SOURCE
+
+    out = tmp_path / precision
+    prepare(PrepareConfig(model=str(SOURCE), out=out, precision=precision, device=device,
+                          reference=False), say=lambda _: None)
+    return out
 
 
 def test_cuda_worker_matches_the_reference() -> None:
@@ -34,22 +59,25 @@ def test_cuda_worker_matches_the_reference() -> None:
 
 
 def test_cuda_graphs_agree_with_the_ordinary_path(tmp_path: Path) -> None:
-    """Capture and replay on a real GPU: every bucket's replay, on batches it was not
-    captured with, equals the exact-shape path (fp32 prepared graph: 1e-5), interleaved
-    with batches too big for a graph, and the served vectors match sentence-transformers."""
-    from embedrpc.prepare import PrepareConfig, prepare
+    """Capture and replay on a real GPU, fp16 prepared graph: the common buckets are
+    captured at warm-up; every replay, on batches it was not captured with, agrees with
+    the exact-shape path (cosine >= AGREE_COSINE), interleaved with batches too big for
+    a graph; the served vectors match sentence-transformers (fp16: cosine >= 0.999)."""
     from embedrpc.server.worker import OrtBackend, WorkerSpec
 
     from .test_prepare import CASES as TINY_CASES
-    from .test_prepare import REFERENCE, SOURCE, _cosines, _expected
+    from .test_prepare import REFERENCE, _cosines, _expected
 
-    out = tmp_path / "fp32"
-    prepare(PrepareConfig(model=str(SOURCE), out=out, precision="fp32", device="cuda:0",
-                          reference=False), say=lambda _: None)
+    out = _prepare(tmp_path, "fp16")
+    max_tokens, max_length = 1024, REFERENCE["max_length"]
     backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
-                                    cuda_graphs=True, graph_max_tokens=1024,
-                                    max_length=REFERENCE["max_length"]))
+                                    cuda_graphs=True, graph_max_tokens=max_tokens,
+                                    max_length=max_length))
     backend.warmup()
+    info = backend.describe()
+    assert info["cuda_graphs"] is True, info.get("graphs_off")
+    assert info["warmup_buckets"] == len(warmup_shapes(max_tokens, max_length))
+    assert info["warmup_s"] > 0
     rng = np.random.default_rng(3)
     shapes = [(1, 5), (3, 17), (40, 100), (1, 7), (3, 20), (5, 30), (2, 128), (1, 3)] * 2
     for rows, longest in shapes:
@@ -57,13 +85,69 @@ def test_cuda_graphs_agree_with_the_ordinary_path(tmp_path: Path) -> None:
         lengths[0] = longest
         ids = rng.integers(1, 1000, int(lengths.sum())).astype(np.int32)
         got = backend.embed(ids, lengths)
-        np.testing.assert_allclose(got, backend.embed_exact(ids, lengths), atol=1e-5)
+        want = backend.embed_exact(ids, lengths)
+        assert np.isfinite(got).all()
+        assert _row_cosines(got, want).min() >= AGREE_COSINE, (rows, longest)
     assert backend.static is not None and backend.static.off is None, backend.static.off
-    assert len(backend.static.slots) >= 5
+    assert backend.describe()["min_agreement"] >= AGREE_COSINE
     with running_server(model=str(out), device="cuda:0", cuda_graphs=True) as (server, target), \
             EmbedClient(target, timeout=60) as client:
         assert server.workers[0].info["cuda_graphs"] is True
         for name, case in TINY_CASES.items():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
                                instruction=case["instruction"], dimensions=case["dimensions"])
-            assert _cosines(got.astype(np.float64), _expected(case)).min() >= 0.9999, name
+            assert _cosines(got.astype(np.float64), _expected(case)).min() >= 0.999, name
+
+
+def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """fp32 prepared graph on CUDA: its attention falls back to the CPU (a warning), the
+    result is still float32 (TF32 off): cosine >= 0.9999 and max abs <= 1e-4 to the
+    sentence-transformers reference. With CUDA graphs it is refused before loading."""
+    from embedrpc.server.errors import ModelError
+    from embedrpc.server.worker import OrtBackend, WorkerSpec
+
+    from .test_prepare import CASES as TINY_CASES
+    from .test_prepare import REFERENCE, _cosines, _expected
+
+    out = _prepare(tmp_path, "fp32")
+    with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker"):
+        backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
+                                        max_length=REFERENCE["max_length"]))
+    assert "GroupQueryAttention runs on CUDA in fp16 and bf16 only" in caplog.text
+    assert backend.describe()["warnings"]
+    for name, case in TINY_CASES.items():
+        rows = case["token_ids"]
+        ids = np.concatenate([np.array(r, np.int32) for r in rows])
+        got = backend.embed(ids, np.array([len(r) for r in rows], np.int32)).astype(np.float64)
+        want = _expected(case)
+        if case["dimensions"]:
+            got = got[:, :case["dimensions"]]
+            got /= np.linalg.norm(got, axis=1, keepdims=True)
+        assert _cosines(got, want).min() >= 0.9999, name
+        assert np.abs(got - want).max() <= 1e-4, name
+    with pytest.raises(ModelError, match="--cuda-graphs: a fp32 prepared graph"):
+        OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
+                              cuda_graphs=True))
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_attention_kernel_switch(tmp_path: Path, kernel: str) -> None:
+    """The `sdpa_kernel` provider option reaches ONNX Runtime: the session loads with
+    it and its vectors agree with ORT's own choice on the same batch (fp16, both within
+    rounding: cosine >= AGREE_COSINE)."""
+    from embedrpc.server.worker import OrtBackend, WorkerSpec
+
+    from .test_prepare import CASES as TINY_CASES
+
+    out = _prepare(tmp_path, "fp16")
+    spec = {"onnx_path": str(out / "model.onnx"), "device": "cuda:0"}
+    chosen = OrtBackend(WorkerSpec(attention_kernel=kernel, **spec))  # type: ignore[arg-type]
+    default = OrtBackend(WorkerSpec(**spec))  # type: ignore[arg-type]
+    rows = [r for case in TINY_CASES.values() for r in case["token_ids"]]
+    ids = np.concatenate([np.array(r, np.int32) for r in rows])
+    lengths = np.array([len(r) for r in rows], np.int32)
+    got, want = chosen.embed(ids, lengths), default.embed(ids, lengths)
+    assert np.isfinite(got).all()
+    assert _row_cosines(got, want).min() >= AGREE_COSINE
+    assert chosen.describe()["attention_kernel"] == kernel

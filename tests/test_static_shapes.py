@@ -5,12 +5,20 @@ Batches are padded up to (rows, length) buckets and run on bindings allocated on
 per bucket. The independent reference is sentence-transformers' output for the
 tiny Qwen3 model (tests/data/tiny_qwen3_reference.json); tolerances as in
 test_prepare.py: float32 cosine >= 0.9999 and max abs <= 1e-5. Padding rows and
-columns must not change a vector beyond 1e-5 (batch invariance).
+columns must not change a vector beyond 1e-5 (batch invariance): the CPU provider
+runs the same float32 kernels whatever the padding, so this strict bound holds here.
+On a GPU it need not (other kernels per shape, fp16): there the bound is a cosine
+(graphs.AGREE_COSINE; tests/test_gpu.py).
+
+The capture path's failure handling runs here too: a StaticShapes with `capture` on
+over a CPU session (graph ids are run options the CPU provider ignores), with
+failures injected where a GPU would raise them.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +28,7 @@ from embedrpc.client import EmbedClient
 from embedrpc.prepare import PrepareConfig, prepare
 from embedrpc.server import EmbedServer, ServeConfig, graphs
 from embedrpc.server.errors import ModelError
-from embedrpc.server.graphs import LENGTH_BUCKETS, ROW_BUCKETS, bucket
+from embedrpc.server.graphs import LENGTH_BUCKETS, ROW_BUCKETS, WARMUP_ROWS, bucket
 from embedrpc.server.model import DEMO_DIR
 from embedrpc.server.worker import OrtBackend, WorkerSpec
 
@@ -145,6 +153,136 @@ def test_a_bucket_that_disagrees_is_turned_off(prepared: Path, monkeypatch: pyte
     assert backend.describe()["static_shapes"] is False
     # From now on every batch takes the exact path (the broken slot is never used).
     np.testing.assert_allclose(backend.embed(ids, lengths), got, atol=BATCH_INVARIANCE)
+
+
+def test_warmup_makes_the_common_buckets_and_reports_the_time(
+        prepared: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    max_tokens, max_length = 1024, REFERENCE["max_length"]
+    backend = _backend(prepared, graph_max_tokens=max_tokens)
+    with caplog.at_level(logging.INFO, logger="embedrpc.server.graphs"):
+        backend.warmup()
+    # As documented: WARMUP_ROWS × every length bucket, within both limits.
+    want = {(r, w) for r in WARMUP_ROWS for w in LENGTH_BUCKETS
+            if r * w <= max_tokens and w <= max_length}
+    assert (1, 8) in want and (32, 32) in want and (16, 128) not in want
+    info = backend.describe()
+    assert set(info["buckets"]) == want and info["warmup_buckets"] == len(want)
+    assert info["static_shapes"] is True and "graphs_off" not in info
+    assert 0 < info["warmup_s"] < 600
+    assert f"{len(want)} buckets made and checked at warm-up in" in caplog.text
+    # Every bucket's check ran (the CPU is exact: cosine 1 to rounding).
+    assert info["min_agreement"] >= 1 - 1e-6
+    # Batches in warm buckets need no first use: they replay at once.
+    monkeypatch.setattr(graphs.StaticShapes, "_first_use", None)
+    for name in ("documents", "queries"):
+        ids, lengths = _batch(CASES[name]["token_ids"])
+        assert bucket(len(lengths), int(lengths.max()), max_tokens, max_length) in want
+        got = backend.embed(ids, lengths)
+        np.testing.assert_allclose(got, backend.embed_exact(ids, lengths),
+                                   atol=BATCH_INVARIANCE)
+
+
+def _capturing(directory: Path) -> OrtBackend:
+    """A backend whose bucketed path is the capture path (as with --cuda-graphs on a
+    GPU), over a CPU session."""
+    backend = _backend(directory)
+    backend.static = graphs.StaticShapes(backend, capture=True, max_tokens=4096)
+    backend.cuda_graphs = True
+    return backend
+
+
+def _fail_when(monkeypatch: pytest.MonkeyPatch, failing: Callable[[bool], bool]) -> None:
+    original = graphs._Slot.run
+
+    def run(self: graphs._Slot, ids: np.ndarray, lengths: np.ndarray, *,
+            eager: bool = False) -> np.ndarray:
+        if failing(eager):
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is "
+                               "capturing")
+        return original(self, ids, lengths, eager=eager)
+
+    monkeypatch.setattr(graphs._Slot, "run", run)
+
+
+@pytest.mark.parametrize("when", ["capture", "replay"])
+def test_a_failed_capture_or_replay_rebuilds_the_session_without_graphs(
+        prepared: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        when: str) -> None:
+    backend = _capturing(prepared)
+    ids, lengths = _batch(CASES["documents"]["token_ids"][:3])
+    if when == "replay":  # the bucket is made and checked first; a later replay fails
+        backend.embed(ids, lengths)
+        assert backend.static is not None and len(backend.static.slots) == 1
+        _fail_when(monkeypatch, lambda eager: True)
+    else:  # the first non-eager run of a bucket is its capture
+        _fail_when(monkeypatch, lambda eager: not eager)
+    loads: list[bool] = []
+    real_load = OrtBackend._load
+
+    def load(self: OrtBackend, *, cuda_graphs: bool) -> object:
+        loads.append(cuda_graphs)
+        return real_load(self, cuda_graphs=cuda_graphs)
+
+    monkeypatch.setattr(OrtBackend, "_load", load)
+    old_session = backend.session
+    with caplog.at_level(logging.WARNING, logger="embedrpc.server.graphs"):
+        got = backend.embed(ids, lengths)
+    # A new session, asked for without CUDA graphs, answered the batch exactly.
+    assert loads == [False] and backend.session is not old_session
+    assert backend.cuda_graphs is False
+    with pytest.raises(Exception, match="gpu_graph_id"):
+        backend.run_options.get_run_config_entry("gpu_graph_id")
+    want = _expected(CASES["documents"])[:3]
+    assert _cosines(got.astype(np.float64), want).min() >= COSINE
+    assert np.abs(got - want).max() <= MAX_ABS
+    assert backend.static is not None and "failed" in (backend.static.off or "")
+    assert not backend.static.slots
+    info = backend.describe()
+    assert info["cuda_graphs"] is False and "RuntimeError" in info["graphs_off"]
+    assert "session rebuilt without CUDA graphs" in caplog.text
+    # From now on the exact path, on the new session, and no more rebuilds.
+    monkeypatch.setattr(graphs._Slot, "run", None)
+    np.testing.assert_allclose(backend.embed(ids, lengths), got, atol=BATCH_INVARIANCE)
+    assert loads == [False]
+
+
+def test_a_worker_whose_session_cannot_be_rebuilt_exits(
+        prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # When not even a session without graphs can be made, the batch fails and the worker
+    # process ends, so that WorkerHandle starts a fresh one.
+    import multiprocessing
+    import threading
+
+    from embedrpc.server import worker as worker_module
+    from embedrpc.server.worker import Batch
+
+    backend = _capturing(prepared)
+    _fail_when(monkeypatch, lambda eager: not eager)
+
+    def no_session(self: OrtBackend, *, cuda_graphs: bool) -> object:
+        raise ModelError("CUDA failure 999: unknown error")
+
+    monkeypatch.setattr(OrtBackend, "_load", no_session)
+    monkeypatch.setattr(worker_module, "make_backend", lambda spec: backend)
+    monkeypatch.setattr(worker_module, "configure_logging", lambda *a, **k: None)
+    monkeypatch.setattr(OrtBackend, "warmup", lambda self: None)
+    parent, child = multiprocessing.Pipe()
+    thread = threading.Thread(target=worker_module.worker_main, args=(child, WorkerSpec()))
+    thread.start()
+    try:
+        assert parent.recv()[0] == "ready"
+        ids, lengths = _batch(CASES["documents"]["token_ids"][:2])
+        parent.send(Batch(7, ids, lengths))
+        kind, batch_id, message = parent.recv()
+        assert (kind, batch_id) == ("fail", 7) and "CUDA failure 999" in message
+        thread.join(10)
+        assert not thread.is_alive()  # returned without waiting for another batch
+        assert "no session after CUDA graphs were dropped" in (backend.broken or "")
+    finally:
+        if thread.is_alive():
+            parent.send(None)
+            thread.join(10)
 
 
 def test_a_graph_that_does_not_pool_is_refused() -> None:

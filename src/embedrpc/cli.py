@@ -163,6 +163,10 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
     p.add_option("--cuda-graph-max-tokens", type=int, default=4096,
                  help="with --cuda-graphs: batches of up to this many padded tokens are "
                       "replayed; larger ones run with their exact shape")
+    p.add_option("--attention-kernel", default="auto",
+                 help="CUDA: the attention kernels ONNX Runtime may use (its sdpa_kernel "
+                      "option): auto (its choice), or flash, efficient, cudnn, math, several "
+                      "joined by commas")
     p.add_option("--backend", default="onnx", choices=("onnx", "fake"),
                  help="'fake' returns deterministic vectors without running the model "
                       "(for testing clients and load balancers)")
@@ -291,6 +295,7 @@ def _run_serve(ns: argparse.Namespace) -> int:
             max_inputs=ns.max_inputs, max_message_bytes=ns.max_message_bytes,
             grace_seconds=ns.grace_seconds, backend=ns.backend,
             cuda_graphs=ns.cuda_graphs, cuda_graph_max_tokens=ns.cuda_graph_max_tokens,
+            attention_kernel=ns.attention_kernel,
             fake_delay_ms=ns.fake_delay_ms, log_level=ns.log_level.upper(),
             log_format=ns.log_format, metrics_port=ns.metrics_port or None,
             metrics_host=ns.metrics_host, http_port=ns.http_port or None,
