@@ -35,14 +35,20 @@ def _row_cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
 
 
-def _prepare(tmp_path: Path, precision: str, device: str = "cuda:0") -> Path:
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Qwen3 checkpoint prepared on the GPU, fp16 and fp32 (once: time there
+    is short)."""
     from embedrpc.prepare import PrepareConfig, prepare
 
     from .test_prepare import SOURCE
 
-    out = tmp_path / precision
-    prepare(PrepareConfig(model=str(SOURCE), out=out, precision=precision, device=device,
-                          reference=False), say=lambda _: None)
+    tmp = tmp_path_factory.mktemp("gpu")
+    out = {}
+    for precision in ("fp16", "fp32"):
+        out[precision] = tmp / precision
+        prepare(PrepareConfig(model=str(SOURCE), out=out[precision], precision=precision,
+                              device="cuda:0", reference=False), say=lambda _: None)
     return out
 
 
@@ -58,7 +64,7 @@ def test_cuda_worker_matches_the_reference() -> None:
             assert_close(got, np.array(case["embeddings"], dtype=np.float32), name)
 
 
-def test_cuda_graphs_agree_with_the_ordinary_path(tmp_path: Path) -> None:
+def test_cuda_graphs_agree_with_the_ordinary_path(prepared: dict[str, Path]) -> None:
     """Capture and replay on a real GPU, fp16 prepared graph: the common buckets are
     captured at warm-up; every replay, on batches it was not captured with, agrees with
     the exact-shape path (cosine >= AGREE_COSINE), interleaved with batches too big for
@@ -68,7 +74,7 @@ def test_cuda_graphs_agree_with_the_ordinary_path(tmp_path: Path) -> None:
     from .test_prepare import CASES as TINY_CASES
     from .test_prepare import REFERENCE, _cosines, _expected
 
-    out = _prepare(tmp_path, "fp16")
+    out = prepared["fp16"]
     max_tokens, max_length = 1024, REFERENCE["max_length"]
     backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
                                     cuda_graphs=True, graph_max_tokens=max_tokens,
@@ -100,7 +106,7 @@ def test_cuda_graphs_agree_with_the_ordinary_path(tmp_path: Path) -> None:
 
 
 def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        prepared: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     """fp32 prepared graph on CUDA: its attention falls back to the CPU (a warning), the
     result is still float32 (TF32 off): cosine >= 0.9999 and max abs <= 1e-4 to the
     sentence-transformers reference. With CUDA graphs it is refused before loading."""
@@ -110,7 +116,7 @@ def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
     from .test_prepare import CASES as TINY_CASES
     from .test_prepare import REFERENCE, _cosines, _expected
 
-    out = _prepare(tmp_path, "fp32")
+    out = prepared["fp32"]
     with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker"):
         backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
                                         max_length=REFERENCE["max_length"]))
@@ -132,7 +138,7 @@ def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
 
 
 @pytest.mark.parametrize("kernel", ["flash", "efficient"])
-def test_attention_kernel_switch(tmp_path: Path, kernel: str) -> None:
+def test_attention_kernel_switch(prepared: dict[str, Path], kernel: str) -> None:
     """The `sdpa_kernel` provider option reaches ONNX Runtime: the session loads with
     it and its vectors agree with ORT's own choice on the same batch (fp16, both within
     rounding: cosine >= AGREE_COSINE)."""
@@ -140,7 +146,7 @@ def test_attention_kernel_switch(tmp_path: Path, kernel: str) -> None:
 
     from .test_prepare import CASES as TINY_CASES
 
-    out = _prepare(tmp_path, "fp16")
+    out = prepared["fp16"]
     spec = {"onnx_path": str(out / "model.onnx"), "device": "cuda:0"}
     chosen = OrtBackend(WorkerSpec(attention_kernel=kernel, **spec))  # type: ignore[arg-type]
     default = OrtBackend(WorkerSpec(**spec))  # type: ignore[arg-type]
