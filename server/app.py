@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from embedrpc import __version__
 from embedrpc.v1 import embedder_pb2 as pb
 
+from .checkpoints import PRECISIONS, serving_directory
 from .errors import ModelError
 from .http import HttpServer, tls_context
 from .logs import LOG_FORMATS
@@ -43,6 +44,10 @@ DEFAULT_BATCH_OVERHEAD = {"cpu": 64, "cuda": 2048}
 class ServeConfig:
     model: str = "demo"
     onnx_file: str | None = None
+    # Checkpoints (safetensors, no ONNX graph): the precision they are prepared in
+    # (auto: fp16 on GPUs, fp32 on CPUs) and where prepared graphs are kept.
+    precision: str = "auto"
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedrpc or ~/.cache/embedrpc
     device: str = "auto"
     workers: int = 1  # per device
     host: str = "0.0.0.0"
@@ -83,6 +88,9 @@ class ServeConfig:
             raise ValueError("--workers must be at least 1")
         if self.max_inputs < 1:
             raise ValueError("--max-inputs must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r}: use one of "
+                             f"{', '.join(PRECISIONS)}")
         if self.cuda_graph_max_tokens < 8:
             raise ValueError("--cuda-graph-max-tokens must be at least 8")
         try:
@@ -154,10 +162,14 @@ class EmbedServer:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.security = ServerSecurity.from_config(config)  # read and check files first
-        self.spec: ModelSpec = load_model_spec(config.model, onnx_file=config.onnx_file,
-                                               max_length=config.max_length)
-        self.encoder = TextEncoder(self.spec)
         self.devices = resolve_devices(config.device) if config.backend == "onnx" else ["cpu"]
+        # A checkpoint (no ONNX graph) is prepared into the cache first, or found there.
+        name, directory = serving_directory(
+            config.model, onnx_file=config.onnx_file, precision=config.precision,
+            device=self.devices[0], cache_dir=config.cache_dir)
+        self.spec: ModelSpec = load_model_spec(str(directory), onnx_file=config.onnx_file,
+                                               max_length=config.max_length, name=name)
+        self.encoder = TextEncoder(self.spec)
         kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"
         budget = config.max_batch_tokens or max(DEFAULT_BATCH_TOKENS[kind], self.spec.max_length)
         if budget < self.spec.max_length:

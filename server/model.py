@@ -70,7 +70,7 @@ class ModelSpec:
     assumed: tuple[str, ...] = ()
 
 
-def resolve_model_path(model: str) -> tuple[str, Path]:
+def resolve_model_path(model: str, onnx_file: str | None = None) -> tuple[str, Path]:
     """Turn `--model` (demo, a directory, or a Hugging Face id) into (name, directory)."""
     if model == "demo":
         return "demo", DEMO_DIR
@@ -82,28 +82,41 @@ def resolve_model_path(model: str) -> tuple[str, Path]:
     if not _HF_ID.match(model):
         raise ModelError(
             f"--model {model!r}: no such directory (give 'demo', a model directory, "
-            "or a Hugging Face id such as 'onnx-community/Qwen3-Embedding-0.6B-ONNX')"
+            "or a Hugging Face id such as 'Qwen/Qwen3-Embedding-0.6B')"
         )
-    return model, _download(model)
+    return model, _download(model, onnx_file)
 
 
-def _download(repo_id: str) -> Path:
+# What to download from the hub: an ONNX export's graph and side files, or a
+# checkpoint's weights and side files (then prepared into an ONNX graph).
+_SIDE_FILES = ["*.json", "1_Pooling/*", "2_Normalize/*"]
+_ONNX_FILES = ["model.onnx", "model.onnx_data", "onnx/model.onnx", "onnx/model.onnx_data*"]
+_CHECKPOINT_FILES = ["*.safetensors"]
+
+
+def _download(repo_id: str, onnx_file: str | None = None) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
     except ImportError:
         raise ModelError(
             f"--model {repo_id!r} looks like a Hugging Face id, but huggingface_hub is not "
-            "installed: pip install 'embedrpc[hub]', or give a local directory"
+            "installed: pip install huggingface-hub, or give a local directory"
         ) from None
-    log.info("downloading %s from the Hugging Face hub", repo_id)
-    patterns = [
-        "*.json",
-        "model.onnx",
-        "model.onnx_data",
-        "onnx/model.onnx",
-        "onnx/model.onnx_data*",
-        "1_Pooling/*",
-    ]
+    onnx = list(_ONNX_FILES)
+    if onnx_file:
+        onnx += [onnx_file, f"{onnx_file}_data*", f"onnx/{onnx_file}", f"onnx/{onnx_file}_data*"]
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except Exception:  # offline (HF_HUB_OFFLINE) or unreachable: take what is cached
+        files = None
+    if files is None:
+        kind, patterns = "the hub's file list is unreachable", _SIDE_FILES + onnx + \
+            _CHECKPOINT_FILES
+    elif any(f.endswith(".onnx") for f in files):
+        kind, patterns = "an ONNX export", _SIDE_FILES + onnx
+    else:
+        kind, patterns = "a checkpoint", _SIDE_FILES + _CHECKPOINT_FILES
+    log.info("downloading %s from the Hugging Face hub (%s)", repo_id, kind)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated: say which, keep the cause
@@ -199,9 +212,11 @@ def _token_content(value: Any) -> str | None:
 
 
 def load_model_spec(model: str, *, onnx_file: str | None = None,
-                    max_length: int | None = None) -> ModelSpec:
-    """Read a model directory (or `demo`, or a hub id) and say clearly what is missing."""
-    name, path = resolve_model_path(model)
+                    max_length: int | None = None, name: str | None = None) -> ModelSpec:
+    """Read a model directory (or `demo`, or a hub id) and say clearly what is missing;
+    `name` overrides the name Info reports (a prepared checkpoint keeps its own)."""
+    resolved_name, path = resolve_model_path(model, onnx_file)
+    name = name or resolved_name
     missing = [f for f in ("tokenizer.json", "config.json") if not (path / f).is_file()]
     if missing:
         raise ModelError(f"{path}: missing {', '.join(missing)} (a model directory needs "

@@ -81,6 +81,10 @@ def test_info_and_tokenize(demo_process) -> None:
     info = json.loads(run_cli("info", "--target", target).stdout)
     assert info["model"] == "demo" and info["dimensions"] == 128 and info["workers"] == 2
     assert "query" in info["prompt_names"] and info["pooling"] == "lasttoken"
+    # The demo mirrors the published files: the tokenizer appends <|endoftext|> (2000 in
+    # the demo's vocabulary), tokenizer_config.json names <|im_end|>.
+    assert (info["pooled_token"], info["pooled_token_id"], info["pooled_token_source"]) == (
+        "<|endoftext|>", 2000, "tokenizer")
     tok = json.loads(run_cli("tokenize", "--target", target, "hello world").stdout)
     assert tok["inputs"][0]["tokens"][-1] == "<|endoftext|>"
 

@@ -55,7 +55,7 @@ def edit(workspace: Path, old: str, new: str) -> None:
 
 
 @pytest.mark.parametrize(("old", "new", "complaint"), [
-    ("uint32 max_batch_tokens = 9;", "uint32 max_batch_tokens = 13;",
+    ("uint32 max_batch_tokens = 9;", "uint32 max_batch_tokens = 99;",
      'field "9" with name "max_batch_tokens"'),  # renumbered
     ("  string request_id = 8;\n", "",
      'field "8" with name "request_id" on message "EmbedRequest" was deleted'),  # removed

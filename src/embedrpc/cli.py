@@ -130,6 +130,12 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
     p.add_option("--model", default="demo",
                  help="'demo' (bundled tiny model), a model directory, or a Hugging Face id")
     p.add_option("--onnx-file", help="ONNX file name in the model directory (model.onnx)")
+    p.add_option("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16", "int8"),
+                 help="for a checkpoint (safetensors, no ONNX graph): the precision it is "
+                      "prepared in on first start (auto: fp16 on a GPU, fp32 on the CPU); "
+                      "ignored for ONNX directories")
+    p.add_option("--cache-dir", help="where prepared checkpoints are kept and found again "
+                 "(default: $XDG_CACHE_HOME/embedrpc or ~/.cache/embedrpc)")
     p.add_option("--device", default="auto", help="cpu, auto (GPUs if any, else CPU), cuda, "
                  "or cuda:0,1,...")
     p.add_option("--workers", type=int, default=1, help="worker processes per device")
@@ -287,7 +293,8 @@ def _run_serve(ns: argparse.Namespace) -> int:
     try:
         configure_logging(ns.log_level, ns.log_format)
         config = ServeConfig(
-            model=ns.model, onnx_file=ns.onnx_file, device=ns.device, workers=ns.workers,
+            model=ns.model, onnx_file=ns.onnx_file, precision=ns.precision,
+            cache_dir=ns.cache_dir, device=ns.device, workers=ns.workers,
             host=ns.host, port=ns.port, max_length=ns.max_length,
             max_batch_tokens=ns.max_batch_tokens, max_batch_size=ns.max_batch_size,
             max_wait_ms=ns.max_wait_ms, batch_overhead_tokens=ns.batch_overhead_tokens,
@@ -329,6 +336,8 @@ def _run_client(ns: argparse.Namespace) -> int:
                     "model": r.model, "dimensions": r.dimensions,
                     "min_dimensions": r.min_dimensions, "max_length": r.max_length,
                     "prompt_names": list(r.prompt_names), "pooling": r.pooling,
+                    "pooled_token": r.pooled_token, "pooled_token_id": r.pooled_token_id,
+                    "pooled_token_source": r.pooled_token_source,
                     "precision": r.precision, "devices": list(r.devices),
                     "max_batch_tokens": r.max_batch_tokens, "max_inputs": r.max_inputs,
                     "workers": r.workers, "version": r.version,

@@ -248,7 +248,8 @@ def resolve_source(model: str) -> Path:
     except ImportError:
         raise PrepareError(
             f"--model {model!r} looks like a Hugging Face id, but huggingface_hub is not "
-            "installed: pip install 'embedrpc[prepare]', or give a local directory") from None
+            "installed: pip install huggingface-hub (an embedrpc dependency), or give a "
+            "local directory") from None
     patterns = ["*.json", "*.safetensors", "1_Pooling/*", "2_Normalize/*", "*.txt"]
     try:
         return Path(snapshot_download(model, allow_patterns=patterns))

@@ -140,7 +140,7 @@ def prepare(config: PrepareConfig, say: Callable[[str], None] = _say) -> dict[st
         import onnx  # noqa: F401
     except ImportError:
         raise PrepareError("embedrpc prepare needs the onnx package: "
-                           "pip install 'embedrpc[prepare]'") from None
+                           "pip install onnx (an embedrpc dependency)") from None
     from embedrpc import __version__
     from embedrpc.server.model import pooling_of
 
