@@ -346,8 +346,22 @@ def largest_batch(onnx_path: Path, device: str, row: np.ndarray, pad_id: int,
     fits = [t["rows"] for t in tried if "error" not in t and t["finite"]]
     del session
     gc.collect()
-    return {"length": len(row), "tried": tried, "largest_ok_rows": max(fits, default=0),
-            "stopped": stopped}
+    result = {"length": len(row), "tried": tried, "largest_ok_rows": max(fits, default=0),
+              "stopped": stopped}
+    # Where time, not memory, stopped the search: an estimate from the session's growth
+    # between its last two runs (ONNX Runtime's arena grows in steps: a rough figure).
+    grown = [t for t in tried if t.get("session_mib") is not None]
+    if len(grown) >= 2 and baseline is not None and "failed" not in stopped:
+        import torch
+
+        a, b = grown[-2], grown[-1]
+        per_row = (b["session_mib"] - a["session_mib"]) / (b["rows"] - a["rows"])
+        free = torch.cuda.mem_get_info(0)[1] / 2**20 - baseline
+        if per_row > 0:
+            fixed = b["session_mib"] - per_row * b["rows"]
+            result["estimated_rows"] = int((free - fixed) // per_row)
+            result["mib_per_row"] = per_row
+    return result
 
 
 # --------------------------------------------------------------------------- (b) server
@@ -564,7 +578,8 @@ def other_lines(report: dict[str, Any]) -> list[str]:
             state = f"refused: {info.get('graphs_off') or 'not enabled'}"
         out.append(f"{'CUDA graphs' if key == 'cuda_graphs' else 'static shapes (CPU)'}: "
                    f"{state}")
-    for label, r in (("without CUDA graphs", plain), ("with CUDA graphs", graphs)):
+    graphs_name = "CUDA graphs" if report["device"].startswith("cuda") else "static shapes"
+    for label, r in ((f"without {graphs_name}", plain), (f"with {graphs_name}", graphs)):
         lat = r.get("single_text")
         if lat:
             out.append(f"single-text Embed {label}: p50 {lat['p50_ms']:.2f} ms, p99 "
@@ -581,8 +596,10 @@ def other_lines(report: dict[str, Any]) -> list[str]:
                            "since before the server started)")
     big = report["results"].get("largest_batch")
     if big:
+        estimate = (f"; about {big['estimated_rows']} would fit by the memory each row took "
+                    f"({big['mib_per_row']:,.0f} MiB)" if "estimated_rows" in big else "")
         out.append(f"largest batch at {big['length']} tokens: {big['largest_ok_rows']} rows ran "
-                   f"({big['stopped']})")
+                   f"({big['stopped']}){estimate}")
     for stage, why in report.get("skipped", {}).items():
         out.append(f"skipped {stage}: {why}")
     return out
