@@ -50,7 +50,7 @@ import grpc
 import numpy as np
 
 from embedrpc import __version__
-from embedrpc.cli import parse_bool
+from embedrpc.cli.options import parse_bool
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 

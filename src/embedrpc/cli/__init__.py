@@ -11,115 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tomllib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from embedrpc import __version__
 
-ENV_PREFIX = "EMBEDRPC_"
+from .options import (
+    ConfigFile,
+    EnvParser,
+    ExtendKeys,
+    config_path,
+    key_list,
+    load_config,
+    parse_bool,
+)
+
+__all__ = ["build_parser", "main", "parse_args", "parse_bool"]
 
 
-def parse_bool(text: str) -> bool:
-    """A flag or environment value: 1/true/yes/on or 0/false/no/off/'' (any case)."""
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _key_list(text: str) -> list[str]:
-    """'k1,k2' → ['k1', 'k2']; '' → []. The server checks each key (without echoing it)."""
-    return [part.strip() for part in text.split(",")] if text.strip() else []
-
-
-class _ExtendKeys(argparse.Action):
-    """--api-key K1 --api-key K2,K3 adds up; keys on the command line replace the
-    environment's or the config file's."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        current = getattr(namespace, self.dest)
-        setattr(namespace, self.dest, [*([] if current is self.default else current), *values])
-
-
-@dataclass
-class ConfigFile:
-    """Option values from a TOML file, by dest; add_option() takes out what it uses."""
-
-    name: str = ""
-    values: dict[str, Any] = field(default_factory=dict)
-
-
-def load_config(path: str) -> ConfigFile:
-    """Read a flat TOML file of serve options; keys may use dashes or underscores."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ValueError(f"--config {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--config {path}: not valid TOML: {exc}") from exc
-    values = {key.replace("-", "_"): value for key, value in data.items()}
-    if "config" in values:
-        raise ValueError(f"--config {path}: a config file cannot name another one")
-    return ConfigFile(path, values)
-
-
-def _config_path(argv: Sequence[str]) -> str | None:
-    """`serve --config FILE` (or EMBEDRPC_CONFIG), found before the real parse."""
-    if not argv or argv[0] != "serve":
-        return None
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv[1:])
-    return known.config or os.environ.get(ENV_PREFIX + "CONFIG") or None
-
-
-class _EnvParser(argparse.ArgumentParser):
-    """add_option() reads its default from EMBEDRPC_<DEST>, else from the config file,
-    and says so in --help."""
-
-    def __init__(self, *args: Any, config: ConfigFile | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.config = config or ConfigFile()
-
-    def add_option(self, *flags: str, type: Callable[[str], Any] = str, default: Any = None,
-                   help: str = "", secret: bool = False, **kwargs: Any) -> None:
-        """secret: the value (an API key) is never shown in --help or an error."""
-        dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
-        env = ENV_PREFIX + dest.upper()
-        from_file = self.config.values.pop(dest, None)
-        if env in os.environ:
-            source, text = env, os.environ[env]
-        elif from_file is not None:
-            source = f"{self.config.name}: {dest.replace('_', '-')}"
-            if isinstance(from_file, dict | list) or (isinstance(from_file, bool)
-                                                       and type is not parse_bool):
-                shown_value = "" if secret else f" = {from_file!r}"
-                self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
-            text = from_file if isinstance(from_file, str) else str(from_file)
-        else:
-            source = text = None
-        if source is not None:
-            try:
-                default = type(text)
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                self.error(f"{source}: {exc}" if secret else f"{source}={text!r}: {exc}")
-            choices = kwargs.get("choices")
-            if choices is not None and default not in choices:
-                self.error(f"{source}={text!r}: use one of {', '.join(map(str, choices))}")
-        shown = "" if default is None or secret else f"default: {default}; "
-        self.add_argument(*flags, dest=dest, type=type, default=default,
-                          help=f"{help} ({shown}env {env})", **kwargs)
-
-
-def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
-    p: _EnvParser = sub.add_parser(
+def _serve_parser(sub: Any, config: ConfigFile | None = None) -> EnvParser:
+    p: EnvParser = sub.add_parser(
         "serve", help="run the gRPC server", config=config,
         description="Serve an embedding model over gRPC (Embedder, health, reflection). "
         "Each option also reads EMBEDRPC_<OPTION> from the environment and <option> from "
@@ -193,7 +105,7 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
     p.add_option("--tls-key", help="PEM private key (unencrypted) of --tls-cert")
     p.add_option("--tls-client-ca", help="PEM CA certificate(s): mutual TLS, every client "
                  "must present a certificate signed by one (health included)")
-    p.add_option("--api-key", type=_key_list, action=_ExtendKeys, default=[], secret=True,
+    p.add_option("--api-key", type=key_list, action=ExtendKeys, default=[], secret=True,
                  help="require the metadata 'authorization: Bearer KEY' on every call; "
                       "repeat or comma-separate for several keys. Flags show in ps: prefer "
                       "the environment variable or --api-keys-file")
@@ -208,7 +120,7 @@ def _serve_parser(sub: Any, config: ConfigFile | None = None) -> _EnvParser:
     return p
 
 
-def _client_options(p: _EnvParser) -> None:
+def _client_options(p: EnvParser) -> None:
     p.add_option("--target", default="localhost:50051", help="server address HOST:PORT")
     p.add_option("--timeout", type=float, default=60.0, help="seconds before giving up")
     p.add_option("--api-key", secret=True, help="API key, sent as 'authorization: Bearer KEY'")
@@ -222,7 +134,7 @@ def _client_options(p: _EnvParser) -> None:
                  help="PEM private key of --tls-cert")
 
 
-def _request_options(p: _EnvParser) -> None:
+def _request_options(p: EnvParser) -> None:
     p.add_argument("texts", nargs="*", help="texts (none or '-': one per line from stdin)")
     p.add_option("--prompt-name", default="", help="a named prompt of the model, e.g. query")
     p.add_option("--instruction", default="", help="a task instruction for queries")
@@ -231,10 +143,10 @@ def _request_options(p: _EnvParser) -> None:
 
 
 def build_parser(config: ConfigFile | None = None) -> argparse.ArgumentParser:
-    parser = _EnvParser(prog="embedrpc", description="gRPC inference server for text "
+    parser = EnvParser(prog="embedrpc", description="gRPC inference server for text "
                         "embeddings. Every flag also reads EMBEDRPC_<FLAG> from the environment.")
     parser.add_argument("--version", action="version", version=f"embedrpc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=EnvParser)
     serve = _serve_parser(sub, config)
 
     embed = sub.add_parser("embed", help="embed texts with a running server; prints JSON")
@@ -375,7 +287,7 @@ def _run_client(ns: argparse.Namespace) -> int:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Flags, then environment, then the serve --config file; exits 2 on a bad value."""
     config = None
-    if path := _config_path(argv):
+    if path := config_path(argv):
         try:
             config = load_config(path)
         except ValueError as exc:

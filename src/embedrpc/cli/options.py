@@ -1,0 +1,110 @@
+"""Flags, EMBEDRPC_* environment variables and --config files: the one place that parses them.
+
+Precedence: command line > environment > config file > built-in default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "EMBEDRPC_"
+
+
+def parse_bool(text: str) -> bool:
+    """A flag or environment value: 1/true/yes/on or 0/false/no/off/'' (any case)."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def key_list(text: str) -> list[str]:
+    """'k1,k2' → ['k1', 'k2']; '' → []. The server checks each key (without echoing it)."""
+    return [part.strip() for part in text.split(",")] if text.strip() else []
+
+
+class ExtendKeys(argparse.Action):
+    """--api-key K1 --api-key K2,K3 adds up; keys on the command line replace the
+    environment's or the config file's."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), *values])
+
+
+@dataclass
+class ConfigFile:
+    """Option values from a TOML file, by dest; add_option() takes out what it uses."""
+
+    name: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def load_config(path: str) -> ConfigFile:
+    """Read a flat TOML file of serve options; keys may use dashes or underscores."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"--config {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML: {exc}") from exc
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    if "config" in values:
+        raise ValueError(f"--config {path}: a config file cannot name another one")
+    return ConfigFile(path, values)
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+    """`serve --config FILE` (or EMBEDRPC_CONFIG), found before the real parse."""
+    if not argv or argv[0] != "serve":
+        return None
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv[1:])
+    return known.config or os.environ.get(ENV_PREFIX + "CONFIG") or None
+
+
+class EnvParser(argparse.ArgumentParser):
+    """add_option() reads its default from EMBEDRPC_<DEST>, else from the config file,
+    and says so in --help."""
+
+    def __init__(self, *args: Any, config: ConfigFile | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config or ConfigFile()
+
+    def add_option(self, *flags: str, type: Callable[[str], Any] = str, default: Any = None,
+                   help: str = "", secret: bool = False, **kwargs: Any) -> None:
+        """secret: the value (an API key) is never shown in --help or an error."""
+        dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        from_file = self.config.values.pop(dest, None)
+        if env in os.environ:
+            source, text = env, os.environ[env]
+        elif from_file is not None:
+            source = f"{self.config.name}: {dest.replace('_', '-')}"
+            if isinstance(from_file, dict | list) or (isinstance(from_file, bool)
+                                                       and type is not parse_bool):
+                shown_value = "" if secret else f" = {from_file!r}"
+                self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
+            text = from_file if isinstance(from_file, str) else str(from_file)
+        else:
+            source = text = None
+        if source is not None:
+            try:
+                default = type(text)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                self.error(f"{source}: {exc}" if secret else f"{source}={text!r}: {exc}")
+            choices = kwargs.get("choices")
+            if choices is not None and default not in choices:
+                self.error(f"{source}={text!r}: use one of {', '.join(map(str, choices))}")
+        shown = "" if default is None or secret else f"default: {default}; "
+        self.add_argument(*flags, dest=dest, type=type, default=default,
+                          help=f"{help} ({shown}env {env})", **kwargs)
