@@ -72,7 +72,7 @@ def server_for(ns: argparse.Namespace) -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = EmbedServer(ServeConfig(model=ns.model, device=ns.device, precision=ns.precision,
+    server = EmbedServer(ServeConfig.of(model=ns.model, device=ns.device, precision=ns.precision,
                                      cache_dir=ns.cache_dir, host="127.0.0.1", port=0))
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result()

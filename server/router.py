@@ -18,14 +18,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from .config import BatchConfig
 from .errors import DeadlineExceeded, EmbedError, Overloaded, Unavailable, WorkerFailed
 from .metrics import BatchMetrics
-from .worker import Batch
-from .workers import WorkerCrashed, WorkerHandle
+from .worker.handle import WorkerCrashed, WorkerHandle
+from .worker.spec import Batch
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +33,6 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # How far into the queue the batcher looks for texts of similar length.
 WINDOW_BATCHES = 4
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchConfig:
-    max_batch_tokens: int = 8192  # padded tokens (rows × longest row)
-    max_batch_size: int = 64
-    max_wait_ms: float = 0.0  # wait this long for a fuller batch when workers are idle
-    max_queue_tokens: int = 1 << 20  # beyond this, RESOURCE_EXHAUSTED
-    # The fixed cost of running one batch, in tokens' worth of compute. A length-sorted
-    # window is split where the padding a longer text would add to the rows before it
-    # costs more than starting another batch (0: split at every length change).
-    batch_overhead_tokens: int = 64
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_batch_size", "max_queue_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_wait_ms < 0:
-            raise ValueError("--max-wait-ms must be >= 0")
-        if self.batch_overhead_tokens < 0:
-            raise ValueError("--batch-overhead-tokens must be >= 0")
 
 
 class _Job:
@@ -93,7 +72,9 @@ class Router:
     def __init__(self, workers: Sequence[WorkerHandle], config: BatchConfig,
                  hidden_size: int, *, metrics: BatchMetrics | None = None) -> None:
         self.workers = list(workers)
-        self.config = config
+        # Options left to the device (None) get the CPU's defaults here; the server
+        # passes them resolved for its devices.
+        self.config = config.for_device("cpu", 0)
         self.hidden_size = hidden_size
         self.metrics = metrics or BatchMetrics()
         self._queue: deque[_Entry] = deque()

@@ -23,14 +23,12 @@ import ssl
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
+from .config import SecurityOptions
 from .errors import Unauthenticated
-
-if TYPE_CHECKING:
-    from .app import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +269,9 @@ class ServerSecurity:
     _pending: grpc.ServerCertificateConfiguration | None = None
 
     @classmethod
-    def from_config(cls, config: ServeConfig) -> ServerSecurity:
+    def from_config(cls, config: SecurityOptions, *, host: str) -> ServerSecurity:
+        """`host`: where the server listens (keys without TLS off loopback are warned
+        about)."""
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both (PEM files) "
                              "or neither")
@@ -289,7 +289,7 @@ class ServerSecurity:
                 log.warning("an API key is shorter than %d characters; use long random keys "
                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
                             SHORT_KEY)
-            if tls is None and config.host not in ("127.0.0.1", "::1", "localhost"):
+            if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
                 log.warning("API keys without TLS: keys cross the network in clear text; "
                             "add --tls-cert and --tls-key")
         open_prefixes: tuple[str, ...] = ()
@@ -311,7 +311,7 @@ class ServerSecurity:
         pending, self._pending = self._pending, None
         return pending
 
-    def reload(self, config: ServeConfig) -> list[str]:
+    def reload(self, config: SecurityOptions) -> list[str]:
         """Read --api-keys-file and the TLS files again and use them for new calls and
         handshakes. All or nothing: on any problem, raise ValueError and keep what is in
         use. API keys can be replaced, not turned on or off (that needs a restart).
@@ -341,13 +341,13 @@ class ServerSecurity:
         return ", ".join(parts)
 
 
-def _load_tls(config: ServeConfig) -> TlsFiles | None:
+def _load_tls(config: SecurityOptions) -> TlsFiles | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
     return TlsFiles.load(config.tls_cert, config.tls_key, config.tls_client_ca)
 
 
-def _given_keys(config: ServeConfig) -> list[str]:
+def _given_keys(config: SecurityOptions) -> list[str]:
     """--api-key (and EMBEDRPC_API_KEY) and the lines of --api-keys-file."""
     given = [check_key(k, "--api-key") for k in config.api_keys]
     if config.api_keys_file is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from embedrpc.server import EmbedServer, ServeConfig
+from embedrpc.server.config import DebugHooks
 
 DATA = Path(__file__).parent / "data"
 QWEN_EOS_ID = 151643  # <|endoftext|> in Qwen3's vocabulary: the pooled token
@@ -79,7 +80,10 @@ def running_server(**config: object) -> Iterator[tuple[EmbedServer, str]]:
     thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()
     config.setdefault("device", "cpu")
-    server = EmbedServer(ServeConfig(host="127.0.0.1", port=0, **config))  # type: ignore[arg-type]
+    # Test-only knobs (fault injection, the bucketed path on the CPU) are not options.
+    hooks = DebugHooks(**{name: config.pop(name) for name in list(config)
+                          if name in DebugHooks.__dataclass_fields__})
+    server = EmbedServer(ServeConfig.of(host="127.0.0.1", port=0, **config), hooks=hooks)
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(120)
         yield server, f"127.0.0.1:{port}"
@@ -105,7 +109,7 @@ def demo_server() -> Iterator[tuple[EmbedServer, str]]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`gpu` tests run only where ONNX Runtime can use a CUDA GPU."""
-    from embedrpc.server.app import cuda_device_count
+    from embedrpc.server.devices import cuda_device_count
 
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if gpu_items and cuda_device_count() == 0:

@@ -38,7 +38,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 
 from .conftest import QUERY_PROMPT, QWEN_EOS_ID, qwen_tokenizer_file, running_server
@@ -383,7 +383,7 @@ def test_stream_with_an_oversized_message_ends_with_resource_exhausted(calls: Ca
 @pytest.fixture(scope="module")
 def default_limits(fake_model_dir: Path) -> Iterator[Calls]:
     with running_server(model=str(fake_model_dir), backend="fake", workers=1) as (server, target):
-        assert server.config.max_message_bytes == 64 << 20
+        assert server.config.limits.max_message_bytes == 64 << 20
         with grpc.insecure_channel(target) as ch:
             yield Calls(ch)
 

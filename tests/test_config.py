@@ -11,6 +11,13 @@ from pathlib import Path
 import pytest
 
 from embedrpc.cli import build_parser, parse_args
+from embedrpc.cli.options import config_from_namespace, config_options
+from embedrpc.server.config import GROUPS, OPTION_GROUPS, ServeConfig
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+# A value for each kind of option, as text (flag, variable, file) and as parsed.
+SAMPLES = {"int": ("4096", 4096), "float": ("2.5", 2.5), "bool": ("true", True),
+           "keys": ("k" * 20, ("k" * 20,))}
 
 
 def test_help_names_the_environment_variable_of_every_serve_option() -> None:
@@ -60,7 +67,7 @@ def test_precedence_command_line_then_environment_then_file_then_default(
     assert ns.max_batch_size == 32
     assert ns.max_wait_ms == 2.5
     assert (ns.log_format, ns.http_port, ns.backend) == ("json", 8080, "fake")
-    assert ns.port == 50051 and ns.metrics_port == 0  # built-in defaults
+    assert ns.port == 50051 and ns.metrics_port is None  # built-in defaults (metrics off)
     # The file may also come from EMBEDRPC_CONFIG.
     monkeypatch.setenv("EMBEDRPC_CONFIG", config)
     assert parse_args(["serve"]).workers == 3
@@ -96,3 +103,68 @@ def test_environment_values_are_checked_against_choices(
     with pytest.raises(SystemExit):
         parse_args(["serve"])
     assert "EMBEDRPC_LOG_FORMAT='yaml': use one of text, json" in capsys.readouterr().err
+
+
+def _sample(option) -> tuple[str, object]:
+    named = {"attention_kernel": ("flash", "flash"), "log_level": ("debug", "DEBUG")}
+    if option.name in named:
+        return named[option.name]
+    if option.choices:
+        return option.choices[-1], option.choices[-1]
+    return SAMPLES.get(option.kind, ("some-value", "some-value"))
+
+
+def test_every_option_is_a_flag_a_variable_and_a_file_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each option defined once (server/config.py) reaches ServeConfig by all three ways.
+    options = config_options(ServeConfig)
+    assert {o.name for o in options} == {n for n, g in OPTION_GROUPS.items()
+                                         if GROUPS[g].__dataclass_fields__[n].metadata["cli"]}
+    for option in options:
+        text, value = _sample(option)
+        literal = text if option.kind in ("int", "float", "bool") else repr(text)
+        ways = {
+            "flag": (["serve", option.flag, text], {}),
+            "variable": (["serve"], {option.env: text}),
+            "file": (["serve", "--config", write(tmp_path, f"{option.flag[2:]} = {literal}")],
+                     {}),
+        }
+        for way, (argv, env) in ways.items():
+            with monkeypatch.context() as m:
+                for name, env_value in env.items():
+                    m.setenv(name, env_value)
+                config = config_from_namespace(ServeConfig, parse_args(argv))
+            assert config.get(option.name) == value, (option.flag, way)
+
+
+def test_serve_config_takes_options_by_name_and_refuses_others() -> None:
+    config = ServeConfig.of(max_batch_tokens=1024, port=0, api_keys=("x" * 20,))
+    assert config.batching.max_batch_tokens == 1024 and config.network.port == 0
+    assert config.get("api_keys") == ("x" * 20,)
+    with pytest.raises(TypeError, match="unknown serve option 'max_batch_tokenz'"):
+        ServeConfig.of(max_batch_tokenz=1)
+    with pytest.raises(ValueError, match="--workers must be at least 1"):
+        ServeConfig.of(workers=0)
+
+
+def test_ports_zero_means_any_free_port_and_unset_means_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # One meaning everywhere: --port, --http-port and --metrics-port take 0 for "any free
+    # port"; the optional ones are off unless given.
+    config = config_from_namespace(ServeConfig, parse_args(["serve"]))
+    assert (config.network.http_port, config.network.metrics_port) == (None, None)
+    config = config_from_namespace(ServeConfig, parse_args(
+        ["serve", "--metrics-port", "0", "--http-port", "0"]))
+    assert (config.network.http_port, config.network.metrics_port) == (0, 0)
+    monkeypatch.setenv("EMBEDRPC_HTTP_PORT", "")  # an empty variable: unset
+    assert config_from_namespace(ServeConfig, parse_args(["serve"])).network.http_port is None
+
+
+def test_readme_flag_table_lists_every_serve_option() -> None:
+    text = README.read_text(encoding="utf-8")
+    table = text.split("`embedrpc serve` flags", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    listed = set()
+    for row in table.splitlines()[2:]:
+        first_cell = row.split("|")[1]
+        listed |= set(re.findall(r"`(--[a-z0-9-]+)`", first_cell))
+    assert listed == {o.flag for o in config_options(ServeConfig)} | {"--config"}

@@ -19,12 +19,11 @@ import pytest
 
 from embedrpc.prepare import PrepareConfig, prepare
 from embedrpc.server import EmbedServer, ServeConfig
-from embedrpc.server import worker as worker_module
+from embedrpc.server.config import attention_kernel_mask
 from embedrpc.server.errors import ModelError
-from embedrpc.server.worker import (
-    OrtBackend,
-    WorkerSpec,
-    attention_kernel_mask,
+from embedrpc.server.worker import backends as worker_module
+from embedrpc.server.worker.backends import OrtBackend
+from embedrpc.server.worker.cuda import (
     cuda_precision_check,
     cuda_provider_options,
     prepared_precision,
@@ -32,6 +31,7 @@ from embedrpc.server.worker import (
     run_bound,
     session_options,
 )
+from embedrpc.server.worker.spec import WorkerSpec
 
 from .test_prepare import SOURCE
 
@@ -51,19 +51,19 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_cuda_provider_options() -> None:
-    spec = WorkerSpec(device="cuda:1")
+    spec = WorkerSpec.of(device="cuda:1")
     # TF32 off always (float32 graphs must compute float32); the device by index.
     assert cuda_provider_options(spec, cuda_graphs=False) == {"device_id": "1",
                                                               "use_tf32": "0"}
-    assert cuda_provider_options(WorkerSpec(device="cuda"), cuda_graphs=True) == {
+    assert cuda_provider_options(WorkerSpec.of(device="cuda"), cuda_graphs=True) == {
         "device_id": "0", "use_tf32": "0", "enable_cuda_graph": "1"}
-    flash = WorkerSpec(device="cuda:0", attention_kernel="flash,efficient")
+    flash = WorkerSpec.of(device="cuda:0", attention_kernel="flash,efficient")
     assert cuda_provider_options(flash, cuda_graphs=False)["sdpa_kernel"] == "3"
     assert providers(flash, cuda_graphs=True) == [
         ("CUDAExecutionProvider", {"device_id": "0", "use_tf32": "0",
                                    "enable_cuda_graph": "1", "sdpa_kernel": "3"}),
         "CPUExecutionProvider"]
-    assert providers(WorkerSpec(device="cpu"), cuda_graphs=False) == ["CPUExecutionProvider"]
+    assert providers(WorkerSpec.of(device="cpu"), cuda_graphs=False) == ["CPUExecutionProvider"]
 
 
 def test_attention_kernel_names_are_the_sdpa_kernel_bits() -> None:
@@ -81,9 +81,9 @@ def test_attention_kernel_names_are_the_sdpa_kernel_bits() -> None:
 
 def test_attention_kernel_is_a_serve_option() -> None:
     with pytest.raises(ValueError, match="--attention-kernel: attention kernel 'trt'"):
-        ServeConfig(attention_kernel="trt")
-    server = EmbedServer(ServeConfig(model="demo", device="cpu", attention_kernel="cudnn"))
-    assert {w.spec.attention_kernel for w in server.workers} == {"cudnn"}
+        ServeConfig.of(attention_kernel="trt")
+    server = EmbedServer(ServeConfig.of(model="demo", device="cpu", attention_kernel="cudnn"))
+    assert {w.spec.options.attention_kernel for w in server.workers} == {"cudnn"}
     from embedrpc.cli import parse_args
 
     assert parse_args(["serve", "--attention-kernel", "flash,efficient"]).attention_kernel \
@@ -95,17 +95,17 @@ def test_attention_kernel_is_a_serve_option() -> None:
 
 
 def test_cuda_sessions_get_one_thread_that_does_not_spin() -> None:
-    options = session_options(WorkerSpec(device="cuda:0", threads=8, spin=True))
+    options = session_options(WorkerSpec.of(device="cuda:0", threads=8, spin=True))
     assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
 
 
 def test_cpu_sessions_keep_their_threads() -> None:
-    options = session_options(WorkerSpec(device="cpu", threads=3))
+    options = session_options(WorkerSpec.of(device="cpu", threads=3))
     assert options.intra_op_num_threads == 3
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    spinning = session_options(WorkerSpec(device="cpu", threads=3, spin=True))
+    spinning = session_options(WorkerSpec.of(device="cpu", threads=3, spin=True))
     assert spinning.intra_op_num_threads == 3
     with pytest.raises(Exception, match="allow_spinning"):  # not set: ORT's default (spin)
         spinning.get_session_config_entry("session.intra_op.allow_spinning")
@@ -144,11 +144,11 @@ def test_prepared_precision_is_read_beside_the_graph(prepared: dict[str, Path],
 def test_cpu_only_prepared_graphs_are_refused_on_cuda(prepared: dict[str, Path]) -> None:
     # Refused before any CUDA session is made (none could be here), with the reason.
     with pytest.raises(ModelError, match="int8 prepared graph is for the CPU"):
-        OrtBackend(WorkerSpec(onnx_path=str(prepared["int8"] / "model.onnx"),
+        OrtBackend(WorkerSpec.of(onnx_path=str(prepared["int8"] / "model.onnx"),
                               device="cuda:0"))
     with pytest.raises(ModelError, match="--cuda-graphs: a fp32 prepared graph has no CUDA "
                                          "attention"):
-        OrtBackend(WorkerSpec(onnx_path=str(prepared["fp32"] / "model.onnx"),
+        OrtBackend(WorkerSpec.of(onnx_path=str(prepared["fp32"] / "model.onnx"),
                               device="cuda:0", cuda_graphs=True))
 
 
@@ -165,7 +165,7 @@ def test_precision_is_checked_from_the_graph_when_nothing_is_beside_it(
 
     monkeypatch.setattr(OrtBackend, "_load", load_on_cpu)
     with pytest.raises(ModelError, match="int8 prepared graph is for the CPU"):
-        OrtBackend(WorkerSpec(onnx_path=str(tmp_path / "model.onnx"), device="cuda:0"))
+        OrtBackend(WorkerSpec.of(onnx_path=str(tmp_path / "model.onnx"), device="cuda:0"))
     info = json.loads((prepared["int8"] / "embedrpc_prepared.json").read_text())
     assert info["precision"] == "int8"  # the fixture is what the test says it is
 
@@ -207,7 +207,7 @@ def test_every_run_goes_through_run_bound(prepared: dict[str, Path],
         real(session, binding, options, sync_inputs=sync_inputs)
 
     monkeypatch.setattr(worker_module, "run_bound", recording)
-    backend = OrtBackend(WorkerSpec(onnx_path=str(prepared["fp32"] / "model.onnx"),
+    backend = OrtBackend(WorkerSpec.of(onnx_path=str(prepared["fp32"] / "model.onnx"),
                                     static_shapes=True, max_length=128))
     ids, lengths = np.arange(1, 8, dtype=np.int32), np.array([3, 4], np.int32)
     backend.embed_exact(ids, lengths)

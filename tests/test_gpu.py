@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
-from embedrpc.server.graphs import AGREE_COSINE, warmup_shapes
+from embedrpc.server.worker.cuda_graphs import AGREE_COSINE, warmup_shapes
 
 from .conftest import running_server
 from .test_reference import CASES, assert_close
@@ -69,15 +69,16 @@ def test_cuda_graphs_agree_with_the_ordinary_path(prepared: dict[str, Path]) -> 
     captured at warm-up; every replay, on batches it was not captured with, agrees with
     the exact-shape path (cosine >= AGREE_COSINE), interleaved with batches too big for
     a graph; the served vectors match sentence-transformers (fp16: cosine >= 0.999)."""
-    from embedrpc.server.worker import OrtBackend, WorkerSpec
+    from embedrpc.server.worker.backends import OrtBackend
+    from embedrpc.server.worker.spec import WorkerSpec
 
     from .test_prepare import CASES as TINY_CASES
     from .test_prepare import REFERENCE, _cosines, _expected
 
     out = prepared["fp16"]
     max_tokens, max_length = 1024, REFERENCE["max_length"]
-    backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
-                                    cuda_graphs=True, graph_max_tokens=max_tokens,
+    backend = OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
+                                    cuda_graphs=True, cuda_graph_max_tokens=max_tokens,
                                     max_length=max_length))
     backend.warmup()
     info = backend.describe()
@@ -111,14 +112,15 @@ def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
     result is still float32 (TF32 off): cosine >= 0.9999 and max abs <= 1e-4 to the
     sentence-transformers reference. With CUDA graphs it is refused before loading."""
     from embedrpc.server.errors import ModelError
-    from embedrpc.server.worker import OrtBackend, WorkerSpec
+    from embedrpc.server.worker.backends import OrtBackend
+    from embedrpc.server.worker.spec import WorkerSpec
 
     from .test_prepare import CASES as TINY_CASES
     from .test_prepare import REFERENCE, _cosines, _expected
 
     out = prepared["fp32"]
-    with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker"):
-        backend = OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
+    with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker.backends"):
+        backend = OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
                                         max_length=REFERENCE["max_length"]))
     assert "GroupQueryAttention runs on CUDA in fp16 and bf16 only" in caplog.text
     assert backend.describe()["warnings"]
@@ -133,7 +135,7 @@ def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
         assert _cosines(got, want).min() >= 0.9999, name
         assert np.abs(got - want).max() <= 1e-4, name
     with pytest.raises(ModelError, match="--cuda-graphs: a fp32 prepared graph"):
-        OrtBackend(WorkerSpec(onnx_path=str(out / "model.onnx"), device="cuda:0",
+        OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
                               cuda_graphs=True))
 
 
@@ -142,14 +144,15 @@ def test_attention_kernel_switch(prepared: dict[str, Path], kernel: str) -> None
     """The `sdpa_kernel` provider option reaches ONNX Runtime: the session loads with
     it and its vectors agree with ORT's own choice on the same batch (fp16, both within
     rounding: cosine >= AGREE_COSINE)."""
-    from embedrpc.server.worker import OrtBackend, WorkerSpec
+    from embedrpc.server.worker.backends import OrtBackend
+    from embedrpc.server.worker.spec import WorkerSpec
 
     from .test_prepare import CASES as TINY_CASES
 
     out = prepared["fp16"]
     spec = {"onnx_path": str(out / "model.onnx"), "device": "cuda:0"}
-    chosen = OrtBackend(WorkerSpec(attention_kernel=kernel, **spec))  # type: ignore[arg-type]
-    default = OrtBackend(WorkerSpec(**spec))  # type: ignore[arg-type]
+    chosen = OrtBackend(WorkerSpec.of(attention_kernel=kernel, **spec))  # type: ignore[arg-type]
+    default = OrtBackend(WorkerSpec.of(**spec))  # type: ignore[arg-type]
     rows = [r for case in TINY_CASES.values() for r in case["token_ids"]]
     ids = np.concatenate([np.array(r, np.int32) for r in rows])
     lengths = np.array([len(r) for r in rows], np.int32)

@@ -23,7 +23,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from embedrpc.server.errors import ModelError
-from embedrpc.server.worker import OrtBackend, WorkerSpec, right_pad
+from embedrpc.server.worker.backends import OrtBackend
+from embedrpc.server.worker.spec import WorkerSpec, right_pad
 
 VOCAB, HIDDEN, PAD = 50, 8, 0
 E = np.random.default_rng(7).standard_normal((VOCAB, HIDDEN)).astype(np.float32)
@@ -109,7 +110,7 @@ def build(tmp_path: Path, *, ids: str = "input_ids", ids_type: int = INT64,
 
 
 def backend(path: str, pooling: str = "lasttoken", hidden_size: int = HIDDEN) -> OrtBackend:
-    return OrtBackend(WorkerSpec(onnx_path=path, device="cpu", threads=1, pooling=pooling,
+    return OrtBackend(WorkerSpec.of(onnx_path=path, device="cpu", threads=1, pooling=pooling,
                                  pad_id=PAD, hidden_size=hidden_size))
 
 

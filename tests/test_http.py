@@ -29,7 +29,7 @@ from embedrpc.server.errors import (
     Unavailable,
     WorkerFailed,
 )
-from embedrpc.server.http import error_from_embed
+from embedrpc.server.frontends.http import error_from_embed
 
 from .conftest import running_server
 
@@ -334,7 +334,7 @@ def test_listening_during_warm_up_answers_503(fake_model_dir: Path) -> None:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     # The fake backend's warm-up batch takes fake_delay_ms.
-    srv = EmbedServer(ServeConfig(model=str(fake_model_dir), backend="fake", workers=1,
+    srv = EmbedServer(ServeConfig.of(model=str(fake_model_dir), backend="fake", workers=1,
                                   device="cpu", host="127.0.0.1", port=0, http_port=0,
                                   metrics_port=0, fake_delay_ms=3000))
     started = asyncio.run_coroutine_threadsafe(srv.start(), loop)

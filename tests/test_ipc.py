@@ -1,4 +1,4 @@
-"""The event loop's end of a worker socket (workers._Channel) against the blocking
+"""The event loop's end of a worker socket (workers.Channel) against the blocking
 multiprocessing.Connection API a worker process uses on the other end."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from embedrpc.server.workers import _Channel
+from embedrpc.server.worker.channel import Channel
 
 
 def _echo(conn: Any) -> None:
@@ -34,7 +34,7 @@ async def _round_trip(messages: list[Any]) -> tuple[list[Any], bool]:
         if len(received) == len(messages) and not done.done():
             done.set_result(None)
 
-    channel = _Channel(parent, loop, on_message, lambda: closed.set_result(None))
+    channel = Channel(parent, loop, on_message, lambda: closed.set_result(None))
     for message in messages:  # all at once: later ones queue behind a partial write
         channel.send(message)
     await asyncio.wait_for(done, 60)
@@ -69,7 +69,7 @@ def test_a_dead_peer_closes_the_channel_and_sending_does_not_raise() -> None:
         loop = asyncio.get_running_loop()
         parent, child = mp.Pipe(duplex=True)
         closed = loop.create_future()
-        channel = _Channel(parent, loop, lambda m: None, lambda: closed.set_result(None))
+        channel = Channel(parent, loop, lambda m: None, lambda: closed.set_result(None))
         child.close()  # the worker died
         # Before the loop has seen end of file: the write fails (EPIPE) and closes it.
         channel.send(("ok", 1, np.zeros(1_000_000, dtype=np.float32)))

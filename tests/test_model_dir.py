@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embedrpc.server.app import resolve_devices
+from embedrpc.server.devices import resolve_devices
 from embedrpc.server.errors import ModelError
 from embedrpc.server.model import DEMO_DIR, load_model_spec, resolve_model_path
 
@@ -126,7 +126,7 @@ def test_bad_devices(device: str) -> None:
 
 
 def test_auto_device_falls_back_to_cpu_without_gpu() -> None:
-    from embedrpc.server.app import cuda_device_count
+    from embedrpc.server.devices import cuda_device_count
 
     if cuda_device_count():
         pytest.skip("this machine has a GPU")

@@ -2,7 +2,7 @@
 deadlines, cancellation and streams that stop reading.
 
 The fake backend's vectors are a documented function of the token ids alone
-(server/worker.py `fake_vector`), so a vector is right exactly when it equals
+(server/worker/backends.py `fake_vector`), so a vector is right exactly when it equals
 that function of the ids the Tokenize RPC reports; real-model checks compare
 with sentence-transformers (tests/data/demo_reference.json).
 """
@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 import embedrpc.server
 from embedrpc.client import AsyncEmbedClient, EmbedClient, decode, make_request
 from embedrpc.server import EmbedServer
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from .conftest import qwen_tokenizer_file, running_server, wait_until

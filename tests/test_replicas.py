@@ -4,7 +4,7 @@ retries UNAVAILABLE (and CANCELLED) with gRPC's retry policy on another replica.
 
 Which replica answered is read from each server's router (`Router.batched_tokens`: the
 tokens it sent to its workers). Every vector is checked against the fake backend's
-documented formula (server/worker.py `fake_vector` of the token ids, L2-normalised).
+documented formula (server/worker/backends.py `fake_vector` of the token ids, L2-normalised).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import pytest
 from embedrpc.client import EmbedClient
 from embedrpc.client.channel import channel_args, resolve_target, service_config
 from embedrpc.server import EmbedServer, ServeConfig
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 
 from .conftest import wait_until
 
@@ -123,7 +123,7 @@ def replicas(n: int, model_dir: Path, **config: object) -> Iterator[list[Replica
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=loop.run_forever, daemon=True)
             thread.start()
-            server = EmbedServer(ServeConfig(
+            server = EmbedServer(ServeConfig.of(
                 model=str(model_dir), backend="fake", device="cpu", workers=1,
                 host="127.0.0.1", port=0, **config))  # type: ignore[arg-type]
             started.append((Replica(server, "", loop), thread))

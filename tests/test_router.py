@@ -25,8 +25,8 @@ import pytest
 
 from embedrpc.server.errors import DeadlineExceeded, Overloaded, Unavailable, WorkerFailed
 from embedrpc.server.router import MAX_ATTEMPTS, BatchConfig, Router
-from embedrpc.server.worker import Batch
-from embedrpc.server.workers import WorkerCrashed
+from embedrpc.server.worker.handle import WorkerCrashed
+from embedrpc.server.worker.spec import Batch
 
 HIDDEN = 4
 POISON = 99_999  # a token id that crashes the fake worker whenever a batch holds it
@@ -281,7 +281,7 @@ def test_past_deadline_is_refused_without_reaching_a_worker() -> None:
         async with running([worker]) as router:
             with pytest.raises(DeadlineExceeded) as info:
                 await router.embed(request(1, [3, 4]), deadline=time.monotonic() - 0.001)
-            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert info.value.grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     run(main)
     assert worker.seen == []
@@ -321,7 +321,7 @@ def test_full_queue_refuses_at_once() -> None:
             # 8 + 3 > 10. The worker is held, so a queued request would time out instead.
             with pytest.raises(Overloaded) as info:
                 await asyncio.wait_for(router.embed(request(2, [3])), timeout=0.5)
-            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
             worker.release()
             exact(await a, first)
 
@@ -370,7 +370,7 @@ def test_poison_text_fails_its_request_only() -> None:
             bad, good = await asyncio.gather(router.embed(poisoned), router.embed(other),
                                              return_exceptions=True)
         assert isinstance(bad, WorkerFailed) and not isinstance(bad, WorkerCrashed)
-        assert bad.code == grpc.StatusCode.INTERNAL
+        assert bad.grpc_code == grpc.StatusCode.INTERNAL
         assert isinstance(good, np.ndarray)
         exact(good, other)
 
@@ -393,7 +393,7 @@ def test_worker_exception_fails_only_its_batch() -> None:
             bad, good = await asyncio.gather(router.embed(broken), router.embed(fine),
                                              return_exceptions=True)
         assert isinstance(bad, WorkerFailed)
-        assert bad.code == grpc.StatusCode.INTERNAL
+        assert bad.grpc_code == grpc.StatusCode.INTERNAL
         assert "boom" in str(bad)
         assert isinstance(good, np.ndarray)
         exact(good, fine)
@@ -496,7 +496,7 @@ def test_close_fails_queued_requests_and_refuses_new_ones() -> None:
         await router.close()
         with pytest.raises(Unavailable) as info:
             await b
-        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert info.value.grpc_code == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(Unavailable):
             await router.embed(request(3, [3]))
         worker.release()

@@ -378,7 +378,7 @@ def test_keys_are_compared_whole() -> None:
 
 
 def _config(fake_model_dir: Path, **kw: object) -> ServeConfig:
-    return ServeConfig(model=str(fake_model_dir), backend="fake", device="cpu",
+    return ServeConfig.of(model=str(fake_model_dir), backend="fake", device="cpu",
                        host="127.0.0.1", port=0, **kw)  # type: ignore[arg-type]
 
 

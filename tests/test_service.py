@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokenizers import Tokenizer
 
 from embedrpc.client import AsyncEmbedClient, EmbedClient, make_request
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 

@@ -26,11 +26,13 @@ import pytest
 
 from embedrpc.client import EmbedClient
 from embedrpc.prepare import PrepareConfig, prepare
-from embedrpc.server import EmbedServer, ServeConfig, graphs
+from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.errors import ModelError
-from embedrpc.server.graphs import LENGTH_BUCKETS, ROW_BUCKETS, WARMUP_ROWS, bucket
 from embedrpc.server.model import DEMO_DIR
-from embedrpc.server.worker import OrtBackend, WorkerSpec
+from embedrpc.server.worker import cuda_graphs as graphs
+from embedrpc.server.worker.backends import OrtBackend
+from embedrpc.server.worker.cuda_graphs import LENGTH_BUCKETS, ROW_BUCKETS, WARMUP_ROWS, bucket
+from embedrpc.server.worker.spec import WorkerSpec
 
 from .conftest import running_server
 from .test_prepare import CASES, REFERENCE, SOURCE, _cosines, _expected
@@ -48,7 +50,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _backend(directory: Path, **spec: object) -> OrtBackend:
-    return OrtBackend(WorkerSpec(onnx_path=str(directory / "model.onnx"), static_shapes=True,
+    return OrtBackend(WorkerSpec.of(onnx_path=str(directory / "model.onnx"), static_shapes=True,
                                  max_length=REFERENCE["max_length"], **spec))  # type: ignore[arg-type]
 
 
@@ -120,7 +122,7 @@ def test_bucketed_path_matches_sentence_transformers(prepared: Path) -> None:
 
 
 def test_oversized_batches_take_the_exact_path(prepared: Path) -> None:
-    backend = _backend(prepared, graph_max_tokens=64)
+    backend = _backend(prepared, cuda_graph_max_tokens=64)
     ids, lengths = _batch([[5] * 30, [6] * 20, [7] * 3])  # 3 x 32 = 96 padded tokens
     got = backend.embed(ids, lengths)
     np.testing.assert_allclose(got, backend.embed_exact(ids, lengths), atol=BATCH_INVARIANCE)
@@ -145,7 +147,7 @@ def test_a_bucket_that_disagrees_is_turned_off(prepared: Path, monkeypatch: pyte
 
     monkeypatch.setattr(graphs._Slot, "run", stale)
     ids, lengths = _batch(CASES["documents"]["token_ids"][:3])
-    with caplog.at_level(logging.WARNING, logger="embedrpc.server.graphs"):
+    with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker.cuda_graphs"):
         got = backend.embed(ids, lengths)
     np.testing.assert_allclose(got, backend.embed_exact(ids, lengths), atol=BATCH_INVARIANCE)
     assert backend.static is not None and "disagreed" in (backend.static.off or "")
@@ -159,8 +161,8 @@ def test_warmup_makes_the_common_buckets_and_reports_the_time(
         prepared: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     max_tokens, max_length = 1024, REFERENCE["max_length"]
-    backend = _backend(prepared, graph_max_tokens=max_tokens)
-    with caplog.at_level(logging.INFO, logger="embedrpc.server.graphs"):
+    backend = _backend(prepared, cuda_graph_max_tokens=max_tokens)
+    with caplog.at_level(logging.INFO, logger="embedrpc.server.worker.cuda_graphs"):
         backend.warmup()
     # As documented: WARMUP_ROWS × every length bucket, within both limits.
     want = {(r, w) for r in WARMUP_ROWS for w in LENGTH_BUCKETS
@@ -226,7 +228,7 @@ def test_a_failed_capture_or_replay_rebuilds_the_session_without_graphs(
 
     monkeypatch.setattr(OrtBackend, "_load", load)
     old_session = backend.session
-    with caplog.at_level(logging.WARNING, logger="embedrpc.server.graphs"):
+    with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker.cuda_graphs"):
         got = backend.embed(ids, lengths)
     # A new session, asked for without CUDA graphs, answered the batch exactly.
     assert loads == [False] and backend.session is not old_session
@@ -254,8 +256,8 @@ def test_a_worker_whose_session_cannot_be_rebuilt_exits(
     import multiprocessing
     import threading
 
-    from embedrpc.server import worker as worker_module
-    from embedrpc.server.worker import Batch
+    from embedrpc.server.worker import process as worker_module
+    from embedrpc.server.worker.spec import Batch
 
     backend = _capturing(prepared)
     _fail_when(monkeypatch, lambda eager: not eager)
@@ -268,7 +270,7 @@ def test_a_worker_whose_session_cannot_be_rebuilt_exits(
     monkeypatch.setattr(worker_module, "configure_logging", lambda *a, **k: None)
     monkeypatch.setattr(OrtBackend, "warmup", lambda self: None)
     parent, child = multiprocessing.Pipe()
-    thread = threading.Thread(target=worker_module.worker_main, args=(child, WorkerSpec()))
+    thread = threading.Thread(target=worker_module.worker_main, args=(child, WorkerSpec.of()))
     thread.start()
     try:
         assert parent.recv()[0] == "ready"
@@ -288,7 +290,7 @@ def test_a_worker_whose_session_cannot_be_rebuilt_exits(
 def test_a_graph_that_does_not_pool_is_refused() -> None:
     # The demo model's graph returns last_hidden_state; the worker pools it.
     with pytest.raises(ModelError, match="embedrpc prepare"):
-        OrtBackend(WorkerSpec(onnx_path=str(DEMO_DIR / "model.onnx"), static_shapes=True,
+        OrtBackend(WorkerSpec.of(onnx_path=str(DEMO_DIR / "model.onnx"), static_shapes=True,
                               hidden_size=128))
 
 
@@ -306,18 +308,18 @@ def test_served_through_the_bucketed_path(prepared: Path) -> None:
 
 def test_cuda_graphs_flag_needs_a_gpu(prepared: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ModelError, match="--cuda-graphs needs a CUDA device"):
-        EmbedServer(ServeConfig(model=str(prepared), device="cpu", cuda_graphs=True))
+        EmbedServer(ServeConfig.of(model=str(prepared), device="cpu", cuda_graphs=True))
     if graphs_available():
         pytest.skip("a GPU is here: --device auto would use it")
     with caplog.at_level(logging.WARNING, logger="embedrpc.server.app"):
-        server = EmbedServer(ServeConfig(model=str(prepared), device="auto", cuda_graphs=True))
+        server = EmbedServer(ServeConfig.of(model=str(prepared), device="auto", cuda_graphs=True))
     assert server.devices == ["cpu"]
     assert "no GPU, so no CUDA graphs" in caplog.text
     with pytest.raises(ValueError, match="at least 8"):
-        ServeConfig(cuda_graph_max_tokens=4)
+        ServeConfig.of(cuda_graph_max_tokens=4)
 
 
 def graphs_available() -> bool:
-    from embedrpc.server.app import cuda_device_count
+    from embedrpc.server.devices import cuda_device_count
 
     return cuda_device_count() > 0

@@ -81,8 +81,10 @@ class EnvParser(argparse.ArgumentParser):
         self.config = config or ConfigFile()
 
     def add_option(self, *flags: str, type: Callable[[str], Any] = str, default: Any = None,
-                   help: str = "", secret: bool = False, **kwargs: Any) -> None:
-        """secret: the value (an API key) is never shown in --help or an error."""
+                   help: str = "", secret: bool = False, default_text: str | None = None,
+                   **kwargs: Any) -> None:
+        """secret: the value (an API key) is never shown in --help or an error;
+        default_text: how --help says the default, where the value would not."""
         dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
         env = ENV_PREFIX + dest.upper()
         from_file = self.config.values.pop(dest, None)
@@ -105,6 +107,100 @@ class EnvParser(argparse.ArgumentParser):
             choices = kwargs.get("choices")
             if choices is not None and default not in choices:
                 self.error(f"{source}={text!r}: use one of {', '.join(map(str, choices))}")
-        shown = "" if default is None or secret else f"default: {default}; "
+        if default_text is not None:
+            shown = f"default: {default_text}; "
+        else:
+            shown = "" if default is None or secret else f"default: {default}; "
         self.add_argument(*flags, dest=dest, type=type, default=default,
                           help=f"{help} ({shown}env {env})", **kwargs)
+
+
+# --------------------------------------------------------------------------- config classes
+
+
+@dataclass(frozen=True)
+class ConfigOption:
+    """One option of a config dataclass, as the command line sees it."""
+
+    group: str  # the attribute of the config holding the option's dataclass
+    name: str  # the field's name
+    flag: str  # "--max-batch-tokens"
+    dest: str  # "max_batch_tokens" (the environment variable is EMBEDRPC_ + DEST)
+    kind: str  # "bool", "int", "float", "str" or "keys"
+    optional: bool  # None is a value (empty in the environment or a file: None)
+    default: Any
+    help: str
+    shown: str | None
+    choices: tuple[str, ...] | None
+    secret: bool
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.dest.upper()
+
+
+def config_options(config_class: type) -> list[ConfigOption]:
+    """The options of a config made of option groups (embedrpc.server.config.ServeConfig),
+    in definition order, from the fields' types and metadata."""
+    import dataclasses
+    import typing
+
+    found = []
+    for group in dataclasses.fields(config_class):
+        group_class = typing.get_type_hints(config_class)[group.name]
+        hints = typing.get_type_hints(group_class)
+        for f in dataclasses.fields(group_class):
+            meta = f.metadata
+            if not meta.get("cli", False):
+                continue
+            hint = hints[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = type(None) in typing.get_args(hint)
+            base = args[0] if optional else hint
+            kind = ("keys" if typing.get_origin(hint) is tuple else
+                    {bool: "bool", int: "int", float: "float", str: "str"}[base])
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            flag = meta.get("flag") or f.name.replace("_", "-")
+            found.append(ConfigOption(
+                group=group.name, name=f.name, flag=f"--{flag}", dest=flag.replace("-", "_"),
+                kind=kind, optional=optional, default=default, help=meta["help"],
+                shown=meta.get("shown"), choices=meta.get("choices"),
+                secret=meta.get("secret", False)))
+    return found
+
+
+def _parser_of(option: ConfigOption) -> Callable[[str], Any]:
+    base: Callable[[str], Any] = {"bool": parse_bool, "int": int, "float": float,
+                                  "str": str, "keys": key_list}[option.kind]
+    if not option.optional:
+        return base
+
+    def optional(text: str) -> Any:  # an empty variable or value: unset
+        return None if text == "" else base(text)
+
+    optional.__name__ = getattr(base, "__name__", option.kind)
+    return optional
+
+
+def add_config_options(parser: EnvParser, config_class: type) -> list[ConfigOption]:
+    """Add every option of `config_class` to `parser` (flags, environment, --config file)."""
+    options = config_options(config_class)
+    for o in options:
+        kwargs: dict[str, Any] = {"dest": o.dest, "choices": o.choices}
+        if o.kind == "bool":
+            kwargs.update(nargs="?", const=True, metavar="BOOL")
+        if o.kind == "keys":
+            kwargs.update(action=ExtendKeys)
+        default = list(o.default) if o.kind == "keys" else o.default
+        parser.add_option(o.flag, type=_parser_of(o), default=default, help=o.help,
+                          secret=o.secret, default_text=o.shown, **kwargs)
+    return options
+
+
+def config_from_namespace(config_class: type, namespace: argparse.Namespace) -> Any:
+    """The config `add_config_options` made flags for, from the parsed namespace."""
+    values = {}
+    for o in config_options(config_class):
+        value = getattr(namespace, o.dest)
+        values[o.name] = tuple(value) if o.kind == "keys" else value
+    return config_class.of(**values)

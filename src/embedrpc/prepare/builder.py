@@ -229,63 +229,131 @@ def rope_caches(config: Qwen3Config) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
-                progress: Callable[[str], None] | None = None) -> Any:
-    """The ModelProto (initializers inline; save it with external data when large)."""
-    g = _Graph(options)
-    onnx = g.onnx
-    tp = onnx.TensorProto
-    hidden, inter, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    q_size, kv_size = config.q_size, config.kv_size
-    eps = config.rms_norm_eps
+class _Qwen3Graph:
+    """The parts of a Qwen3 graph, built in order on one _Graph: sequence bookkeeping,
+    the embedding, the decoder layers (attention, MLP), the final norm, then the head
+    (pooling and normalisation for embeddings)."""
 
-    # Lengths: right padding puts each row's tokens at 0..len-1.
-    shape = g.node("Shape", ["input_ids"], name="shape")
-    seq = g.node("Gather", [shape, g.const("one_i64", np.array(1, dtype=np.int64))], axis=0)
-    total_length = g.node("Cast", [seq], to=tp.INT32, name="total_sequence_length")
-    lengths = g.node("ReduceSum", ["attention_mask", g.ints([1])], keepdims=0)
-    last = g.node("Max", [g.node("Sub", [lengths, g.ints([1])]), g.ints([0])], name="last_index")
-    seqlens_k = g.node("Cast", [last], to=tp.INT32, name="seqlens_k")
+    def __init__(self, config: Qwen3Config, weights: Weights, options: GraphOptions) -> None:
+        self.g = _Graph(options)
+        self.config = config
+        self.weights = weights
+        self.options = options
+        self.probes: list[tuple[str, str]] = []
+        # Only the pooled rows matter after the last attention when pooling reads one row.
+        self.pooled_early = options.pooling in ("lasttoken", "cls")
 
-    # An empty cache ([B, KV heads, 0, D]) for every layer: GroupQueryAttention's prompt
-    # path, as generation graphs feed it on their first step (CPU and CUDA kernels alike).
-    batch = g.node("Slice", [shape, g.ints([0]), g.ints([1])])
-    past_shape = g.node("Concat", [batch, g.ints([config.kv_heads, 0, hd])], axis=0)
-    empty_past = g.node("ConstantOfShape", [past_shape], name="empty_past",
-                        value=onnx.helper.make_tensor("value", g.compute, [1], [0.0]))
+    def sequence(self) -> None:
+        """Lengths and positions: right padding puts each row's tokens at 0..len-1; an
+        empty key/value cache and the rotary tables for GroupQueryAttention."""
+        g, tp, config = self.g, self.g.onnx.TensorProto, self.config
+        shape = g.node("Shape", ["input_ids"], name="shape")
+        seq = g.node("Gather", [shape, g.const("one_i64", np.array(1, dtype=np.int64))], axis=0)
+        self.total_length = g.node("Cast", [seq], to=tp.INT32, name="total_sequence_length")
+        self.lengths = g.node("ReduceSum", ["attention_mask", g.ints([1])], keepdims=0)
+        self.last = g.node("Max", [g.node("Sub", [self.lengths, g.ints([1])]), g.ints([0])],
+                           name="last_index")
+        self.seqlens_k = g.node("Cast", [self.last], to=tp.INT32, name="seqlens_k")
+        # An empty cache ([B, KV heads, 0, D]) for every layer: GroupQueryAttention's
+        # prompt path, as generation graphs feed it on their first step (CPU and CUDA
+        # kernels alike).
+        batch = g.node("Slice", [shape, g.ints([0]), g.ints([1])])
+        past_shape = g.node("Concat", [batch, g.ints([config.kv_heads, 0, config.head_dim])],
+                            axis=0)
+        self.empty_past = g.node("ConstantOfShape", [past_shape], name="empty_past",
+                                 value=g.onnx.helper.make_tensor("value", g.compute, [1],
+                                                                 [0.0]))
+        cos, sin = rope_caches(config)
+        self.cos_cache = g.weight("rope.cos", cos)
+        self.sin_cache = g.weight("rope.sin", sin)
 
-    cos, sin = rope_caches(config)
-    cos_cache = g.weight("rope.cos", cos)
-    sin_cache = g.weight("rope.sin", sin)
+    def embed(self) -> str:
+        """The residual stream at the input: token embeddings, float32."""
+        g, config = self.g, self.config
+        embed = g.weight("embed_tokens", self.weights.get(
+            "embed_tokens.weight", (config.vocab_size, config.hidden_size)))
+        return g.to_f32(g.rounded(g.node("Gather", [embed, "input_ids"], axis=0, name="embed")))
 
-    embed = g.weight("embed_tokens", weights.get("embed_tokens.weight",
-                                                 (config.vocab_size, hidden)))
-    residual = g.to_f32(g.rounded(g.node("Gather", [embed, "input_ids"], axis=0,
-                                         name="embed")))
-    pooled_early = options.pooling in ("lasttoken", "cls")
-    probes: list[tuple[str, str]] = []
-
-    def take_pooled_rows(x: str) -> str:
+    def take_pooled_rows(self, x: str) -> str:
         """[B, S, H] → [B, 1, H]: the rows pooling reads (last real token or first)."""
-        if options.pooling == "cls":
+        g = self.g
+        if self.options.pooling == "cls":
             return g.node("Slice", [x, g.ints([0]), g.ints([1]), g.ints([1])])
-        index = g.node("Reshape", [last, g.ints([-1, 1, 1])])
-        index = g.node("Expand", [index, g.ints([1, 1, hidden])])
+        index = g.node("Reshape", [self.last, g.ints([-1, 1, 1])])
+        index = g.node("Expand", [index, g.ints([1, 1, self.config.hidden_size])])
         return g.node("GatherElements", [x, index], axis=1, name="pool_last_token")
 
-    def absmax(values: list[str]) -> str:
+    def absmax(self, values: list[str]) -> str:
+        """The largest |value| over tensors (an activation probe)."""
+        g = self.g
         maxima = [g.node("ReduceMax", [g.node("Abs", [v])], keepdims=0) for v in values]
         stacked = g.node("Concat", [g.node("Reshape", [m, g.ints([1])]) for m in maxima],
                          axis=0)
         return g.node("ReduceMax", [stacked], keepdims=0)
 
-    mlp_out: str | None = None
-    for i in range(config.layers):
-        if progress and (i % 4 == 0 or i == config.layers - 1):
-            progress(f"layer {i + 1}/{config.layers}")
-        p = f"layers.{i}"
-        attn_div, mlp_div = options.scales.get(i, (1.0, 1.0))
-        gamma_in = g.weight_f32(f"{p}.input_layernorm", weights.get(
+    def head_norm(self, x: str, heads: int, which: str, layer: str) -> str:
+        """Qwen3's per-head RMSNorm of q or k."""
+        g, hd = self.g, self.config.head_dim
+        gamma = g.weight(f"{layer}.{which}_norm", self.weights.get(
+            f"{layer}.self_attn.{which}_norm.weight", (hd,)))
+        per_head = g.node("Reshape", [x, g.ints([0, 0, heads, hd])])
+        normed = g.node("SimplifiedLayerNormalization", [per_head, gamma], axis=-1,
+                        epsilon=self.config.rms_norm_eps, stash_type=1,
+                        name=f"{layer}/{which}_norm")
+        return g.node("Reshape", [g.rounded(normed), g.ints([0, 0, heads * hd])])
+
+    def attention(self, i: int, normed: str, attn_div: float) -> str:
+        """Packed QKV projection, q/k norms, GroupQueryAttention (rotary inside), o; back
+        to float32."""
+        g, config, p = self.g, self.config, f"layers.{i}"
+        hidden, q_size, kv_size = config.hidden_size, config.q_size, config.kv_size
+        wq = self.weights.get(f"{p}.self_attn.q_proj.weight", (q_size, hidden))
+        wk = self.weights.get(f"{p}.self_attn.k_proj.weight", (kv_size, hidden))
+        wv = self.weights.get(f"{p}.self_attn.v_proj.weight", (kv_size, hidden)) / attn_div
+        qkv = g.linear(g.to_low(normed), f"{p}.qkv_proj", np.concatenate([wq, wk, wv]).T)
+        q, k, v = g.node("Split", [qkv, g.ints([q_size, kv_size, kv_size])], 3, axis=-1)
+        q = self.head_norm(q, config.heads, "q", p)
+        k = self.head_norm(k, config.kv_heads, "k", p)
+        attn = g.node(
+            "GroupQueryAttention", [q, k, v, self.empty_past, self.empty_past, self.seqlens_k,
+                                    self.total_length, self.cos_cache, self.sin_cache], 3,
+            domain="com.microsoft", num_heads=config.heads, kv_num_heads=config.kv_heads,
+            do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(config.head_dim),
+            name=f"{p}/attention")[0]
+        attn = g.rounded(attn)
+        o = g.linear(attn, f"{p}.o_proj", self.weights.get(f"{p}.self_attn.o_proj.weight",
+                                                           (hidden, q_size)).T)
+        out = g.to_f32_unscaled(o, attn_div)
+        if self.options.probes:
+            self.probes.append((f"probe.{i}.attention", self.absmax([v, attn, o])))
+        return out
+
+    def mlp(self, i: int, normed: str, mlp_div: float) -> str:
+        """Packed gate/up projection, SiLU(gate) · up, down; back to float32."""
+        g, config, p = self.g, self.config, f"layers.{i}"
+        hidden, inter = config.hidden_size, config.intermediate_size
+        w_gate = self.weights.get(f"{p}.mlp.gate_proj.weight", (inter, hidden))
+        w_up = self.weights.get(f"{p}.mlp.up_proj.weight", (inter, hidden)) / mlp_div
+        gate_up = g.linear(g.to_low(normed), f"{p}.gate_up_proj",
+                           np.concatenate([w_gate, w_up]).T)
+        gate, up = g.node("Split", [gate_up, g.ints([inter, inter])], 2, axis=-1)
+        silu = g.rounded(g.node("QuickGelu", [gate], domain="com.microsoft", alpha=1.0,
+                                name=f"{p}/silu"))
+        act = g.rounded(g.node("Mul", [silu, up]))
+        down = g.linear(act, f"{p}.down_proj", self.weights.get(f"{p}.mlp.down_proj.weight",
+                                                                (hidden, inter)).T)
+        out = g.to_f32_unscaled(down, mlp_div)
+        if self.options.probes:
+            self.probes.append((f"probe.{i}.mlp", self.absmax([up, act, down])))
+        return out
+
+    def layer(self, i: int, residual: str, mlp_out: str | None) -> tuple[str, str]:
+        """One decoder layer; returns (residual, this layer's MLP output), whose sum the
+        next norm takes."""
+        g, config, p = self.g, self.config, f"layers.{i}"
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        attn_div, mlp_div = self.options.scales.get(i, (1.0, 1.0))
+        gamma_in = g.weight_f32(f"{p}.input_layernorm", self.weights.get(
             f"{p}.input_layernorm.weight", (hidden,)))
         if mlp_out is None:
             normed = g.node("SimplifiedLayerNormalization", [residual, gamma_in], axis=-1,
@@ -294,104 +362,90 @@ def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
             normed, _, _, residual = g.node(
                 "SkipSimplifiedLayerNormalization", [mlp_out, residual, gamma_in], 4,
                 domain="com.microsoft", epsilon=eps, name=f"{p}/input_norm")
-
-        wq = weights.get(f"{p}.self_attn.q_proj.weight", (q_size, hidden))
-        wk = weights.get(f"{p}.self_attn.k_proj.weight", (kv_size, hidden))
-        wv = weights.get(f"{p}.self_attn.v_proj.weight", (kv_size, hidden)) / attn_div
-        qkv = g.linear(g.to_low(normed), f"{p}.qkv_proj", np.concatenate([wq, wk, wv]).T)
-        q, k, v = g.node("Split", [qkv, g.ints([q_size, kv_size, kv_size])], 3, axis=-1)
-
-        def head_norm(x: str, heads: int, which: str, layer: str = p) -> str:
-            gamma = g.weight(f"{layer}.{which}_norm", weights.get(
-                f"{layer}.self_attn.{which}_norm.weight", (hd,)))
-            per_head = g.node("Reshape", [x, g.ints([0, 0, heads, hd])])
-            normed = g.node("SimplifiedLayerNormalization", [per_head, gamma], axis=-1,
-                            epsilon=eps, stash_type=1, name=f"{layer}/{which}_norm")
-            return g.node("Reshape", [g.rounded(normed), g.ints([0, 0, heads * hd])])
-
-        q = head_norm(q, config.heads, "q")
-        k = head_norm(k, config.kv_heads, "k")
-        attn = g.node(
-            "GroupQueryAttention", [q, k, v, empty_past, empty_past, seqlens_k, total_length,
-                                    cos_cache, sin_cache], 3, domain="com.microsoft",
-            num_heads=config.heads, kv_num_heads=config.kv_heads, do_rotary=1,
-            rotary_interleaved=0, scale=1.0 / math.sqrt(hd), name=f"{p}/attention")[0]
-        attn = g.rounded(attn)
-        o = g.linear(attn, f"{p}.o_proj", weights.get(f"{p}.self_attn.o_proj.weight",
-                                                      (hidden, q_size)).T)
-        attn_out = g.to_f32_unscaled(o, attn_div)
-        if options.probes:
-            probes.append((f"probe.{i}.attention", absmax([v, attn, o])))
-
-        if i == config.layers - 1 and pooled_early:
+        attn_out = self.attention(i, normed, attn_div)
+        if i == config.layers - 1 and self.pooled_early:
             # Only the pooled rows matter after the last attention: skip the rest's MLP.
-            attn_out, residual = take_pooled_rows(attn_out), take_pooled_rows(residual)
-        gamma_post = g.weight_f32(f"{p}.post_attention_layernorm", weights.get(
+            attn_out, residual = self.take_pooled_rows(attn_out), self.take_pooled_rows(
+                residual)
+        gamma_post = g.weight_f32(f"{p}.post_attention_layernorm", self.weights.get(
             f"{p}.post_attention_layernorm.weight", (hidden,)))
         normed, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization", [attn_out, residual, gamma_post], 4,
             domain="com.microsoft", epsilon=eps, name=f"{p}/post_attention_norm")
+        return residual, self.mlp(i, normed, mlp_div)
 
-        w_gate = weights.get(f"{p}.mlp.gate_proj.weight", (inter, hidden))
-        w_up = weights.get(f"{p}.mlp.up_proj.weight", (inter, hidden)) / mlp_div
-        gate_up = g.linear(g.to_low(normed), f"{p}.gate_up_proj",
-                           np.concatenate([w_gate, w_up]).T)
-        gate, up = g.node("Split", [gate_up, g.ints([inter, inter])], 2, axis=-1)
-        silu = g.rounded(g.node("QuickGelu", [gate], domain="com.microsoft", alpha=1.0,
-                                name=f"{p}/silu"))
-        act = g.rounded(g.node("Mul", [silu, up]))
-        down = g.linear(act, f"{p}.down_proj", weights.get(f"{p}.mlp.down_proj.weight",
-                                                           (hidden, inter)).T)
-        mlp_out = g.to_f32_unscaled(down, mlp_div)
-        if options.probes:
-            probes.append((f"probe.{i}.mlp", absmax([up, act, down])))
+    def final_norm(self, mlp_out: str, residual: str) -> str:
+        g = self.g
+        gamma = g.weight_f32("norm", self.weights.get("norm.weight",
+                                                      (self.config.hidden_size,)))
+        return g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, gamma], 1,
+                      domain="com.microsoft", epsilon=self.config.rms_norm_eps,
+                      name="final_norm")
 
+    def embedding_head(self, final: str) -> None:
+        """Pooling and L2 normalisation → `sentence_embedding` [B, H] float32."""
+        g, tp, hidden = self.g, self.g.onnx.TensorProto, self.config.hidden_size
+        if self.pooled_early:
+            pooled = g.node("Reshape", [final, g.ints([-1, hidden])], name="pooled")
+        else:  # mean over real tokens
+            # Where, not a product with the mask: padded positions may hold anything (cuDNN
+            # attention leaves padded query rows unspecified), and inf or NaN times 0 is
+            # NaN.
+            real = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=tp.BOOL),
+                                        g.ints([-1])])
+            kept = g.node("Where", [real, final, g.f32(0.0)], name="pool_mask")
+            summed = g.node("ReduceSum", [kept, g.ints([1])], keepdims=0)
+            count = g.node("Max", [g.node("Cast", [g.node("Reshape", [
+                self.lengths, g.ints([-1, 1])])], to=tp.FLOAT), g.f32(1.0)])
+            pooled = g.node("Div", [summed, count], name="pooled")
+        if self.options.normalize:
+            norm = g.node("ReduceL2", [pooled, g.ints([-1])], keepdims=1)
+            norm = g.node("Max", [norm, g.f32(1e-12)])  # as torch's F.normalize: 0 stays 0
+            g.node("Div", [pooled, norm], outputs=["sentence_embedding"], name="l2_normalize")
+        else:
+            g.node("Identity", [pooled], outputs=["sentence_embedding"])
+
+    def finish(self, output: str, width: int) -> Any:
+        """The ModelProto: inputs, `output` [batch, width] float32, probes, metadata."""
+        g, tp = self.g, self.g.onnx.TensorProto
+        helper, options = g.onnx.helper, self.options
+        inputs = [helper.make_tensor_value_info(n, tp.INT64, ["batch", "sequence"])
+                  for n in ("input_ids", "attention_mask")]
+        outputs = [helper.make_tensor_value_info(output, tp.FLOAT, ["batch", width])]
+        for name, value in self.probes:
+            g.node("Identity", [value], outputs=[name])
+            outputs.append(helper.make_tensor_value_info(name, tp.FLOAT, []))
+        model = g.model  # what make_graph and make_model would give, without copying weights
+        model.graph.node.extend(g.nodes)
+        model.graph.name = "embedrpc_qwen3"
+        model.graph.input.extend(inputs)
+        model.graph.output.extend(outputs)
+        model.opset_import.extend([helper.make_opsetid("", OPSET),
+                                   helper.make_opsetid("com.microsoft", 1)])
+        model.producer_name = "embedrpc prepare"
+        model.ir_version = IR_VERSION
+        precision = options.precision + ("-emulated" if options.emulate else "")
+        helper.set_model_props(model, {
+            "embedrpc.precision": precision, "embedrpc.pooling": options.pooling,
+            "embedrpc.normalized": str(options.normalize).lower(),
+            "embedrpc.builder_version": str(BUILDER_VERSION)})
+        return model
+
+
+def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
+                progress: Callable[[str], None] | None = None) -> Any:
+    """The embedding model's ModelProto (initializers inline; save it with external data
+    when large): the decoder, then pooling and normalisation."""
+    b = _Qwen3Graph(config, weights, options)
+    b.sequence()
+    residual, mlp_out = b.embed(), None
+    for i in range(config.layers):
+        if progress and (i % 4 == 0 or i == config.layers - 1):
+            progress(f"layer {i + 1}/{config.layers}")
+        residual, mlp_out = b.layer(i, residual, mlp_out)
     assert mlp_out is not None
-    gamma = g.weight_f32("norm", weights.get("norm.weight", (hidden,)))
-    final = g.node("SkipSimplifiedLayerNormalization", [mlp_out, residual, gamma], 1,
-                   domain="com.microsoft", epsilon=eps, name="final_norm")
-    if pooled_early:
-        pooled = g.node("Reshape", [final, g.ints([-1, hidden])], name="pooled")
-    else:  # mean over real tokens
-        # Where, not a product with the mask: padded positions may hold anything (cuDNN
-        # attention leaves padded query rows unspecified), and inf or NaN times 0 is NaN.
-        real = g.node("Unsqueeze", [g.node("Cast", ["attention_mask"], to=tp.BOOL),
-                                    g.ints([-1])])
-        kept = g.node("Where", [real, final, g.f32(0.0)], name="pool_mask")
-        summed = g.node("ReduceSum", [kept, g.ints([1])], keepdims=0)
-        count = g.node("Max", [g.node("Cast", [g.node("Reshape", [lengths, g.ints([-1, 1])])],
-                                      to=tp.FLOAT), g.f32(1.0)])
-        pooled = g.node("Div", [summed, count], name="pooled")
-    if options.normalize:
-        norm = g.node("ReduceL2", [pooled, g.ints([-1])], keepdims=1)
-        norm = g.node("Max", [norm, g.f32(1e-12)])  # as torch's F.normalize: 0 stays 0
-        g.node("Div", [pooled, norm], outputs=["sentence_embedding"], name="l2_normalize")
-    else:
-        g.node("Identity", [pooled], outputs=["sentence_embedding"])
-
-    helper = onnx.helper
-    inputs = [helper.make_tensor_value_info(n, tp.INT64, ["batch", "sequence"])
-              for n in ("input_ids", "attention_mask")]
-    outputs = [helper.make_tensor_value_info("sentence_embedding", tp.FLOAT,
-                                             ["batch", hidden])]
-    for name, value in probes:
-        g.node("Identity", [value], outputs=[name])
-        outputs.append(helper.make_tensor_value_info(name, tp.FLOAT, []))
-    model = g.model  # what make_graph and make_model would give, without copying weights
-    model.graph.node.extend(g.nodes)
-    model.graph.name = "embedrpc_qwen3"
-    model.graph.input.extend(inputs)
-    model.graph.output.extend(outputs)
-    model.opset_import.extend([helper.make_opsetid("", OPSET),
-                               helper.make_opsetid("com.microsoft", 1)])
-    model.producer_name = "embedrpc prepare"
-    model.ir_version = IR_VERSION
-    precision = options.precision + ("-emulated" if options.emulate else "")
-    helper.set_model_props(model, {
-        "embedrpc.precision": precision, "embedrpc.pooling": options.pooling,
-        "embedrpc.normalized": str(options.normalize).lower(),
-        "embedrpc.builder_version": str(BUILDER_VERSION)})
-    return model
+    b.embedding_head(b.final_norm(mlp_out, residual))
+    return b.finish("sentence_embedding", config.hidden_size)
 
 
 def fp16_scales(maxima: dict[str, float], layers: int) -> dict[int, tuple[float, float]]:

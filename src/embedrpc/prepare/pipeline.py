@@ -78,7 +78,7 @@ def _auto_device(precision: str) -> str:
         return "cpu"
     import onnxruntime as ort
 
-    from embedrpc.server.app import cuda_device_count
+    from embedrpc.server.devices import cuda_device_count
 
     usable = "CUDAExecutionProvider" in ort.get_available_providers()
     return "cuda:0" if usable and cuda_device_count() else "cpu"

@@ -3,7 +3,7 @@
 Each handle owns one worker process (started with `spawn`) and a supervisor
 thread that starts it, waits for its warm-up answer, and restarts it when it
 dies. Once a worker is ready, batches and replies travel over its socket on
-the event loop itself (`_Channel`): a batch is written without blocking (what
+the event loop itself (channel.py): a batch is written without blocking (what
 the socket cannot take yet goes out when it becomes writable) and replies are
 read when it becomes readable. No thread sits between the loop and a worker,
 so a batch costs the main process no thread wake-ups and no GIL hand-offs.
@@ -16,20 +16,17 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
-import os
-import pickle
-import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 
-from .errors import ModelError, WorkerFailed
-from .worker import Batch, WorkerSpec, worker_main
+from ..errors import ModelError, WorkerFailed
+from .channel import Channel
+from .process import worker_main
+from .spec import Batch, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -51,122 +48,6 @@ class WorkerCrashed(WorkerFailed):
         self.ran = ran
 
 
-# Framing of multiprocessing.Connection (what the worker's conn.recv/conn.send use):
-# a big-endian int32 length, or -1 followed by a uint64 length for huge messages.
-_LEN32 = struct.Struct("!i")
-_LEN64 = struct.Struct("!Q")
-_READ_CHUNK = 256 << 10
-
-
-class _Channel:
-    """The loop's end of one worker's socket: pickled messages, framed as
-    multiprocessing.Connection frames them, sent and received without blocking."""
-
-    def __init__(self, conn: Any, loop: asyncio.AbstractEventLoop,
-                 on_message: Callable[[Any], None], on_closed: Callable[[], None]) -> None:
-        self._conn = conn  # owns the file descriptor
-        self._fd: int = conn.fileno()
-        self._loop = loop
-        self._on_message = on_message
-        self._on_closed = on_closed
-        self._inbuf = bytearray()
-        self._chunk = bytearray(_READ_CHUNK)  # reused: no allocation per read
-        self._outbuf: deque[memoryview] = deque()
-        self._writing = False  # a writer callback is registered
-        self.closed = False
-        os.set_blocking(self._fd, False)
-        loop.add_reader(self._fd, self._readable)
-
-    def send(self, obj: Any) -> None:
-        if self.closed:
-            return  # the worker is gone; the supervisor reports it
-        payload = memoryview(ForkingPickler.dumps(obj)).cast("B")
-        n = len(payload)
-        header = _LEN32.pack(n) if n <= 0x7FFFFFFF else _LEN32.pack(-1) + _LEN64.pack(n)
-        queued = bool(self._outbuf)
-        self._outbuf.append(memoryview(header))
-        self._outbuf.append(payload)
-        if not queued:
-            self._flush()
-            if self._outbuf and not self.closed:
-                self._writing = True
-                self._loop.add_writer(self._fd, self._flush)
-
-    def _flush(self) -> None:
-        while self._outbuf:
-            try:
-                sent = os.writev(self._fd, list(self._outbuf)[:64])
-            except (BlockingIOError, InterruptedError):
-                return  # the writer callback (added by send) resumes here
-            except OSError:  # the worker died: its batches fail through the supervisor
-                self.close()
-                return
-            while sent:
-                head = self._outbuf[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    self._outbuf.popleft()
-                else:
-                    self._outbuf[0] = head[sent:]
-                    sent = 0
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-
-    def _readable(self) -> None:
-        self.read_available(once=True)
-
-    def read_available(self, *, once: bool = False) -> None:
-        """Read what has arrived and hand over every complete message (until the socket
-        would block, or after one read with `once`); end of file closes the channel."""
-        while not self.closed:
-            try:
-                n = os.readv(self._fd, [self._chunk])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
-            if not n:
-                self.close()
-                return
-            with memoryview(self._chunk) as view, view[:n] as data:
-                self._inbuf += data
-            self._deliver()
-            if once:
-                return
-
-    def _deliver(self) -> None:
-        buf = self._inbuf
-        while len(buf) >= 4:
-            (n,) = _LEN32.unpack_from(buf)
-            start = 4
-            if n == -1:
-                if len(buf) < 12:
-                    return
-                (n,) = _LEN64.unpack_from(buf, 4)
-                start = 12
-            if len(buf) < start + n:
-                return
-            with memoryview(buf) as view, view[start:start + n] as body:
-                message = pickle.loads(body)
-            del buf[:start + n]
-            self._on_message(message)
-            if self.closed:
-                return
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._outbuf.clear()
-        self._loop.remove_reader(self._fd)
-        if self._writing:
-            self._writing = False
-            self._loop.remove_writer(self._fd)
-        self._conn.close()
-        self._on_closed()
-
-
 class WorkerHandle:
     """A supervised worker process, seen from the event loop."""
 
@@ -180,7 +61,7 @@ class WorkerHandle:
         self._on_change = on_change
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[int, asyncio.Future[np.ndarray]] = {}
-        self._channel: _Channel | None = None  # the live worker's socket (loop side)
+        self._channel: Channel | None = None  # the live worker's socket (loop side)
         self._alive = False  # ready and serving (loop-side view)
         self._stopping = threading.Event()
         self._ready: asyncio.Future[dict[str, Any]] | None = None
@@ -252,7 +133,7 @@ class WorkerHandle:
     def _on_ready(self, info: dict[str, Any], conn: Any, closed: threading.Event) -> None:
         """The worker answered warm-up: from now on the loop owns its socket."""
         assert self._loop is not None
-        self._channel = _Channel(conn, self._loop, self._on_message, closed.set)
+        self._channel = Channel(conn, self._loop, self._on_message, closed.set)
         if self._stopping.is_set():  # stop() ran while it was starting
             self._channel.send(None)
             return

@@ -39,14 +39,32 @@ import itertools
 import logging
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
+from .spec import WorkerSpec, right_pad
 
-if TYPE_CHECKING:
-    from .worker import OrtBackend
+
+class SessionBackend(Protocol):
+    """What the bucketed path needs of the backend that owns it (backends.OrtBackend)."""
+
+    spec: WorkerSpec
+    session: Any
+    device_type: str
+    device_id: int
+    hidden_size: int
+    output: str
+    pooled_by_graph: bool
+    ids_dtype: type
+    run_options: Any
+
+    def feeds(self, padded: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]: ...
+    def int_type(self, name: str) -> type: ...
+    def run(self, binding: Any, run_options: Any) -> None: ...
+    def drop_cuda_graphs(self) -> None: ...
+    def embed_exact(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +126,7 @@ def warmup_batch(rows: int, width: int, pad_id: int) -> tuple[np.ndarray, np.nda
 class _Slot:
     """One bucket: its input and output buffers on the device, bound once."""
 
-    def __init__(self, backend: OrtBackend, rows: int, width: int, graph_id: int) -> None:
+    def __init__(self, backend: SessionBackend, rows: int, width: int, graph_id: int) -> None:
         import onnxruntime as ort
 
         self.backend, self.rows, self.width = backend, rows, width
@@ -127,7 +145,6 @@ class _Slot:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
 
     def _padded(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from .worker import right_pad
 
         extra = self.rows - len(lengths)
         pad_id = self.backend.spec.pad_id
@@ -151,7 +168,7 @@ class _Slot:
 class StaticShapes:
     """Bucketed runs on fixed bindings; with `capture`, each bucket is a CUDA graph."""
 
-    def __init__(self, backend: OrtBackend, *, capture: bool, max_tokens: int) -> None:
+    def __init__(self, backend: SessionBackend, *, capture: bool, max_tokens: int) -> None:
         if not backend.pooled_by_graph:
             raise ModelError(f"{backend.spec.onnx_path}: CUDA graphs need a graph that pools "
                              f"inside (output sentence_embedding), not {backend.output}; "

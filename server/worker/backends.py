@@ -1,37 +1,29 @@
-"""The worker process: one model session on one device, embedding batches.
+"""Backends: what embeds one batch inside a worker process.
 
-Everything here runs inside a process started with the `spawn` context by
-WorkerHandle (workers.py). The contract with the main process is small:
-
-    main → worker:  Batch(id, ids, lengths)   or None to stop
-    worker → main:  ("ready", info) | ("error", message)       once, after start-up
-                    ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
-
-A backend embeds one batch: `embed(ids, lengths) -> [B, H]` and `warmup()`.
-`OrtBackend` runs the ONNX graph; `FakeBackend` is deterministic and fast, for
-tests of everything above the worker.
+A backend embeds one batch: `embed(ids, lengths) -> [B, H]`, `warmup()` and
+`describe()`. `OrtBackend` runs the ONNX graph through IOBinding on its device;
+`FakeBackend` is deterministic and fast, for tests of everything above the worker.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
 import signal
 import time
 import zlib
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ModelError
-from .graphs import StaticShapes
-from .logs import configure_logging, worker_text_format
-from .pooling import pool
+from ..config import attention_kernel_mask
+from ..errors import ModelError
+from ..pooling import pool
+from .cuda import cuda_precision_check, prepared_precision, providers, run_bound, session_options
+from .cuda_graphs import StaticShapes
+from .spec import WorkerSpec, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -42,173 +34,12 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _PRECISION = {"tensor(float)": "float32", "tensor(float16)": "float16",
               "tensor(bfloat16)": "bfloat16"}
-# ONNX Runtime's CUDA provider option `sdpa_kernel`: a bitmask of the attention kernels
-# it may use (AttentionBackend in onnxruntime's attention_common.h); 0 lets it choose.
-ATTENTION_KERNELS = {"auto": 0, "flash": 1, "efficient": 2, "cudnn": 8, "math": 16}
-PREPARED_INFO = "embedrpc_prepared.json"  # what `embedrpc prepare` writes beside its graph
-
-
-@dataclass(frozen=True, kw_only=True)
-class WorkerSpec:
-    """What a worker process needs to build its backend (pickled to the child)."""
-
-    backend: str = "onnx"  # "onnx" or "fake"
-    onnx_path: str = ""
-    device: str = "cpu"  # "cpu" or "cuda:N"
-    threads: int = 1
-    # CPU: let idle intra-op threads spin-wait for work (ONNX Runtime's default). Off in
-    # the server: its main process and the other workers share these cores, and threads
-    # spinning while a batch waits on them took up to 3x the CPU per text under load.
-    spin: bool = False
-    pooling: str = "lasttoken"
-    pad_id: int = 0
-    hidden_size: int = 0
-    # Static shapes (graphs.py): batches padded up to (rows, length) buckets and run
-    # on bindings allocated once per bucket, which CUDA graphs need; with `cuda_graphs`
-    # each bucket is captured once and replayed. For graphs that pool inside (prepared
-    # models) and batches of at most `graph_max_tokens` padded tokens.
-    cuda_graphs: bool = False
-    static_shapes: bool = False  # the bucketed path without capture (CPU tests)
-    graph_max_tokens: int = 4096
-    # CUDA: the attention kernels ONNX Runtime may pick (ATTENTION_KERNELS names, comma-
-    # separated; "auto": its own choice). A way out when one kernel misbehaves on a GPU
-    # (e.g. per-shape plan building that stalls the first runs of each shape).
-    attention_kernel: str = "auto"
-    max_length: int = 0  # the model's longest input; no bucket is longer (0: no limit)
-    fake_delay_ms: float = 0.0  # FakeBackend: simulated compute time per batch
-    # FakeBackend fault injection (tests): a batch holding this token id kills the
-    # process the way `fake_crash_mode` says: "kill" (SIGKILL, as the OOM killer
-    # does), "segv" (a real segmentation fault) or "exit" (exit code 3).
-    fake_crash_token: int = -1
-    fake_crash_mode: str = "kill"
-    log_level: str = "INFO"
-    log_format: str = "text"
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Token ids of B texts, concatenated; row i is ids[offsets[i]:offsets[i] + lengths[i]]."""
-
-    id: int
-    ids: np.ndarray  # int32, flat
-    lengths: np.ndarray  # int32, [B]
 
 
 class Backend(Protocol):
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
     def warmup(self) -> None: ...
     def describe(self) -> dict[str, Any]: ...
-
-
-def attention_kernel_mask(names: str) -> int:
-    """"auto", or kernel names joined by commas ("flash,efficient") → the `sdpa_kernel`
-    bitmask of ONNX Runtime's CUDA provider. ValueError for an unknown name."""
-    mask = 0
-    for name in (n.strip().lower() for n in names.split(",")):
-        if name not in ATTENTION_KERNELS:
-            raise ValueError(f"attention kernel {name!r}: use auto, or one or more of "
-                             f"{', '.join(k for k in ATTENTION_KERNELS if k != 'auto')} "
-                             "joined by commas")
-        mask |= ATTENTION_KERNELS[name]
-    return mask
-
-
-def cuda_provider_options(spec: WorkerSpec, *, cuda_graphs: bool) -> dict[str, str]:
-    """Options of ONNX Runtime's CUDA execution provider for this worker."""
-    _, _, index = spec.device.partition(":")
-    # TF32 (on by default in the CUDA provider) rounds float32 matrix products to a 10-bit
-    # mantissa: a float32 graph would no longer compute float32 (max abs 6e-4 on the demo
-    # model). fp16 and bf16 graphs have no float32 products, so it costs them nothing.
-    options = {"device_id": str(int(index or 0)), "use_tf32": "0"}
-    if cuda_graphs:
-        options["enable_cuda_graph"] = "1"
-    mask = attention_kernel_mask(spec.attention_kernel)
-    if mask:
-        options["sdpa_kernel"] = str(mask)
-    return options
-
-
-def session_options(spec: WorkerSpec) -> Any:
-    """ONNX Runtime session options: CPU threads by device."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    on_cpu = spec.device == "cpu"
-    # On a GPU the session's CPU threads only launch kernels: one is enough, and spinning
-    # threads would take cores from the main process and the other workers for nothing.
-    options.intra_op_num_threads = spec.threads if on_cpu else 1
-    options.inter_op_num_threads = 1
-    if not (on_cpu and spec.spin):
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return options
-
-
-def providers(spec: WorkerSpec, *, cuda_graphs: bool) -> list[Any]:
-    if spec.device == "cpu":
-        return ["CPUExecutionProvider"]
-    return [("CUDAExecutionProvider", cuda_provider_options(spec, cuda_graphs=cuda_graphs)),
-            "CPUExecutionProvider"]
-
-
-def cuda_precision_check(precision: str, *, cuda_graphs: bool) -> tuple[str, str] | None:
-    """Whether a prepared graph of this precision runs on ONNX Runtime's CUDA provider:
-    None when it does, else ("refuse" or "warn", why). From the provider's kernel
-    registrations (1.31): GroupQueryAttention has CUDA kernels for fp16 and bf16 only, and
-    CUDA MatMulInteger takes int8 × int8 only, while the int8 graph's are uint8 × int8.
-    Graphs that are not prepared (plain exports: MatMul and Softmax attention) run whole."""
-    if precision == "int8":
-        return "refuse", (
-            "an int8 prepared graph is for the CPU: ONNX Runtime's CUDA MatMulInteger takes "
-            "int8 × int8 and this graph's products are uint8 × int8, so every one of them "
-            "would run on the CPU. Serve it with --device cpu, or prepare --precision fp16 "
-            "or bf16 for a GPU")
-    if precision == "fp32" or precision.endswith("-emulated"):
-        why = (f"a {precision} prepared graph has no CUDA attention: ONNX Runtime's "
-               "GroupQueryAttention runs on CUDA in fp16 and bf16 only, so in this graph it "
-               "runs on the CPU, with copies to and from the GPU in every layer")
-        if cuda_graphs:
-            return "refuse", (f"--cuda-graphs: {why}, and a CUDA graph needs every node on "
-                              "the GPU. Prepare --precision fp16 or bf16, or serve without "
-                              "--cuda-graphs")
-        return "warn", (f"{why} (correct, but slow). Prepare --precision fp16 or bf16 "
-                        "for a GPU")
-    return None
-
-
-def prepared_precision(onnx_path: str) -> str | None:
-    """The precision `embedrpc prepare` recorded for this graph file, if it made it."""
-    path = os.path.join(os.path.dirname(onnx_path), PREPARED_INFO)
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        if info["graph"]["file"] != os.path.basename(onnx_path):
-            return None  # another graph of the same directory
-        return str(info["precision"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def run_bound(session: Any, binding: Any, run_options: Any, *, sync_inputs: bool) -> None:
-    """One run on bound inputs and outputs."""
-    if sync_inputs:
-        # Copies of inputs from pageable host memory may still be in flight on ONNX
-        # Runtime's stream when the run starts; this waits for them.
-        binding.synchronize_inputs()
-    session.run_with_iobinding(binding, run_options)
-
-
-def right_pad(ids: np.ndarray, lengths: np.ndarray, pad_id: int,
-              dtype: type = np.int64, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Flat ids → ([B, L] ids, [B, L] attention mask), padding on the right to
-    `width` (default: the longest row)."""
-    width = max(width, int(lengths.max()))
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    padded = np.full((len(lengths), width), pad_id, dtype=dtype)
-    padded[mask] = ids  # row-major fill matches the concatenation order
-    return padded, mask.astype(dtype)
 
 
 class OrtBackend:
@@ -218,13 +49,13 @@ class OrtBackend:
         self.spec = spec
         self.device_type, _, index = spec.device.partition(":")
         self.device_id = int(index or 0)
-        if spec.cuda_graphs and self.device_type != "cuda":
+        if spec.options.cuda_graphs and self.device_type != "cuda":
             raise ModelError(f"--cuda-graphs needs a CUDA device, not {spec.device}")
         try:
-            attention_kernel_mask(spec.attention_kernel)
+            attention_kernel_mask(spec.options.attention_kernel)
         except ValueError as exc:
             raise ModelError(str(exc)) from None
-        self.cuda_graphs = spec.cuda_graphs
+        self.cuda_graphs = spec.options.cuda_graphs
         self.broken: str | None = None  # set when the backend cannot run any more
         self.warnings: list[str] = []  # said once in the log, kept for describe()
         self._warned = False
@@ -238,9 +69,9 @@ class OrtBackend:
             self._check_precision(self.precision)
         self.run_options = self._run_options()
         self.static: StaticShapes | None = None
-        if spec.cuda_graphs or spec.static_shapes:
-            self.static = StaticShapes(self, capture=spec.cuda_graphs,
-                                       max_tokens=spec.graph_max_tokens)
+        if spec.options.cuda_graphs or spec.hooks.static_shapes:
+            self.static = StaticShapes(self, capture=spec.options.cuda_graphs,
+                                       max_tokens=spec.options.cuda_graph_max_tokens)
 
     def _check_precision(self, precision: str | None) -> None:
         verdict = cuda_precision_check(precision or "", cuda_graphs=self.cuda_graphs)
@@ -341,7 +172,7 @@ class OrtBackend:
                 "output": self.output, "inputs": sorted(self.inputs),
                 "providers": self.session.get_providers(), "device": self.spec.device}
         if self.device_type == "cuda":
-            info["attention_kernel"] = self.spec.attention_kernel
+            info["attention_kernel"] = self.spec.options.attention_kernel
         if self.warnings:
             info["warnings"] = list(self.warnings)
         if self.static is not None:
@@ -421,10 +252,11 @@ class FakeBackend:
                 "inputs": ["input_ids"], "providers": ["fake"], "device": self.spec.device}
 
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        if self.spec.fake_crash_token >= 0 and (ids == self.spec.fake_crash_token).any():
-            crash(self.spec.fake_crash_mode)
-        if self.spec.fake_delay_ms:
-            time.sleep(self.spec.fake_delay_ms / 1000)
+        hooks = self.spec.hooks
+        if hooks.fake_crash_token >= 0 and (ids == hooks.fake_crash_token).any():
+            crash(hooks.fake_crash_mode)
+        if self.spec.options.fake_delay_ms:
+            time.sleep(self.spec.options.fake_delay_ms / 1000)
         return np.stack([fake_vector(row, self.hidden_size)
                          for row in np.split(ids, np.cumsum(lengths)[:-1])])
 
@@ -451,40 +283,6 @@ def fake_vector(ids: np.ndarray, hidden_size: int) -> np.ndarray:
 
 
 def make_backend(spec: WorkerSpec) -> Backend:
-    if spec.backend == "fake":
+    if spec.options.backend == "fake":
         return FakeBackend(spec)
     return OrtBackend(spec)
-
-
-def worker_main(conn: Connection, spec: WorkerSpec) -> None:
-    """Entry point of a worker process."""
-    configure_logging(spec.log_level, spec.log_format, text_format=worker_text_format())
-    try:
-        backend = make_backend(spec)
-        backend.warmup()
-    except ModelError as exc:  # a clear message already; the main process reports it
-        conn.send(("error", str(exc)))
-        return
-    except Exception as exc:
-        log.exception("worker start-up failed")
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("ready", backend.describe()))
-    while True:
-        try:
-            batch = conn.recv()
-        except (EOFError, OSError):
-            return  # the main process is gone
-        if batch is None:
-            return
-        try:
-            vectors = backend.embed(batch.ids, batch.lengths)
-        except Exception as exc:
-            log.exception("batch %d failed", batch.id)
-            conn.send(("fail", batch.id, f"{type(exc).__name__}: {exc}"))
-            broken = getattr(backend, "broken", None)
-            if broken:  # a new process (WorkerHandle restarts it) is the way out
-                log.error("worker exits: %s", broken)
-                return
-            continue
-        conn.send(("ok", batch.id, vectors))

@@ -19,12 +19,13 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .errors import EmbedError, InvalidInput, TooLarge
-from .logs import current_request_id, set_request_id
-from .model import ModelSpec
-from .pooling import finish
-from .router import Router
-from .tokenizer import Encoded, TextEncoder
+from ..config import ServiceLimits
+from ..errors import EmbedError, InvalidInput, TooLarge
+from ..logs import current_request_id, set_request_id
+from ..model import ModelSpec
+from ..pooling import finish
+from ..router import Router
+from ..tokenizer import Encoded, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ ENCODINGS = {
     pb.ENCODING_FLOAT16_BYTES: "ENCODING_FLOAT16_BYTES",
     pb.ENCODING_UBINARY: "ENCODING_UBINARY",
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServiceLimits:
-    max_inputs: int = 2048
-    stream_window: int = 64  # requests of one EmbedStream processed at once
-    max_message_bytes: int = 64 << 20  # gRPC's limit on one response (--max-message-bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +201,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             return self._fits(await self.embed(request, context.time_remaining()))
         except EmbedError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.grpc_code, str(exc))
         except Exception as exc:
             log.exception("Embed failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
@@ -218,7 +212,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             return self._fits(await self.embed(request, time_remaining))
         except EmbedError as exc:
-            code, message = exc.code, str(exc)
+            code, message = exc.grpc_code, str(exc)
         except Exception as exc:
             log.exception("EmbedStream request failed")
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
@@ -268,7 +262,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             encoded = await self._tokenize(request.inputs, request.prompt_name,
                                            request.instruction, request.truncate)
         except EmbedError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.grpc_code, str(exc))
             raise AssertionError("unreachable") from exc
         response = pb.TokenizeResponse(usage=pb.Usage(
             prompt_tokens=encoded.total_tokens, truncated_inputs=sum(encoded.truncated)))

@@ -28,16 +28,15 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc
 import numpy as np
 
 from embedrpc import __version__
 from embedrpc.v1 import embedder_pb2 as pb
 
-from . import tracing
-from .errors import EmbedError
-from .logs import clean_request_id, new_request_id, set_request_id
-from .metrics import Metrics
+from .. import tracing
+from ..errors import STATUS, EmbedError, http_status
+from ..logs import clean_request_id, new_request_id, set_request_id
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +57,9 @@ _REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
             431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout",
             505: "HTTP Version Not Supported"}
-# Our status codes → HTTP status and OpenAI's error type.
-_BY_GRPC_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
-}
 # HTTP status → the gRPC code name recorded in metrics for it.
-_CODE_OF_STATUS = {200: "OK", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
-                   403: "PERMISSION_DENIED", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT",
-                   429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_CODE_OF_STATUS = {status: code for code, (status, _) in STATUS.items()} | {
+    413: "INVALID_ARGUMENT"}
 ROUTES = {"/v1/embeddings": ("POST",), "/v1/models": ("GET", "HEAD"),
           "/health": ("GET", "HEAD")}
 
@@ -97,8 +85,8 @@ class HttpError(Exception):
 
 
 def error_from_embed(exc: EmbedError) -> HttpError:
-    status, kind = _BY_GRPC_CODE.get(exc.code, (500, "server_error"))
-    return HttpError(status, str(exc), type=kind, code=exc.code.name.lower(),
+    status, kind = http_status(exc.code)
+    return HttpError(status, str(exc), type=kind, code=exc.code.lower(),
                      headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 

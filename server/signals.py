@@ -1,0 +1,58 @@
+"""`embedrpc serve`: run the server until a signal says stop.
+
+SIGTERM or SIGINT: drain (NOT_SERVING, in-flight calls finish within the grace
+period), then exit; a second one stops at once. SIGHUP: read the API keys file and
+the TLS files again (all or nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from embedrpc import __version__
+
+from .app import EmbedServer
+from .config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def _reload(server: EmbedServer) -> None:
+    try:
+        done = server.reload()
+    except ValueError as exc:
+        log.error("SIGHUP: nothing reloaded, the current keys and certificates stay: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s", ", ".join(done) if done else "nothing (no "
+             "--api-keys-file and no TLS files to read again)")
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT; a second signal stops at once."""
+    server = EmbedServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: stopping now")
+            os._exit(1)
+        log.info("%s: shutting down (grace %.0fs)", signal.Signals(signum).name,
+                 config.network.grace_seconds)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, _reload, server)
+    port = await server.start()
+    log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, server.spec.name,
+             config.network.host, port, server.security.describe())
+    await stop.wait()
+    await server.stop()
+    log.info("stopped")

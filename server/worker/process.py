@@ -1,0 +1,56 @@
+"""The worker process: builds its backend on its device and embeds batches.
+
+Everything here runs inside a process started with the `spawn` context by
+WorkerHandle (handle.py). The contract with the main process is small:
+
+    main → worker:  Batch(id, ids, lengths)   or None to stop
+    worker → main:  ("ready", info) | ("error", message)       once, after start-up
+                    ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
+"""
+
+from __future__ import annotations
+
+import logging
+from multiprocessing.connection import Connection
+
+from ..errors import ModelError
+from ..logs import configure_logging, worker_text_format
+from .backends import make_backend
+from .spec import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+def worker_main(conn: Connection, spec: WorkerSpec) -> None:
+    """Entry point of a worker process."""
+    configure_logging(spec.logging.log_level, spec.logging.log_format,
+                      text_format=worker_text_format())
+    try:
+        backend = make_backend(spec)
+        backend.warmup()
+    except ModelError as exc:  # a clear message already; the main process reports it
+        conn.send(("error", str(exc)))
+        return
+    except Exception as exc:
+        log.exception("worker start-up failed")
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", backend.describe()))
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return  # the main process is gone
+        if batch is None:
+            return
+        try:
+            vectors = backend.embed(batch.ids, batch.lengths)
+        except Exception as exc:
+            log.exception("batch %d failed", batch.id)
+            conn.send(("fail", batch.id, f"{type(exc).__name__}: {exc}"))
+            broken = getattr(backend, "broken", None)
+            if broken:  # a new process (WorkerHandle restarts it) is the way out
+                log.error("worker exits: %s", broken)
+                return
+            continue
+        conn.send(("ok", batch.id, vectors))

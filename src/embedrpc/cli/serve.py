@@ -1,0 +1,44 @@
+"""`embedrpc serve`: its options (every field of embedrpc.server.config.ServeConfig)
+and running it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .options import ConfigFile, EnvParser, add_config_options, config_from_namespace
+
+
+def add_serve_parser(sub: Any, config: ConfigFile | None = None) -> EnvParser:
+    from embedrpc.server.config import ServeConfig
+
+    p: EnvParser = sub.add_parser(
+        "serve", help="run the gRPC server", config=config,
+        description="Serve an embedding model over gRPC (Embedder, health, reflection). "
+        "Each option also reads EMBEDRPC_<OPTION> from the environment and <option> from "
+        "the --config file; the command line wins over the environment, which wins over "
+        "the file.")
+    p.add_option("--config", help="TOML file of serve options, keys named like the flags "
+                 "(e.g. max-batch-tokens = 16384)")
+    add_config_options(p, ServeConfig)
+    return p
+
+
+def run_serve(ns: argparse.Namespace) -> int:
+    import asyncio
+
+    from embedrpc.server.config import ServeConfig
+    from embedrpc.server.errors import ModelError
+    from embedrpc.server.logs import configure_logging
+
+    try:
+        config = config_from_namespace(ServeConfig, ns)
+        configure_logging(config.logging.log_level, config.logging.log_format)
+        from embedrpc.server.signals import serve
+
+        asyncio.run(serve(config))
+    except (ModelError, ValueError) as exc:
+        print(f"embedrpc serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
