@@ -18,10 +18,14 @@ import pytest
 from embedrpc.cli import main
 from embedrpc.client.bench import (
     BenchConfig,
+    Histogram,
+    LengthSpec,
     NoopEmbedder,
+    TextGenerator,
     WorkerResult,
     build_report,
     format_report,
+    load_corpus,
     make_workload,
     poisson_gaps,
     request_pool,
@@ -29,8 +33,6 @@ from embedrpc.client.bench import (
     start_noop_server,
     write_plot,
 )
-from embedrpc.client.corpus import LengthSpec, TextGenerator, load_corpus
-from embedrpc.client.histogram import Histogram
 from embedrpc.v1 import embedder_pb2 as pb
 
 from .conftest import running_server
