@@ -24,10 +24,13 @@ from embedrpc.client.bench import (
     TextGenerator,
     WorkerResult,
     build_report,
+    connect,
+    drive,
     format_report,
     load_corpus,
     make_workload,
     poisson_gaps,
+    pool_from_texts,
     request_pool,
     run,
     start_noop_server,
@@ -191,6 +194,20 @@ def test_generator_lengths_languages_and_seed(use_faker: bool) -> None:
     docs = gen.texts(20, LengthSpec.parse("fixed:30"))
     assert all(len(d.split()) == 30 for d in docs if not any("\u4e00" <= c <= "\u9fff"
                                                              for c in d))
+
+
+def test_generator_from_a_vocabulary() -> None:
+    words = ["alpha", "beta", "gamma", "北京"]
+    gen = TextGenerator(words=words, seed=3)
+    texts = gen.texts(200, LengthSpec.parse("uniform:1:9"))
+    assert texts == TextGenerator(words=words, seed=3).texts(200, LengthSpec.parse("uniform:1:9"))
+    assert all(1 <= len(t.split(" ")) <= 9 and set(t.split(" ")) <= set(words) for t in texts)
+    assert {w for t in texts for w in t.split(" ")} == set(words)
+    assert gen.texts(3, LengthSpec.parse("fixed:5"), query=True)[0].count(" ") == 4  # plain
+    with pytest.raises(ValueError, match="replaces locales"):
+        TextGenerator(words=words, locales=["en_US"])
+    with pytest.raises(ValueError, match="empty"):
+        TextGenerator(words=[])
 
 
 def test_request_pool_mixes_queries_and_documents() -> None:
@@ -428,6 +445,50 @@ def test_open_loop_counts_queueing_from_the_intended_send_time() -> None:
     assert lat["p90"] > 8 * delay * 1000
     assert opened["send_lag_ms"]["p90"] > 5 * delay * 1000  # the harness waited for a slot
     assert opened["errors"] == {}
+
+
+def test_drive_sends_a_given_pool_and_shows_each_answer() -> None:
+    """What the benchmarks use: their own requests, in turn, on one open channel, with
+    every answer passed to on_answer; an on_answer that raises ends the run."""
+    pool = pool_from_texts([["a"], ["b", "c"], ["d", "e", "f"]], dimensions=8)
+    seen: list[tuple[float, float, int]] = []
+
+    async def main(target: str) -> tuple[WorkerResult, WorkerResult]:
+        config = BenchConfig(target=target, concurrency=2, requests=7, warmup=0.0,
+                             query_fraction=0.0, progress=False)
+        channel = await connect(config)
+        try:
+            first = await drive(channel, config, pool, on_answer=lambda start, done, r:
+                                seen.append((start, done, r.count)))
+            second = await drive(channel, config, pool)  # the channel serves again
+            return first, second
+        finally:
+            await channel.close()
+
+    with _noop_server() as target:
+        first, second = asyncio.run(main(target))
+
+        async def failing() -> None:
+            config = BenchConfig(target=target, concurrency=4, duration=5.0, warmup=0.0,
+                                 query_fraction=0.0, progress=False)
+            channel = await connect(config)
+
+            def stop(start: float, done: float, response: pb.EmbedResponse) -> None:
+                raise RuntimeError("bad vectors")
+
+            try:
+                with pytest.raises(RuntimeError, match="bad vectors"):
+                    await drive(channel, config, pool, on_answer=stop)
+                # every client stopped with it: nothing is left running on the loop
+                assert asyncio.all_tasks() == {asyncio.current_task()}
+            finally:
+                await channel.close()
+
+        asyncio.run(failing())
+    assert first.ok == second.ok == 7 and first.errors == {}
+    assert sorted(n for _, _, n in seen) == [1, 1, 1, 2, 2, 3, 3]  # pool in turn from 0
+    assert all(done >= start for start, done, _ in seen)
+    assert first.embeddings == 13
 
 
 def test_fixed_request_count_in_several_processes(tmp_path: Path) -> None:

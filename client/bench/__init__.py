@@ -27,9 +27,9 @@ three significant digits).
 The modules, in the order a run uses them:
 
     options.py    BenchConfig, the flags that fill it, BenchError
-    texts.py      texts: a corpus file, or generated multilingual text
+    texts.py      texts: a corpus file, or generated (languages, or a given vocabulary)
     workload.py   the texts serialised into the pool of requests a process sends
-    engine.py     the load engine: closed and open loop, unary Embed
+    engine.py     the load engine: closed and open loop, unary Embed (connect, drive)
     stream.py     EmbedStream for the engine: many clients over one long-lived stream
     processes.py  --processes: the load spread over processes that start at one instant
     progress.py   the progress line printed each second
@@ -38,9 +38,12 @@ The modules, in the order a run uses them:
     plot.py       --plot: latency over time and its distribution
     run.py        one load test from start to end; the `embedrpc bench` command
     noop.py       --noop-server: a server that answers at once, to measure the harness
+
+The benchmarks (benchmarks/) drive their gRPC load with `connect` and `drive`, and make
+their texts with `TextGenerator`.
 """
 
-from .engine import WorkerResult, poisson_gaps
+from .engine import AnswerFn, WorkerResult, connect, drive, poisson_gaps
 from .histogram import Histogram
 from .noop import NoopEmbedder, serve_noop, start_noop_server
 from .options import BenchConfig, BenchError, add_bench_arguments, config_from_namespace
@@ -48,9 +51,10 @@ from .plot import write_plot
 from .report import build_report, format_report
 from .run import BenchResult, run, run_bench
 from .texts import LengthSpec, TextGenerator, load_corpus
-from .workload import Pool, Workload, make_workload, request_pool
+from .workload import Pool, Workload, make_workload, pool_from_texts, request_pool
 
 __all__ = [
+    "AnswerFn",
     "BenchConfig",
     "BenchError",
     "BenchResult",
@@ -64,10 +68,13 @@ __all__ = [
     "add_bench_arguments",
     "build_report",
     "config_from_namespace",
+    "connect",
+    "drive",
     "format_report",
     "load_corpus",
     "make_workload",
     "poisson_gaps",
+    "pool_from_texts",
     "request_pool",
     "run",
     "run_bench",

@@ -5,6 +5,10 @@ Open loop: requests leave at Poisson arrival times, at most `in_flight` outstand
 and latency counts from the intended send time. Requests are unary Embed calls, or go
 over long-lived EmbedStream calls (stream.py). What a process measured comes back as a
 `WorkerResult`; the parent merges them (processes.py) and reports (report.py).
+
+Besides `embedrpc bench`, the benchmarks drive their load through here: `connect` once,
+then `drive` a pool of requests (workload.py) on that channel, with `on_answer` to see
+every answer as it arrives (their own accounting, a check of the vectors).
 """
 
 from __future__ import annotations
@@ -104,14 +108,18 @@ def shares(config: BenchConfig) -> list[Share]:
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
+# Called with (sent or due, answered, response) for every good answer, warm-up included.
+AnswerFn = Callable[[float, float, pb.EmbedResponse], None]
 
 
 class _Load:
     """Drives one process's share of the load on its own event loop."""
 
     def __init__(self, config: BenchConfig, share: Share, pool: Pool,
-                 channel: grpc.aio.Channel, start_at: float) -> None:
+                 channel: grpc.aio.Channel, start_at: float,
+                 on_answer: AnswerFn | None = None) -> None:
         self.config, self.share, self.pool = config, share, pool
+        self.on_answer = on_answer
         self.t0 = start_at
         self.m0 = start_at + config.warmup  # measurement starts
         window = config.measure_seconds
@@ -180,6 +188,8 @@ class _Load:
                 self.result.warmup_errors += 1
             return
         assert response is not None
+        if self.on_answer is not None:
+            self.on_answer(start, done, response)
         latency = done - start
         self.done_ok += 1
         self.interval.record(latency)
@@ -272,11 +282,11 @@ class _Load:
         reporter = (asyncio.create_task(self._report_progress(on_progress))
                     if on_progress is not None else None)
         if self.config.open_loop:
-            main = asyncio.ensure_future(self._open_loop())
+            tasks = [asyncio.create_task(self._open_loop())]
         else:
-            main = asyncio.ensure_future(asyncio.gather(*(
-                self._closed_client(self.callers[i % len(self.callers)])
-                for i in range(self.share.clients))))
+            tasks = [asyncio.create_task(self._closed_client(self.callers[i % len(self.callers)]))
+                     for i in range(self.share.clients)]
+        main = asyncio.gather(*tasks)
         # Every call has a deadline; this bounds the run even if one is not honoured.
         hard_stop = self.send_stop + self.config.timeout + 1.0
         try:
@@ -284,6 +294,10 @@ class _Load:
         except TimeoutError:
             self.result.stopped_at_limit = True
         finally:
+            # When one client failed (an on_answer that raised), the others stop too.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if reporter is not None:
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -336,6 +350,24 @@ async def server_info(channel: grpc.aio.Channel, config: BenchConfig) -> dict[st
             "max_length": info.max_length, "precision": info.precision}
 
 
+async def drive(channel: grpc.aio.Channel, config: BenchConfig, pool: Pool, *,
+                share: Share | None = None, start_at: float | None = None,
+                on_answer: AnswerFn | None = None,
+                on_progress: ProgressFn | None = None) -> WorkerResult:
+    """Send `pool`'s requests in turn over `channel` as `config` says (clients or rate,
+    unary or stream, warm-up, duration or request count, timeouts) from `start_at`
+    (time.monotonic(); default now); return what was measured. `share`: this process's
+    part of a run over several processes (default: all of it, config.processes == 1)."""
+    if share is None:
+        if config.processes != 1:
+            raise ValueError("drive() without a share runs one process's load: "
+                             f"processes must be 1, not {config.processes}")
+        share = shares(config)[0]
+    load = _Load(config, share, pool, channel,
+                 time.monotonic() if start_at is None else start_at, on_answer)
+    return await load.run(on_progress)
+
+
 async def run_share(config: BenchConfig, share: Share, workload: Workload,
                     start: Callable[[], Any], on_progress: ProgressFn | None) -> WorkerResult:
     """Connect, then run one share from the instant `start()` returns (or resolves to)."""
@@ -345,7 +377,7 @@ async def run_share(config: BenchConfig, share: Share, workload: Workload,
         start_at = start()
         if asyncio.iscoroutine(start_at):
             start_at = await start_at
-        load = _Load(config, share, pool, channel, start_at)
-        return await load.run(on_progress)
+        return await drive(channel, config, pool, share=share, start_at=start_at,
+                           on_progress=on_progress)
     finally:
         await channel.close()

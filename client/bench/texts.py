@@ -1,4 +1,4 @@
-"""Workloads for the load generator: texts from a file, or generated multilingual text.
+"""Where the load's texts come from: a corpus file, or generated text of chosen lengths.
 
 A corpus file holds one text per line, or JSON Lines with a "text" field per
 line (chosen by a `.jsonl` / `.ndjson` suffix, or when the first non-blank line
@@ -10,6 +10,10 @@ built-in word lists; each text is in one language, its length in words drawn
 from a `LengthSpec`. Languages written without spaces (Chinese, Japanese, Thai)
 join their words without spaces, so a "word" there is a dictionary word of one
 to a few characters.
+
+Given a vocabulary instead (`TextGenerator(words=...)`), a text is just words
+drawn from it, joined by single spaces, with no sentences or punctuation: the
+benchmarks use this for workloads whose token counts they control.
 """
 
 from __future__ import annotations
@@ -167,11 +171,22 @@ class TextGenerator:
     """Multilingual text of chosen lengths, reproducible for a given seed."""
 
     def __init__(self, *, locales: Sequence[str] | None = None, seed: int = 0,
-                 use_faker: bool | None = None) -> None:
+                 use_faker: bool | None = None, words: Sequence[str] | None = None) -> None:
         """locales: Faker locale names (default: DEFAULT_LOCALES with Faker, else
-        BUILTIN_LOCALES); use_faker: None = when installed."""
+        BUILTIN_LOCALES); use_faker: None = when installed; words: a vocabulary to draw
+        plain texts from instead of languages (then neither locales nor Faker apply)."""
         self.rng = np.random.default_rng(seed)
         self._sources: list[Any] = []
+        self._vocabulary: tuple[str, ...] = ()
+        if words is not None:
+            if locales is not None or use_faker:
+                raise ValueError("a vocabulary (words) replaces locales and Faker")
+            self._vocabulary = tuple(words)
+            if not self._vocabulary:
+                raise ValueError("the vocabulary (words) is empty")
+            self.locales: tuple[str, ...] = ()
+            self.faker = False
+            return
         faker = _import_faker() if use_faker in (None, True) else None
         if use_faker and faker is None:
             raise ValueError("Faker is not installed: pip install 'embedrpc[bench]'")
@@ -198,8 +213,14 @@ class TextGenerator:
         self.faker = faker is not None
 
     def texts(self, n: int, lengths: LengthSpec, *, query: bool = False) -> list[str]:
-        """n texts; queries are one sentence ending in "?", documents several sentences."""
+        """n texts; queries are one sentence ending in "?", documents several sentences
+        (from a vocabulary: plain words, queries and documents alike)."""
         counts = lengths.sample(self.rng, n)
+        if self._vocabulary:
+            vocabulary = self._vocabulary
+            return [" ".join([vocabulary[i] for i in
+                              self.rng.integers(0, len(vocabulary), size=k).tolist()])
+                    for k in counts.tolist()]
         picks = self.rng.integers(0, len(self._sources), size=n)
         out = []
         for words, pick in zip(counts.tolist(), picks.tolist(), strict=True):

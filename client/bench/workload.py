@@ -4,8 +4,9 @@ on gRPC only."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -62,3 +63,9 @@ def request_pool(config: BenchConfig, workload: Workload, seed: int | Sequence[i
         pool.append((request.SerializeToString(), config.batch))
     return pool
 
+
+def pool_from_texts(requests: Iterable[Sequence[str]], **options: Any) -> Pool:
+    """These requests, serialised in this order (the engine sends them in turn);
+    `options` as for `make_request` (encoding, prompt_name, dimensions, ...)."""
+    return [(make_request(list(texts), **options).SerializeToString(), len(texts))
+            for texts in requests]
