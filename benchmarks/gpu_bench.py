@@ -47,12 +47,24 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from embedrpc.client import decode
+from embedrpc.client.bench import (
+    AnswerFn,
+    BenchConfig,
+    LengthSpec,
+    Pool,
+    TextGenerator,
+    WorkerResult,
+    connect,
+    drive,
+    pool_from_texts,
+)
 
 FULL = {"vocab_size": 151669, "hidden_size": 1024, "intermediate_size": 3072,
         "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -152,10 +164,11 @@ class Texts:
                        and len(t) > 3)
         self.words = [w for w in words if len(self.encoder.encode([" " + w]).ids[0]) == 2]
         assert len(self.words) > 50, len(self.words)
+        self.generator = TextGenerator(words=self.words, seed=0)
 
-    def make(self, tokens: int, rng: np.random.Generator) -> str:
-        words = rng.choice(self.words, size=tokens - 1)
-        text = "".join(" " + w for w in words)  # every " word" is one token
+    def make(self, tokens: int) -> str:
+        # Every " word" is one token, and the tokenizer appends EOS: tokens - 1 words.
+        text = " " + self.generator.texts(1, LengthSpec.parse(f"fixed:{tokens - 1}"))[0]
         got = len(self.encoder.encode([text]).ids[0])
         assert got == tokens, (tokens, got)
         return text
@@ -367,6 +380,44 @@ def largest_batch(onnx_path: Path, device: str, row: np.ndarray, pad_id: int,
 # --------------------------------------------------------------------------- (b) server
 
 
+class Load:
+    """The load-test harness's engine, for this program's blocking code: one connection
+    to `target`, its event loop on a thread of its own."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.channel = self._wait(connect(BenchConfig(target=target)))
+
+    def _wait(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def send(self, pool: Pool, *, concurrency: int, requests: int | None = None,
+             seconds: float | None = None, on_answer: AnswerFn | None = None) -> WorkerResult:
+        """`requests` requests of `pool` in turn (default: each once) from `concurrency`
+        closed-loop clients, within `seconds` if given; any failed request raises."""
+        config = BenchConfig(target=self.target, concurrency=concurrency,
+                             requests=requests or len(pool), duration=seconds, warmup=0.0,
+                             timeout=600.0, query_fraction=0.0, progress=False)
+        result: WorkerResult = self._wait(drive(self.channel, config, pool,
+                                                on_answer=on_answer))
+        if result.errors:
+            raise RuntimeError(f"failed requests: {result.errors}")
+        return result
+
+    def close(self) -> None:
+        self._wait(self.channel.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def check_finite(start: float, done: float, response: Any) -> None:
+    if not np.isfinite(decode(response)).all():
+        raise RuntimeError("non-finite output")
+
+
 def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[str]]],
                  token_counts: dict[str, int], latency_texts: list[str], seconds: float,
                  latency_requests: int, max_length: int, max_tokens: int, max_rows: int,
@@ -374,7 +425,6 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
                  workers: int = 1, start_timeout: float = 600) -> dict[str, Any]:
     """Throughput on `workloads` (may be empty), then single-text latency; the worker's
     description (CUDA graphs accepted or not) and GPU memory."""
-    from embedrpc.client import EmbedClient
     from embedrpc.server import EmbedServer, ServeConfig
 
     loop = asyncio.new_event_loop()
@@ -399,25 +449,13 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
             f"cuda_graphs={info.get('cuda_graphs')} static_shapes={info.get('static_shapes')} "
             f"warm-up {info.get('warmup_buckets')} buckets in {info.get('warmup_s')}s"
             f"{'; off: ' + info['graphs_off'] if info.get('graphs_off') else ''}")
-        target = f"127.0.0.1:{port}"
-        clients = [EmbedClient(target, timeout=600) for _ in range(concurrency)]
+        load = Load(f"127.0.0.1:{port}")
         for name, requests in workloads.items():
-            tokens_per_round = token_counts[name]
+            pool = pool_from_texts(requests)
 
-            def one_round(requests: list[list[str]] = requests) -> None:
-                # Requests spread over `concurrency` closed-loop clients.
-                def worker(k: int) -> None:
-                    for texts in requests[k::concurrency]:
-                        vectors = clients[k].embed(texts)
-                        if not np.isfinite(vectors).all():
-                            raise RuntimeError("non-finite output")
-
-                with ThreadPoolExecutor(concurrency) as pool:
-                    list(pool.map(worker, range(concurrency)))
-
-            def run(one_round: Callable[[], None] = one_round,
-                    tokens: int = tokens_per_round) -> int:
-                one_round()
+            def run(pool: Pool = pool, tokens: int = token_counts[name]) -> int:
+                # One round: every request once, over `concurrency` closed-loop clients.
+                load.send(pool, concurrency=concurrency, on_answer=check_finite)
                 return tokens
 
             try:
@@ -427,22 +465,17 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
             log(f"  server {name}: {_fmt(out['throughput'][name])}")
         if workloads:
             out["memory_after_throughput"] = worker_memory(server, device, baseline)
-        client = clients[0]
-        for text in latency_texts * 3:  # warm: every length once more
-            client.embed([text])
-        latencies = []
-        deadline = time.perf_counter() + max(seconds * 4, 2.0)
-        while len(latencies) < latency_requests and time.perf_counter() < deadline:
-            text = latency_texts[len(latencies) % len(latency_texts)]
-            t = time.perf_counter()
-            client.embed([text])
-            latencies.append(time.perf_counter() - t)
+        singles = pool_from_texts([text] for text in latency_texts)
+        load.send(singles * 3, concurrency=1)  # warm: every length once more
+        latencies: list[float] = []
+        load.send(singles, concurrency=1, requests=latency_requests,
+                  seconds=max(seconds * 4, 2.0),
+                  on_answer=lambda start, done, _: latencies.append(done - start))
         out["single_text"] = percentiles(latencies)
         log(f"  single text: p50 {out['single_text']['p50_ms']:.2f} ms, p99 "
             f"{out['single_text']['p99_ms']:.2f} ms ({len(latencies)} requests)")
         out["workers_after"] = [w.info for w in server.workers]
-        for c in clients:
-            c.close()
+        load.close()
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(grace=1.0), loop).result(120)
         loop.call_soon_threadsafe(loop.stop)
@@ -738,15 +771,15 @@ def main(argv: list[str] | None = None) -> int:
         # Each request is one batch of the shape; enough of them that every client has one
         # and a round is at least 32768 tokens.
         n_batches = max(ns.concurrency, (1024 if smoke else 32768) // (rows * length))
-        text_workloads[name] = [[texts.make(length, rng) for _ in range(rows)]
+        text_workloads[name] = [[texts.make(length) for _ in range(rows)]
                                 for _ in range(n_batches)]
     id_workloads = {name: [texts.ids(batch) for batch in batches]
                     for name, batches in text_workloads.items()}
     if ns.mixed_texts:
-        mixed_lengths = np.clip(rng.lognormal(np.log(min(200, max_length // 4)), 1.0,
-                                              ns.mixed_texts), 4,
-                                min(max_length, 4096)).astype(int).tolist()
-        mixed = [texts.make(n, rng) for n in mixed_lengths]
+        mixed_lengths = LengthSpec.parse(
+            f"lognormal:{min(200, max_length // 4)}:1.0:4:{min(max_length, 4096)}"
+        ).sample(rng, ns.mixed_texts).tolist()
+        mixed = [texts.make(n) for n in mixed_lengths]
         # The server gets requests of 32 texts in corpus order (its router sorts); raw ORT
         # and torch get length-sorted batches cut the same way.
         text_workloads["mixed"] = [mixed[i:i + 32] for i in range(0, len(mixed), 32)]
@@ -756,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         report["mixed"] = f"{ns.mixed_texts} texts, {min(mixed_lengths)}..{max(mixed_lengths)}"
     token_counts = {name: sum(len(r) for b in batches for r in b)
                     for name, batches in id_workloads.items()}
-    latency_texts = [texts.make(n, rng) for n in LATENCY_LENGTHS if n <= max_length]
+    latency_texts = [texts.make(n) for n in LATENCY_LENGTHS if n <= max_length]
     pad = texts.encoder.pad_id
     report["tokens_per_round"] = token_counts
     server_args = dict(latency_texts=latency_texts, seconds=seconds,
@@ -798,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.largest_batch_seconds and fits("largest_batch", 15):
         with step(f"largest batch at {max_length} tokens"):
             try:
-                row = texts.ids([texts.make(max_length, rng)])[0]
+                row = texts.ids([texts.make(max_length)])[0]
                 report["results"]["largest_batch"] = largest_batch(
                     prepared / "model.onnx", device, row, pad,
                     min(ns.largest_batch_seconds, max(5.0, deadline.left() - 10)))

@@ -8,9 +8,10 @@ interpreter (GIL, thread pools, imported torch) with another:
 - `SentenceTransformers`: `SentenceTransformer(model_dir)` on torch CPU;
 - `ServerHost`: a whole `EmbedServer` (what `embedrpc serve` runs) on 127.0.0.1,
   port 0, reporting its CPU use and the router's batch counters;
-- `LoadGen`: blocking gRPC clients (unary batches, EmbedStream, single-text latency),
-  started at a higher niceness so that, on a machine with few cores, the load
-  generator yields the CPU to the server it measures.
+- `LoadGen`: gRPC load from the load-test harness's engine (embedrpc.client.bench:
+  unary batches, EmbedStream, single-text latency), started at a higher niceness so
+  that, on a machine with few cores, the load generator yields the CPU to the server
+  it measures.
 
 A measurement runs `warmup` seconds, then `seconds` more; only the work inside the
 second interval counts. A call or batch that straddles an edge counts in proportion
@@ -285,7 +286,8 @@ class ServerHost:
 
 
 class LoadGen:
-    """Blocking gRPC clients with pre-built requests (float32-bytes responses)."""
+    """gRPC clients with pre-built requests (float32-bytes responses), driven by the
+    harness's load engine."""
 
     def __init__(self, nice: int = 0) -> None:
         if nice:
@@ -300,76 +302,52 @@ class LoadGen:
 
     def measure(self, *, target: str, mode: str, requests: list[list[str]], concurrency: int,
                 warmup: float, seconds: float) -> dict[str, Any]:
-        import grpc
+        """unary: `concurrency` closed-loop clients; stream: one EmbedStream with
+        `concurrency` requests in flight; latency: one client. The interval and this
+        process's CPU are summarised as for the other sides (Recorder)."""
+        import asyncio
 
-        from embedrpc.client.client import DEFAULT_OPTIONS, make_request
-        from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
+        from embedrpc.client.bench import BenchConfig, connect, drive, pool_from_texts
 
-        messages = [make_request(texts, encoding="float32") for texts in requests]
-        stop = threading.Event()
-        recorder = Recorder()
-        channels: list[grpc.Channel] = []
-
-        def stub() -> pb_grpc.EmbedderStub:
-            channel = grpc.insecure_channel(target, DEFAULT_OPTIONS)
-            channels.append(channel)
-            return pb_grpc.EmbedderStub(channel)
-
-        def unary(k: int) -> Callable[[], None]:
-            client = stub()
-
-            def run() -> None:
-                i = k
-                while not stop.is_set():
-                    start = time.perf_counter()
-                    response = client.Embed(messages[i % len(messages)], timeout=120)
-                    recorder.add(start, time.perf_counter(), response.count,
-                                 response.usage.prompt_tokens)
-                    i += concurrency
-            return run
-
-        def stream() -> None:
-            # One EmbedStream with `concurrency` requests in flight.
-            client = stub()
-            window = threading.Semaphore(concurrency)
-            sent: list[float] = []
-
-            def requests_iter():  # type: ignore[no-untyped-def]
-                i = 0
-                while not stop.is_set():
-                    if not window.acquire(timeout=0.05):
-                        continue
-                    if stop.is_set():
-                        return
-                    sent.append(time.perf_counter())
-                    yield messages[i % len(messages)]
-                    i += 1
-
-            for n, response in enumerate(client.EmbedStream(requests_iter(), timeout=600)):
-                if response.HasField("error"):
-                    raise RuntimeError(f"EmbedStream: {response.error.message}")
-                recorder.add(sent[n], time.perf_counter(), response.count,
-                             response.usage.prompt_tokens)
-                window.release()
-
-        if mode == "unary":
-            targets = [unary(k) for k in range(concurrency)]
-        elif mode == "stream":
-            targets = [stream]
-        elif mode == "latency":
+        if mode == "latency":
             concurrency = 1
-            targets = [unary(0)]
-        else:
+        elif mode not in ("unary", "stream"):
             raise ValueError(f"unknown mode {mode!r}")
-        try:
-            for channel in channels:  # connect before the clock starts
-                grpc.channel_ready_future(channel).result(timeout=30)
-            # Calls in flight when the interval ends are waited for (not cancelled): the
-            # share of their work inside the interval counts.
-            out = run_threads(targets, warmup, seconds, stop, recorder, latency=True)
-        finally:
-            for channel in channels:
-                channel.close()
+        pool = pool_from_texts(requests, encoding="float32")
+        # Calls in flight when the interval ends are waited for (not cancelled): the share
+        # of their work inside the interval counts.
+        config = BenchConfig(target=target, concurrency=concurrency, stream=mode == "stream",
+                             warmup=warmup, duration=seconds, timeout=120.0,
+                             query_fraction=0.0, progress=False)
+        recorder = Recorder()
+
+        def on_answer(start: float, done: float, response: Any) -> None:
+            recorder.add(start, done, response.count, response.usage.prompt_tokens)
+
+        async def sample_cpu(*instants: float) -> list[tuple[float, float]]:
+            samples = []
+            for instant in instants:
+                await asyncio.sleep(max(0.0, instant - time.monotonic()))
+                samples.append((time.monotonic(), process_cpu_s()))
+            return samples
+
+        async def measure() -> tuple[Any, list[tuple[float, float]]]:
+            channel = await connect(config)  # connected before the clock starts
+            try:
+                start = time.monotonic()
+                edges = asyncio.create_task(sample_cpu(start + warmup, start + warmup + seconds))
+                result = await drive(channel, config, pool, start_at=start,
+                                     on_answer=on_answer)
+                return result, await edges
+            finally:
+                await channel.close()
+
+        result, [(t0, c0), (t1, c1)] = asyncio.run(measure())
+        if result.errors or result.warmup_errors:
+            raise RuntimeError(f"{mode} load failed: {result.errors or ''} "
+                               f"({result.warmup_errors} failed in the warm-up)")
+        out = recorder.summary(t0, t1, latency=True)
+        out["cpu_cores"] = (c1 - c0) / (t1 - t0)
         out["client_nice"] = self.nice
         return out
 

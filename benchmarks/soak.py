@@ -30,14 +30,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from workload import corpus
 
 from embedrpc.client import AsyncEmbedClient, make_request
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 SERVING = re.compile(r"serving .* on .*:(\d+)")
-WORDS = ("embedding server latency vector search retrieval query document passage token "
-         "batch worker queue model graph runtime kernel memory network health shutdown "
-         "données recherche modèle 向量 检索 模型 запрос документ").split()
+# The suite's corpus (workload.py); each client draws from it with its own seed.
+TEXTS = corpus(4096)
 
 
 def rss_by_process(pid: int) -> dict[str, float]:
@@ -59,7 +59,7 @@ def rss_by_process(pid: int) -> dict[str, float]:
 
 
 def text(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(int(rng.lognormvariate(3.0, 0.8)) + 1))
+    return rng.choice(TEXTS)
 
 
 class Stats:
