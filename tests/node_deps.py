@@ -1,6 +1,6 @@
-"""clients/node's npm packages for the tests (Node client, buf), installed on demand.
+"""examples/node's npm packages for the tests (Node client, buf), installed on demand.
 
-clients/node/node_modules is used when it is there (`npm ci --prefix clients/node`);
+examples/node/node_modules is used when it is there (`npm ci --prefix examples/node`);
 otherwise `npm ci` installs the locked versions once into a cache folder keyed by the
 lock file, so the README's plain `pytest` needs no extra step. Without node/npm, or when
 the npm registry cannot be reached, the callers skip with the reason.
@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NODE_CLIENT = ROOT / "clients" / "node"
+NODE_CLIENT = ROOT / "examples" / "node"
 
 
 def _cache_root() -> Path:
@@ -54,7 +54,7 @@ def node_modules() -> tuple[Path | None, str]:
 
 
 def buf_binary() -> tuple[Path | None, str]:
-    """The buf CLI locked by clients/node (npm @bufbuild/buf), else one on PATH, or why
+    """The buf CLI locked by examples/node (npm @bufbuild/buf), else one on PATH, or why
     there is none."""
     modules, why = node_modules()
     if modules is not None and (modules / ".bin" / "buf").exists():

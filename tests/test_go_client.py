@@ -1,4 +1,4 @@
-"""The Go example (clients/go/main.go, grpc-go) built with stubs that protoc-gen-go and
+"""The Go example (examples/go/main.go, grpc-go) built with stubs that protoc-gen-go and
 protoc-gen-go-grpc generate from protos/, and run against a real server.
 
 Its vectors are compared with the fake backend's documented formula (server/worker.py
@@ -40,7 +40,7 @@ def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gopath = tmp_path_factory.mktemp("gopath")
     package = gopath / "src" / "example" / "embed"
     package.mkdir(parents=True)
-    shutil.copy(ROOT / "clients" / "go" / "main.go", package / "main.go")
+    shutil.copy(ROOT / "examples" / "go" / "main.go", package / "main.go")
     subprocess.run([tools["protoc"], f"-I{ROOT / 'protos'}", f"--go_out={gopath / 'src'}",
                     f"--go-grpc_out={gopath / 'src'}",
                     str(ROOT / "protos" / "embedrpc" / "v1" / "embedder.proto")],

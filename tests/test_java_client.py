@@ -1,4 +1,4 @@
-"""The Java example (clients/java/EmbedExample.java, grpc-java) compiled with stubs that
+"""The Java example (examples/java/EmbedExample.java, grpc-java) compiled with stubs that
 protoc and the grpc-java plugin generate from protos/, and run against a real server.
 
 Its vectors are compared with the fake backend's documented formula (server/worker.py
@@ -55,7 +55,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> str:
     compile_cp = os.pathsep.join(runtime + [str(JARS / f"{j}.jar") for j in COMPILE_ONLY_JARS])
     sources = [str(p) for p in gen.rglob("*.java")]
     result = subprocess.run([tools["javac"], "-d", str(classes), "-cp", compile_cp, *sources,
-                             str(ROOT / "clients" / "java" / "EmbedExample.java")],
+                             str(ROOT / "examples" / "java" / "EmbedExample.java")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return os.pathsep.join([str(classes), *runtime])

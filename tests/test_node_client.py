@@ -1,4 +1,4 @@
-"""The Node.js example client (clients/node/embed.js, @grpc/grpc-js with stubs loaded from
+"""The Node.js example client (examples/node/embed.js, @grpc/grpc-js with stubs loaded from
 protos/ at run time) against a real server.
 
 Its vectors are compared with the fake backend's documented formula (server/worker.py
@@ -33,7 +33,7 @@ def node_env() -> dict[str, str]:
     modules, why = node_modules()
     if modules is None:
         pytest.skip(why)
-    # NODE_PATH finds packages installed outside clients/ (the tests' cache folder).
+    # NODE_PATH finds packages installed outside examples/ (the tests' cache folder).
     return {**os.environ, "NODE_PATH": str(modules)}
 
 

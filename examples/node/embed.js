@@ -3,8 +3,8 @@
 // protos/embedrpc/v1/embedder.proto with @grpc/proto-loader: nothing is generated
 // or committed, so this client follows the proto as it is.
 //
-//   npm ci --prefix clients/node
-//   node clients/node/embed.js --target localhost:50051 --prompt-name query "What is gRPC?"
+//   npm ci --prefix examples/node
+//   node examples/node/embed.js --target localhost:50051 --prompt-name query "What is gRPC?"
 //
 // Prints one JSON object: {model, dimensions, embeddings: [[...]], usage}.
 // --target takes anything gRPC does: host:port, a headless Service as
