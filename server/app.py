@@ -22,6 +22,7 @@ from embedrpc.v1 import embedder_pb2 as pb
 
 from .checkpoints import serving_directory
 from .config import DebugHooks, ServeConfig
+from .core import EmbeddingCore, ModelInfo
 from .devices import available_cores, resolve_devices
 from .errors import ModelError
 from .frontends.grpc_observing import ObservingInterceptor
@@ -60,6 +61,8 @@ class EmbedServer:
         self.spec: ModelSpec = load_model_spec(str(directory), onnx_file=config.model.onnx_file,
                                                max_length=config.model.max_length, name=name)
         self.encoder = TextEncoder(self.spec)
+        # Serves both front ends; UNAVAILABLE ("still loading") until the warm-up is done.
+        self.core = EmbeddingCore(spec=self.spec, encoder=self.encoder, limits=config.limits)
         kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"
         self.batch_config = config.batching.for_device(kind, self.spec.max_length)
         if self.batch_config.max_batch_tokens < self.spec.max_length:  # type: ignore[operator]
@@ -118,13 +121,13 @@ class EmbedServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    def _info(self) -> pb.InfoResponse:
+    def _info(self) -> ModelInfo:
         precision = {w.info.get("precision", "float32") for w in self.workers}
-        return pb.InfoResponse(
+        return ModelInfo(
             model=self.spec.name, dimensions=self.spec.hidden_size,
             min_dimensions=self.spec.min_dimensions, max_length=self.spec.max_length,
-            prompt_names=sorted(self.spec.prompts), pooling=self.spec.pooling,
-            precision=",".join(sorted(precision)), devices=self.devices,
+            prompt_names=tuple(sorted(self.spec.prompts)), pooling=self.spec.pooling,
+            precision=",".join(sorted(precision)), devices=tuple(self.devices),
             max_batch_tokens=self.batch_config.max_batch_tokens, version=__version__,
             max_inputs=self.config.limits.max_inputs, workers=len(self.workers),
             pooled_token=self.encoder.pooled.token,
@@ -193,10 +196,8 @@ class EmbedServer:
             extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
                             if info.get(key))
             log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"), extra)
-        self.service = service = EmbedderService(
-            spec=self.spec, encoder=self.encoder, router=self.router,
-            limits=cfg.limits,
-            info=self._info())
+        self.core.open(self.router, self._info())
+        self.service = service = EmbedderService(self.core)
         add_embedder_to_server(service, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -217,7 +218,7 @@ class EmbedServer:
                 log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
             if net.http_port is not None:
                 what = "HTTP"
-                self.http = HttpServer(service=lambda: self.service, model=self.spec.name,
+                self.http = HttpServer(core=self.core, model=self.spec.name,
                                        metrics=self.metrics,
                                        serving=lambda: self._serving is True,
                                        max_body_bytes=cfg.limits.max_message_bytes,
@@ -262,7 +263,7 @@ class EmbedServer:
             # Calls in flight finish within the grace period; once none is left, streams
             # that never end by themselves (health watchers, idle EmbedStreams) are closed
             # instead of holding the process for the whole grace period.
-            while not stopping.done() and self.service is not None and self.service.active:
+            while not stopping.done() and self.core.active:
                 await asyncio.wait([stopping], timeout=0.05)
             if not stopping.done():  # let the last responses leave first
                 await asyncio.wait([stopping], timeout=0.5)

@@ -31,9 +31,16 @@ def http_status(code: str) -> tuple[int, str]:
 
 
 class EmbedError(Exception):
-    """Base class: an error the client sees with a status code and a message."""
+    """Base class: an error the client sees with a status code and a message.
+
+    `field`: the request field at fault, by its proto name ("inputs", "dimensions"), so
+    a front end can name its own spelling of it (OpenAI's `param`)."""
 
     code: str = "INTERNAL"  # a grpc.StatusCode name
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
     @property
     def grpc_code(self) -> Any:

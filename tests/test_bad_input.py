@@ -178,7 +178,7 @@ FITS_ALONE = "word " * 50  # 52 tokens; over 64 with the query prompt
 E, T = pb.EmbedRequest, pb.TokenizeRequest
 BAD_UTF8 = text_field(INPUTS, b"fine") + text_field(INPUTS, b"caf\xc3")  # cut mid-character
 UTF8_HINT = "string fields must hold UTF-8 text"
-DIMS_HINT = f"use 0 (full, {HIDDEN}) or {MIN_DIMS}..{HIDDEN}"
+DIMS_HINT = f"use {MIN_DIMS}..{HIDDEN}, or leave it unset for all {HIDDEN}"
 MANY = ["x"] * 100_000  # 300 kB: under the message limit, over max_inputs
 MANY_BIG = ["twenty bytes of text"] * 100_000  # 2.2 MB: over the message limit first
 

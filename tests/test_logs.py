@@ -107,7 +107,7 @@ def test_request_ids_reach_responses_and_log_records(server,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     srv, target = server
     caplog.handler.addFilter(RequestIdFilter())
-    caplog.set_level(logging.DEBUG, logger="embedrpc.server.frontends.grpc_service")
+    caplog.set_level(logging.DEBUG, logger="embedrpc.server.core")
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.EmbedderStub(channel)
         own = stub.Embed(pb.EmbedRequest(inputs=["a"], request_id="req-42"), timeout=10)

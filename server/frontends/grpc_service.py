@@ -1,12 +1,14 @@
-"""The Embedder servicer: validate → prompt → tokenize → router → encode the response."""
+"""The Embedder servicer: protobuf requests to the embedding core (server/core.py), its
+answers and errors back to protobuf and gRPC status codes."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +21,12 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from ..config import ServiceLimits
+from ..core import EmbeddingCore, ModelInfo
 from ..errors import EmbedError, InvalidInput, TooLarge
 from ..logs import current_request_id, set_request_id
-from ..model import ModelSpec
-from ..pooling import finish
-from ..router import Router
-from ..tokenizer import Encoded, TextEncoder
 
 log = logging.getLogger(__name__)
 
-# Tokenizing more text than this per request happens off the event loop.
-_INLINE_TOKENIZE_CHARS = 16_384
 ENCODINGS = {
     pb.ENCODING_FLOAT: "ENCODING_FLOAT",
     pb.ENCODING_FLOAT32_BYTES: "ENCODING_FLOAT32_BYTES",
@@ -105,85 +101,49 @@ def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedRespons
         response.data = np.packbits(vectors > 0, axis=1).tobytes()
 
 
+def info_message(info: ModelInfo) -> pb.InfoResponse:
+    """The core's ModelInfo as the Info RPC's reply."""
+    return pb.InfoResponse(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+
+
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, *, spec: ModelSpec, encoder: TextEncoder, router: Router,
-                 limits: ServiceLimits, info: pb.InfoResponse) -> None:
-        self.spec = spec
-        self.encoder = encoder
-        self.router = router
-        self.limits = limits
-        self.info = info
-        self.active = 0  # embed requests being served (graceful shutdown waits for them)
+    """The Embedder RPCs: each maps its protobuf request to the core and back."""
 
-    # -- validation and tokenization ---------------------------------------
+    def __init__(self, core: EmbeddingCore) -> None:
+        self.core = core
+        self.limits = core.limits
+        self.info = info_message(core.info)
 
-    def _check_inputs(self, inputs: Sequence[str]) -> None:
-        n = len(inputs)
-        if n == 0:
-            raise InvalidInput(f"inputs is empty; send 1 to {self.limits.max_inputs} texts")
-        if n > self.limits.max_inputs:
-            raise InvalidInput(f"{n} inputs in one request; at most {self.limits.max_inputs} "
-                               "are allowed (split the request, or use EmbedStream)")
-
-    def _dimensions(self, requested: int) -> int:
-        full = self.spec.hidden_size
-        if requested == 0:
-            return full
-        if not self.spec.min_dimensions <= requested <= full:
-            raise InvalidInput(f"dimensions={requested} is out of range; use 0 (full, {full}) "
-                               f"or {self.spec.min_dimensions}..{full}")
-        return requested
-
-    async def _tokenize(self, inputs: list[str], prompt_name: str, instruction: str,
-                        truncate: int) -> Encoded:
-        prompt = self.encoder.prompt_for(prompt_name, instruction)
-        texts = list(inputs)
-        if sum(map(len, texts)) <= _INLINE_TOKENIZE_CHARS:
-            return self.encoder.encode(texts, prompt=prompt, truncate=truncate)
-        return await asyncio.to_thread(self.encoder.encode, texts, prompt=prompt,
-                                       truncate=truncate)
+    @property
+    def active(self) -> int:
+        """Calls in flight in the core (this front end's and HTTP's)."""
+        return self.core.active
 
     async def embed(self, request: pb.EmbedRequest | Undecodable,
                     time_remaining: float | None) -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
         if isinstance(request, Undecodable):
             raise InvalidInput(request.message)
-        self.active += 1
-        try:
-            return await self._embed(request, time_remaining)
-        finally:
-            self.active -= 1
-
-    async def _embed(self, request: pb.EmbedRequest,
-                     time_remaining: float | None) -> pb.EmbedResponse:
-        started = time.monotonic()
-        deadline = None if time_remaining is None else started + time_remaining
-        # The request's own id, else the call's (x-request-id metadata, or generated).
-        request_id = request.request_id or current_request_id()
-        set_request_id(request_id)  # for every log record of this request
-        self._check_inputs(request.inputs)
-        dimensions = self._dimensions(request.dimensions)
-        if request.encoding not in ENCODINGS:
-            raise InvalidInput(f"encoding={request.encoding} is unknown; use one of "
-                               f"{', '.join(f'{v} ({k})' for k, v in ENCODINGS.items())}")
-        normalize = request.normalize if request.HasField("normalize") else True
-        encoded = await self._tokenize(request.inputs, request.prompt_name,
-                                       request.instruction, request.truncate)
-        vectors = await self.router.embed(encoded.ids, deadline=deadline)
-        response = pb.EmbedResponse(
-            request_id=request_id,
-            dimensions=dimensions,
-            encoding=request.encoding,
-            count=len(encoded.ids),
-            usage=pb.Usage(prompt_tokens=encoded.total_tokens,
-                           truncated_inputs=sum(encoded.truncated)),
-        )
-        encode_vectors(finish(vectors, dimensions, normalize), request.encoding, response)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("embed inputs=%d tokens=%d dimensions=%d %.1f ms",
-                      len(encoded.ids), encoded.total_tokens, dimensions,
-                      (time.monotonic() - started) * 1000)
-        return response
+        with self.core.call():
+            # The request's own id, else the call's (x-request-id metadata, or generated).
+            request_id = request.request_id or current_request_id()
+            set_request_id(request_id)  # for every log record of this request
+            if request.encoding not in ENCODINGS:
+                raise InvalidInput(f"encoding={request.encoding} is unknown; use one of "
+                                   f"{', '.join(f'{v} ({k})' for k, v in ENCODINGS.items())}")
+            deadline = None if time_remaining is None else time.monotonic() + time_remaining
+            result = await self.core.embed(
+                request.inputs, dimensions=request.dimensions or None,  # proto3: 0 is unset
+                normalize=request.normalize if request.HasField("normalize") else True,
+                prompt_name=request.prompt_name, instruction=request.instruction,
+                truncate=request.truncate, deadline=deadline)
+            response = pb.EmbedResponse(
+                request_id=request_id, dimensions=result.vectors.shape[1],
+                encoding=request.encoding, count=len(result.vectors),
+                usage=pb.Usage(prompt_tokens=result.prompt_tokens,
+                               truncated_inputs=result.truncated_inputs))
+            encode_vectors(result.vectors, request.encoding, response)
+            return response
 
     def _fits(self, response: pb.EmbedResponse) -> pb.EmbedResponse:
         """gRPC fails a call whose response is over its limit, and with it a whole
@@ -258,9 +218,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             if isinstance(request, Undecodable):
                 raise InvalidInput(request.message)
-            self._check_inputs(request.inputs)
-            encoded = await self._tokenize(request.inputs, request.prompt_name,
-                                           request.instruction, request.truncate)
+            encoded = await self.core.tokenize(
+                request.inputs, prompt_name=request.prompt_name,
+                instruction=request.instruction, truncate=request.truncate)
         except EmbedError as exc:
             await context.abort(exc.grpc_code, str(exc))
             raise AssertionError("unreachable") from exc
@@ -269,7 +229,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
             item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
             if request.return_tokens:
-                item.tokens.extend(self.encoder.tokens(ids))
+                item.tokens.extend(self.core.encoder.tokens(ids))
         return response
 
     async def Info(self, request: pb.InfoRequest,

@@ -31,9 +31,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from embedrpc import __version__
-from embedrpc.v1 import embedder_pb2 as pb
 
 from .. import tracing
+from ..core import EmbeddingCore
 from ..errors import STATUS, EmbedError, http_status
 from ..logs import clean_request_id, new_request_id, set_request_id
 from ..metrics import Metrics
@@ -84,9 +84,14 @@ class HttpError(Exception):
                           "code": self.code}}
 
 
+# The proto's field names (in the core's errors) → the OpenAI request's.
+PARAMS = {"inputs": "input"}
+
+
 def error_from_embed(exc: EmbedError) -> HttpError:
     status, kind = http_status(exc.code)
-    return HttpError(status, str(exc), type=kind, code=exc.code.lower(),
+    param = PARAMS.get(exc.field, exc.field) if exc.field else None
+    return HttpError(status, str(exc), type=kind, code=exc.code.lower(), param=param,
                      headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
@@ -456,14 +461,13 @@ def _error_response(exc: HttpError) -> Response:
 
 
 class HttpServer:
-    """Serves the OpenAI-compatible routes from an EmbedderService."""
+    """Serves the OpenAI-compatible routes from the embedding core."""
 
-    def __init__(self, *, service: Callable[[], Any], model: str, metrics: Metrics,
+    def __init__(self, *, core: EmbeddingCore, model: str, metrics: Metrics,
                  serving: Callable[[], bool], max_body_bytes: int,
                  authorize: Callable[[str | None], None] | None = None,
                  auth_health: bool = False) -> None:
-        # The EmbedderService, once the workers are warm (None before: 503).
-        self._service = service
+        self.core = core
         self.metrics = metrics
         self.serving = serving
         self.max_body_bytes = max_body_bytes
@@ -530,7 +534,7 @@ class HttpServer:
                                                    or self.auth_health):
                     self.authorize(request.headers.get("authorization"))
                 if request.path == "/v1/embeddings":
-                    response = await self._embeddings(request, request_id, counts, span)
+                    response = await self._embeddings(request, counts, span)
                 elif request.path == "/health":
                     response = self._health()
                 else:
@@ -561,41 +565,86 @@ class HttpServer:
             return json_response(200, {"status": "SERVING"})
         return json_response(503, {"status": "NOT_SERVING"})
 
-    @property
-    def service(self) -> Any:
-        service = self._service()
-        if service is None:
-            raise HttpError(503, "the model is still loading; retry when /health says "
-                            "SERVING", type="server_error", code="unavailable")
-        return service
-
     def _models(self) -> Response:
         return json_response(200, {"object": "list", "data": [self._model_card()]})
 
     def _model_card(self) -> dict[str, Any]:
-        info = self.service.info
+        info = self.core.info
         return {"id": self.model, "object": "model", "created": self.created,
                 "owned_by": "embedrpc", "dimensions": info.dimensions,
                 "min_dimensions": info.min_dimensions, "max_length": info.max_length}
 
     # -- POST /v1/embeddings ------------------------------------------------------
 
-    async def _embeddings(self, request: Request, request_id: str, counts: list[int],
-                          span: Any) -> Response:
-        body = request.body
-        try:
-            payload = (json.loads(body) if len(body) <= _INLINE_JSON_BYTES
-                       else await asyncio.to_thread(json.loads, body))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HttpError(400, f"the body is not valid JSON: {exc}",
-                            code="invalid_json") from exc
-        embed_request, encoding_format = self._parse_embeddings(payload, request_id)
-        span.set_attribute("embedrpc.inputs", len(embed_request.inputs))
-        reply = await self.service.embed(embed_request, None)
-        vectors = np.frombuffer(reply.data, dtype="<f4").reshape(reply.count, reply.dimensions)
-        counts[:] = [reply.count, reply.usage.prompt_tokens]
-        span.set_attributes({"embedrpc.embeddings": reply.count,
-                             "embedrpc.tokens": reply.usage.prompt_tokens})
+    async def _embeddings(self, request: Request, counts: list[int], span: Any) -> Response:
+        payload = await parse_json(request.body)
+        texts, options, encoding_format = parse_embeddings(payload)
+        span.set_attribute("embedrpc.inputs", len(texts))
+        with self.core.call():
+            result = await self.core.embed(texts, **options)
+        vectors = result.vectors
+        counts[:] = [len(vectors), result.prompt_tokens]
+        span.set_attributes({"embedrpc.embeddings": len(vectors),
+                             "embedrpc.tokens": result.prompt_tokens})
+        body = embeddings_body(vectors, result.prompt_tokens, self.model, encoding_format)
+        if encoding_format == "float" and vectors.size > _INLINE_JSON_FLOATS:
+            return Response(200, await asyncio.to_thread(body))
+        return Response(200, body())
+
+
+# -- the OpenAI request and response bodies -------------------------------------------
+
+
+async def parse_json(body: bytes) -> Any:
+    """The request body as JSON; HttpError 400 when it is not."""
+    try:
+        return (json.loads(body) if len(body) <= _INLINE_JSON_BYTES
+                else await asyncio.to_thread(json.loads, body))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HttpError(400, f"the body is not valid JSON: {exc}",
+                        code="invalid_json") from exc
+
+
+def parse_embeddings(payload: Any) -> tuple[list[str], dict[str, Any], str]:
+    """An OpenAI embeddings request → (texts, the core's options, encoding_format).
+
+    Only the JSON shapes are checked here; counts, ranges and prompts are the core's."""
+    if not isinstance(payload, dict):
+        raise HttpError(400, "the body must be a JSON object such as "
+                        '{"input": ["text", ...]}')
+    if "input" not in payload:
+        raise HttpError(400, "'input' is required: a string or a list of strings",
+                        param="input")
+    texts = payload["input"]
+    if isinstance(texts, str):
+        texts = [texts]
+    elif not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        token_ids = isinstance(texts, list) and texts and all(
+            isinstance(t, int) or (isinstance(t, list) and all(isinstance(i, int) for i in t))
+            for t in texts)
+        raise HttpError(400, "token-id arrays are not accepted; send text (a string or a "
+                        "list of strings)" if token_ids else
+                        "'input' must be a string or a list of strings", param="input")
+    dimensions = payload.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int)
+                                   or isinstance(dimensions, bool)):
+        raise HttpError(400, "'dimensions' must be an integer", param="dimensions")
+    encoding_format = payload.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise HttpError(400, f"'encoding_format' {encoding_format!r} is not supported; "
+                        "use 'float' or 'base64'", param="encoding_format")
+    for key in ("model", "user", "prompt_name", "instruction"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            raise HttpError(400, f"'{key}' must be a string", param=key)
+    options = {"dimensions": dimensions, "prompt_name": payload.get("prompt_name") or "",
+               "instruction": payload.get("instruction") or ""}
+    return texts, options, encoding_format
+
+
+def embeddings_body(vectors: np.ndarray, tokens: int, model: str,
+                    encoding_format: str) -> Callable[[], bytes]:
+    """The reply's JSON, built when called (in a thread when it is large)."""
+    def build() -> bytes:
         if encoding_format == "base64":
             data = [{"object": "embedding", "index": i,
                      "embedding": base64.b64encode(row.tobytes()).decode("ascii")}
@@ -603,54 +652,8 @@ class HttpServer:
         else:
             data = [{"object": "embedding", "index": i, "embedding": row}
                     for i, row in enumerate(vectors.tolist())]
-        out = {"object": "list", "data": data, "model": self.model,
-               "usage": {"prompt_tokens": reply.usage.prompt_tokens,
-                         "total_tokens": reply.usage.prompt_tokens}}
-        if encoding_format == "float" and vectors.size > _INLINE_JSON_FLOATS:
-            text = await asyncio.to_thread(json.dumps, out, separators=(",", ":"))
-        else:
-            text = json.dumps(out, separators=(",", ":"))
-        return Response(200, text.encode())
+        return json.dumps({"object": "list", "data": data, "model": model,
+                           "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                          separators=(",", ":")).encode()
 
-    def _parse_embeddings(self, payload: Any, request_id: str) -> tuple[pb.EmbedRequest, str]:
-        if not isinstance(payload, dict):
-            raise HttpError(400, "the body must be a JSON object such as "
-                            '{"input": ["text", ...]}')
-        if "input" not in payload:
-            raise HttpError(400, "'input' is required: a string or a list of strings",
-                            param="input")
-        texts = payload["input"]
-        if isinstance(texts, str):
-            texts = [texts]
-        elif not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            token_ids = isinstance(texts, list) and texts and all(
-                isinstance(t, int) or (isinstance(t, list) and all(isinstance(i, int) for i in t))
-                for t in texts)
-            raise HttpError(400, "token-id arrays are not accepted; send text (a string or a "
-                            "list of strings)" if token_ids else
-                            "'input' must be a string or a list of strings", param="input")
-        if not texts:
-            raise HttpError(400, "'input' is an empty list; send at least one string",
-                            param="input")
-        most = self.service.limits.max_inputs
-        if len(texts) > most:
-            raise HttpError(400, f"'input' has {len(texts)} strings; at most {most} are "
-                            "allowed per request (--max-inputs): split it", param="input")
-        dimensions = payload.get("dimensions")
-        info = self.service.info
-        if dimensions is not None and (
-                not isinstance(dimensions, int) or isinstance(dimensions, bool)
-                or not info.min_dimensions <= dimensions <= info.dimensions):
-            raise HttpError(400, f"'dimensions' must be an integer in "
-                            f"{info.min_dimensions}..{info.dimensions}", param="dimensions")
-        encoding_format = payload.get("encoding_format") or "float"
-        if encoding_format not in ("float", "base64"):
-            raise HttpError(400, f"'encoding_format' {encoding_format!r} is not supported; "
-                            "use 'float' or 'base64'", param="encoding_format")
-        for key in ("model", "user", "prompt_name", "instruction"):
-            if payload.get(key) is not None and not isinstance(payload[key], str):
-                raise HttpError(400, f"'{key}' must be a string", param=key)
-        return pb.EmbedRequest(
-            inputs=texts, dimensions=dimensions or 0, encoding=pb.ENCODING_FLOAT32_BYTES,
-            request_id=request_id, prompt_name=payload.get("prompt_name") or "",
-            instruction=payload.get("instruction") or ""), encoding_format
+    return build
