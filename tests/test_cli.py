@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,26 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-EMBEDRPC = [sys.executable, "-m", "embedrpc"]
-SERVING = re.compile(r"serving \S+ on \S+:(\d+)")
-
-
-def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*EMBEDRPC, "serve", "--host", "127.0.0.1", "--port", "0",
-                             "--device", "cpu", *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 90
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if match := SERVING.search(line):
-            return proc, f"127.0.0.1:{match.group(1)}"
-    proc.kill()
-    raise AssertionError("server did not start:\n" + "".join(seen))
+from .helpers import EMBEDRPC, server_log, start_server
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +79,8 @@ def test_signal_stops_cleanly(signum: int) -> None:
     proc, _ = start_server("--model", "demo", "--grace-seconds", "2")
     proc.send_signal(signum)
     assert proc.wait(30) == 0
-    stderr = proc.stderr.read() if proc.stderr else ""
-    assert "shutting down" in stderr and "stopped" in stderr
+    log = server_log(proc)
+    assert "shutting down" in log and "stopped" in log
 
 
 def test_bad_model_is_a_clear_error(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ appends one. Queries are `Instruct: {task}\\nQuery:{query}` (Qwen3-Embedding mod
 from __future__ import annotations
 
 import json
+import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,8 @@ from embedrpc.server.tokenizer import (
     TRUNCATE_NONE,
     TRUNCATE_START,
     TextEncoder,
+    _CharBudget,
+    _slices,
 )
 
 from .conftest import (
@@ -171,3 +175,90 @@ def test_bos_only_tokenizer_gets_the_end_token_appended(tmp_path: Path, raw: Tok
     assert encoder.pooled.source == SERVER_APPENDS
     assert encoder.encode(["hello"]).ids[0].tolist() == [151644, *raw.encode("hello").ids,
                                                          QWEN_EOS_ID]
+
+
+# --------------------------------------------------------------------------- long texts
+# Texts longer than cut_chars (max_length × the longest token's characters) are cut
+# before tokenizing; the reference is the same tokenizer run on the whole text.
+
+def _mixed_text(rng: random.Random, chars: int, *, line_breaks: bool) -> str:
+    words = ["hello", "world", "北京", "的", "Grüße", "🚀", "x", "---", "   ", "12345",
+             "can't", "e\u0301", "<|im_end|>", "\t", *(["\n", "\n\n"] if line_breaks else [])]
+    parts: list[str] = []
+    while sum(map(len, parts)) < chars:
+        parts.append(rng.choice(words) + (" " if rng.random() < 0.5 else ""))
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def published_encoder(tmp_path_factory: pytest.TempPathFactory) -> TextEncoder:
+    tmp = tmp_path_factory.mktemp("published")
+    return TextEncoder(load_model_spec(str(write_model_dir(
+        tmp / "m", tokenizer=published_tokenizer(tmp / "t")))))
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["published", "base"])
+@pytest.mark.parametrize("truncate", [TRUNCATE_END, TRUNCATE_START], ids=["end", "start"])
+def test_long_texts_are_cut_without_changing_the_kept_tokens(
+        request: pytest.FixtureRequest, published: bool, truncate: int) -> None:
+    encoder = request.getfixturevalue("published_encoder" if published else "encoder")
+    assert encoder.cut_chars == MAX * encoder.longest_token + 1024
+    rng = random.Random(1)
+    # With and without line breaks (TRUNCATE_START cuts right after one when it can).
+    texts = [_mixed_text(rng, int(encoder.cut_chars * rng.uniform(1.05, 2)),
+                         line_breaks=bool(i % 2)) for i in range(6)]
+    got = encoder.encode(texts, truncate=truncate)
+    appended = [QWEN_EOS_ID] if not published else []
+    for text, ids in zip(texts, got.ids, strict=True):
+        assert len(text) > encoder.cut_chars  # each one was cut
+        whole = encoder._by_side[truncate].encode(text)  # the whole text, truncated
+        assert ids.tolist() == [*whole.ids, *appended]
+    assert got.truncated == [True] * len(texts)
+
+
+def test_truncate_none_refuses_a_text_too_long_to_tokenize(encoder: TextEncoder) -> None:
+    text = "word " * (encoder.cut_chars // 5 + 10)
+    with pytest.raises(InvalidInput, match=r"inputs\[0\] is longer than max_length 64 tokens: "
+                       r"it has [\d,]+ characters .*so at least [\d,]+ tokens"):
+        encoder.encode([text], truncate=TRUNCATE_NONE)
+
+
+def test_a_word_too_long_to_cut_exactly_is_refused(encoder: TextEncoder) -> None:
+    # A run of letters is one piece to the pre-tokenizer: its tokens near the start could
+    # depend on its end, so it cannot be cut; it must not be tokenized whole either.
+    with pytest.raises(InvalidInput, match="a run of more than 16,384 characters"):
+        encoder.encode(["a" * (encoder.cut_chars + 20_000)])
+    # Just under the bound it is cut exactly (the run ends inside the window).
+    text = "b" * (encoder.cut_chars - 500) + " tail" * 100
+    whole = encoder._by_side[TRUNCATE_END].encode(text)
+    assert encoder.encode([text]).ids[0].tolist() == [*whole.ids, QWEN_EOS_ID]
+
+
+def test_tokenizing_is_done_in_bounded_slices() -> None:
+    texts = ["a" * 400, "b" * 700, "c" * 2000, "d" * 10, "e" * 990]
+    assert list(_slices(texts, 1000)) == [(0, 1), (1, 2), (2, 3), (3, 5)]
+    assert list(_slices([], 1000)) == []
+
+
+def test_large_tokenizations_share_a_character_budget() -> None:
+    budget = _CharBudget(100)
+    order: list[str] = []
+    held = []
+
+    def second() -> None:
+        held.append(budget.take(50))
+        held[0].__enter__()
+        order.append("second")
+
+    with budget.take(80):
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive() and budget.used == 80  # 80 + 50 > 100: it waits
+        order.append("first done")
+    waiting.join(5)
+    assert order == ["first done", "second"] and budget.used == 50
+    held[0].__exit__(None, None, None)
+    assert budget.used == 0
+    with _CharBudget(100).take(500):  # larger than the budget: runs alone
+        pass

@@ -1,0 +1,63 @@
+"""What one request may cost the server is bounded by what the model will see.
+
+Before: a 63 MiB string (under the 64 MiB message limit) took the server's main
+process from 222 MB to 9.2 GB and 119 s, and the memory stayed taken (the text was
+tokenized whole before being cut to max_length). Now a text is cut before tokenizing
+(server/tokenizer.py; its exactness is tested in test_tokenizer.py) and tokenized in
+bounded slices. Bounds checked here, on a server process of its own, with Qwen's real
+tokenizer and the longest max_length the server allows (8192): peak RSS under 1 GiB,
+RSS back within 128 MiB of where it was; TRUNCATE_NONE refuses at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from embedrpc.client import EmbedClient
+
+from .conftest import write_model_dir
+from .helpers import start_server
+
+MIB = 1 << 20
+MESSAGE_LIMIT = 64 * MIB  # --max-message-bytes' default
+
+
+def _status_mib(pid: int, key: str) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_largest_text_the_limits_allow_costs_bounded_memory(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "m", max_length=8192)
+    proc, target = start_server("--model", str(model), "--backend", "fake", "--workers", "1")
+    try:
+        with EmbedClient(target, timeout=120) as client:
+            client.embed(["warm up"])
+            before = _status_mib(proc.pid, "VmRSS")
+            text = "hello world, this is a test. " * ((MESSAGE_LIMIT - MIB) // 29)  # ~63 MiB
+            started = time.monotonic()
+            response = client.embed_response([text])
+            seconds = time.monotonic() - started
+            assert response.usage.prompt_tokens == 8192
+            assert response.usage.truncated_inputs == 1
+            with pytest.raises(grpc.RpcError) as refused:
+                client.embed([text], truncate="none")
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "so at least" in refused.value.details()
+            time.sleep(1.5)  # freed memory goes back to the system a second after a request
+            peak, after = _status_mib(proc.pid, "VmHWM"), _status_mib(proc.pid, "VmRSS")
+        assert peak < 1024, f"peak RSS {peak:.0f} MiB"
+        assert after < before + 128, f"RSS {before:.0f} → {after:.0f} MiB"
+        assert seconds < 30, f"{seconds:.1f} s"  # it took 119 s before (a loose bound)
+    finally:
+        proc.kill()
+        proc.wait()
