@@ -30,14 +30,20 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from workload import corpus
 
 from embedrpc.client import AsyncEmbedClient, make_request
+from embedrpc.client.bench import LengthSpec, TextGenerator
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 SERVING = re.compile(r"serving .* on .*:(\d+)")
-# The suite's corpus (workload.py); each client draws from it with its own seed.
-TEXTS = corpus(4096)
+WORDS = ("embedding server latency vector search retrieval query document passage token "
+         "batch worker queue model graph runtime kernel memory network health shutdown "
+         "données recherche modèle 向量 检索 模型 запрос документ").split()
+# About 28 words on average with a long tail (one text in 200 over 150 words, no cap to
+# speak of): long batches now and then are part of what grows a worker's memory.
+LENGTHS = "lognormal:20.5:0.8:1:1000"
+# Drawn from by every client with its own seed.
+TEXTS = TextGenerator(words=WORDS, seed=0).texts(4096, LengthSpec.parse(LENGTHS))
 
 
 def rss_by_process(pid: int) -> dict[str, float]:
