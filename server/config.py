@@ -125,11 +125,16 @@ class DeviceOptions:
     attention_kernel: str = option("auto", help="CUDA: the attention kernels ONNX Runtime may "
                                    "use (its sdpa_kernel option): auto (its choice), or "
                                    "flash, efficient, cudnn, math, several joined by commas")
+    worker_stall_seconds: float = option(60.0, help="a worker that answers no batch for this "
+                                         "long, plus ten times its measured time per token "
+                                         "of the batch, is killed and restarted (its batch is "
+                                         "retried)")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers")
         _at_least(self, 8, "cuda_graph_max_tokens")
         _at_least(self, 0, "fake_delay_ms")
+        _at_least(self, 0.1, "worker_stall_seconds")
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}")
         try:
@@ -288,6 +293,9 @@ class DebugHooks:
     # segmentation fault) or "exit" (exit code 3).
     fake_crash_token: int = -1
     fake_crash_mode: str = "kill"
+    # A batch holding this token id makes the fake backend hang (a stuck kernel).
+    fake_hang_token: int = -1
+    fake_warmup_ms: float = 0.0  # the fake backend's start-up takes this long
     # The bucketed path of --cuda-graphs without capture, on any device (CPU tests).
     static_shapes: bool = False
 

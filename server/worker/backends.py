@@ -255,12 +255,17 @@ class FakeBackend:
         hooks = self.spec.hooks
         if hooks.fake_crash_token >= 0 and (ids == hooks.fake_crash_token).any():
             crash(hooks.fake_crash_mode)
+        if hooks.fake_hang_token >= 0 and (ids == hooks.fake_hang_token).any():
+            while True:  # as a kernel that never returns: only a kill ends it
+                time.sleep(3600)
         if self.spec.options.fake_delay_ms:
             time.sleep(self.spec.options.fake_delay_ms / 1000)
         return np.stack([fake_vector(row, self.hidden_size)
                          for row in np.split(ids, np.cumsum(lengths)[:-1])])
 
     def warmup(self) -> None:
+        if self.spec.hooks.fake_warmup_ms:
+            time.sleep(self.spec.hooks.fake_warmup_ms / 1000)
         self.embed(np.zeros(4, dtype=np.int32), np.array([4], dtype=np.int32))
 
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +68,13 @@ class WorkerHandle:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._proc: Any = None
         self._thread: threading.Thread | None = None
+        self._was_ready = False  # it served once: later load errors are retried too
+        # (since, padded tokens) of the oldest batch in flight: the stall watch reads it.
+        self._oldest: tuple[float, int] | None = None
+        self._tokens: dict[int, int] = {}  # padded tokens of each batch in flight
+        # Seconds per padded token measured on this worker (moving average); until a
+        # batch is measured, a CPU's pessimistic figure.
+        self._seconds_per_token = 0.01
 
     # -- loop side ---------------------------------------------------------
 
@@ -95,6 +103,9 @@ class WorkerHandle:
         assert self._loop is not None and self._alive and self._channel is not None
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
         self._inflight[batch.id] = future
+        self._tokens[batch.id] = int(batch.lengths.max()) * len(batch.lengths)
+        if self._oldest is None:
+            self._oldest = (time.monotonic(), self._tokens[batch.id])
         self._channel.send(batch)  # a dead socket: the supervisor fails the batch
         return future
 
@@ -143,6 +154,12 @@ class WorkerHandle:
             self._ready.set_result(info)
         self._on_change()
 
+    def _on_start_crash(self, why: str) -> None:
+        """The process died (or could not be made) before it was ready: it is tried again."""
+        self.restarts += 1
+        log.warning("%s could not start (%s); trying again", self.name, why)
+        self._on_change()
+
     def _on_startup_error(self, message: str) -> None:
         self.failed = True
         if self._ready is not None and not self._ready.done():
@@ -154,6 +171,13 @@ class WorkerHandle:
     def _on_message(self, message: Any) -> None:
         kind, batch_id, payload = message
         future = self._inflight.pop(batch_id, None)
+        tokens = self._tokens.pop(batch_id, 0)
+        if self._oldest is not None and tokens:
+            now = time.monotonic()
+            measured = (now - self._oldest[0]) / tokens
+            self._seconds_per_token += 0.2 * (measured - self._seconds_per_token)
+            # The next batch (already in the pipe) starts now.
+            self._oldest = (now, next(iter(self._tokens.values()))) if self._tokens else None
         if future is None or future.done():
             return
         if kind == "ok":
@@ -170,6 +194,8 @@ class WorkerHandle:
         was_alive, self._alive = self._alive, False
         lost = list(self._inflight.values())  # in the order the worker runs them
         self._inflight.clear()
+        self._tokens.clear()
+        self._oldest = None
         for i, future in enumerate(lost):
             if not future.done():
                 future.set_exception(WorkerCrashed(
@@ -184,39 +210,98 @@ class WorkerHandle:
 
     def _supervise(self) -> None:
         """Start the process, hand its socket to the loop once it is ready, restart it
-        when it dies."""
+        when it dies. Nothing ends this loop but stop() or a model that cannot load at
+        the first start: a crash (a signal, the OOM killer) and an error of the system
+        (no file descriptor for the pipe) are retried with backoff."""
         failures = 0
         while not self._stopping.is_set():
-            parent, child = _CTX.Pipe(duplex=True)
+            started = time.monotonic()
+            try:
+                outcome = self._run_process()
+            except Exception as exc:  # e.g. OSError EMFILE from Pipe(): try again later
+                outcome = "crashed"
+                self._post(self._on_start_crash, f"{type(exc).__name__}: {exc}")
+            if outcome == "fatal":
+                return
+            failures = 0 if time.monotonic() - started > 30 else failures + 1
+            self._stopping.wait(min(0.05 * 2**failures, _MAX_BACKOFF_S))
+
+    def _run_process(self) -> str:
+        """One worker process from start to end: "fatal" (it cannot load the model, at the
+        first start), "crashed" (it died before it was ready) or "ended"."""
+        parent, child = _CTX.Pipe(duplex=True)
+        try:
             proc = _CTX.Process(target=worker_main, args=(child, self.spec),
                                 name=f"embedrpc-{self.name}", daemon=True)
             proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
             child.close()
-            self._proc = proc
-            started = time.monotonic()
-            try:
-                first = parent.recv()
-            except (EOFError, OSError):
-                first = ("error", "the worker process exited during start-up")
-            if first[0] != "ready":  # a broken model will not heal by retrying
-                parent.close()
-                proc.join(5.0)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(1.0)
-                if not self._stopping.is_set():
-                    self._post(self._on_startup_error, first[1])
-                return
-            closed = threading.Event()  # set by the loop when the socket closes
-            self._post(self._on_ready, first[1], parent, closed)
-            # The loop reads the socket now; wait for the process to end (or for the
-            # socket to break while the process hangs on).
-            while proc.is_alive() and not closed.is_set():
-                proc.join(0.2)
-            proc.join(5.0)
-            if proc.is_alive():
+        self._proc = proc
+        try:
+            first = parent.recv()
+        except (EOFError, OSError):
+            first = None  # it died before it could say anything
+        if first is None or first[0] != "ready":
+            parent.close()
+            _reap(proc)
+            if self._stopping.is_set():
+                return "ended"
+            if first is not None and not self._was_ready:
+                # It said why it cannot load the model: retrying will not change that.
+                self._post(self._on_startup_error, first[1])
+                return "fatal"
+            why = first[1] if first is not None else _exit_reason(proc.exitcode)
+            self._post(self._on_start_crash, why)
+            return "crashed"
+        self._was_ready = True
+        closed = threading.Event()  # set by the loop when the socket closes
+        self._post(self._on_ready, first[1], parent, closed)
+        # The loop reads the socket now; wait for the process to end (or for the
+        # socket to break while the process hangs on), and kill it if it stalls.
+        while proc.is_alive() and not closed.is_set():
+            proc.join(0.2)
+            stalled = self._stalled_for()
+            if stalled is not None:
+                log.error("%s made no progress on a batch of %d tokens for %.1f s (allowed "
+                          "%.1f s); killing it, the batch is retried", self.name,
+                          stalled[0], stalled[1], stalled[2])
                 proc.kill()
-                proc.join(1.0)
-            self._post(self._on_death, proc.exitcode)
-            failures = 0 if time.monotonic() - started > 30 else failures + 1
-            self._stopping.wait(min(0.05 * 2**failures, _MAX_BACKOFF_S))
+        _reap(proc)
+        self._post(self._on_death, proc.exitcode)
+        return "ended"
+
+    def _stalled_for(self) -> tuple[int, float, float] | None:
+        """(tokens, seconds waited, seconds allowed) when the oldest batch in flight has
+        been waiting longer than its allowance; read from the supervisor thread."""
+        oldest = self._oldest  # one read: the loop replaces the tuple as a whole
+        if oldest is None:
+            return None
+        since, tokens = oldest
+        waited = time.monotonic() - since
+        allowed = self.stall_allowance(tokens)
+        return (tokens, waited, allowed) if waited > allowed else None
+
+    def stall_allowance(self, tokens: int) -> float:
+        """How long a batch of `tokens` padded tokens may take: --worker-stall-seconds
+        plus ten times what this worker has taken per token so far."""
+        return self.spec.options.worker_stall_seconds + 10 * self._seconds_per_token * tokens
+
+
+def _reap(proc: Any) -> None:
+    proc.join(5.0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(1.0)
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}" + (" (the OOM killer sends it)" if name == "SIGKILL" else "")
+    return f"exited with code {exitcode} before it was ready"
