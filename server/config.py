@@ -161,21 +161,28 @@ class BatchConfig:
         "texts start another batch where the padding they add would cost more")
     max_queue_tokens: int | None = option(None, shown=f"{QUEUE_BATCHES} batches",
                                           help="queued tokens beyond which requests get "
-                                          "RESOURCE_EXHAUSTED")
+                                          "RESOURCE_EXHAUSTED (a client with nothing queued "
+                                          "still gets one request in)")
+    max_client_queue_tokens: int | None = option(
+        None, shown="half of --max-queue-tokens", help="queued tokens one client (an API "
+        "key, else a connection) may have; beyond, its requests get RESOURCE_EXHAUSTED")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "max_batch_tokens", "max_batch_size", "max_queue_tokens")
+        _at_least(self, 1, "max_batch_tokens", "max_batch_size", "max_queue_tokens",
+                  "max_client_queue_tokens")
         _at_least(self, 0, "max_wait_ms", "batch_overhead_tokens")
 
     def for_device(self, kind: str, max_length: int) -> BatchConfig:
         """Every None replaced by the default for `kind` ("cpu" or "cuda")."""
         budget = self.max_batch_tokens or max(DEFAULT_BATCH_TOKENS[kind], max_length)
+        queue = self.max_queue_tokens or QUEUE_BATCHES * budget
         return dataclasses.replace(
             self, max_batch_tokens=budget,
             batch_overhead_tokens=(DEFAULT_BATCH_OVERHEAD[kind]
                                    if self.batch_overhead_tokens is None
                                    else self.batch_overhead_tokens),
-            max_queue_tokens=self.max_queue_tokens or QUEUE_BATCHES * budget)
+            max_queue_tokens=queue,
+            max_client_queue_tokens=self.max_client_queue_tokens or max(1, queue // 2))
 
 
 @dataclass(frozen=True, kw_only=True)

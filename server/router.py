@@ -1,13 +1,19 @@
 """The router: one queue, token-budget batches, sharded across workers.
 
-Handlers call `Router.embed(ids)`; it appends one entry per text to the
-queue, each pointing at the request's job, and awaits the job. A single
-batcher task owns the queue: whenever a worker has a free slot it cuts a
+Handlers call `Router.embed(ids, client=...)`; it appends one entry per text to
+that client's queue, each pointing at the request's job, and awaits the job. A
+single batcher task owns the queues: whenever a worker has a free slot it cuts a
 batch (length-sorted, at most `max_batch_tokens` padded tokens and
 `max_batch_size` rows) and hands it over. Entries whose job is already done
 (cancelled, deadline passed, failed) are dropped before they reach a worker.
 A large request is spread over many batches and so over all workers; its
 vectors are written back by index, so order is kept.
+
+Fair share: texts are taken from the clients' queues in turn (one text each, round
+robin), so a client flooding the server delays another's single text by about one
+batch, not by its whole backlog. Each client may have at most
+`max_client_queue_tokens` queued; the whole queue at most `max_queue_tokens`, except
+that a client with nothing queued always gets one request in. Beyond: RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -38,11 +44,12 @@ WINDOW_BATCHES = 4
 class _Job:
     """One request: its texts' vectors are filled in as batches come back."""
 
-    __slots__ = ("deadline", "ended", "future", "queued_entries", "queued_tokens", "remaining",
-                 "vectors")
+    __slots__ = ("client", "deadline", "ended", "future", "queued_entries", "queued_tokens",
+                 "remaining", "vectors")
 
     def __init__(self, n: int, hidden: int, deadline: float | None,
-                 future: asyncio.Future[np.ndarray]) -> None:
+                 future: asyncio.Future[np.ndarray], client: str) -> None:
+        self.client = client
         self.vectors = np.empty((n, hidden), dtype=np.float32)
         self.remaining = n
         self.deadline = deadline
@@ -77,8 +84,11 @@ class Router:
         self.config = config.for_device("cpu", 0)
         self.hidden_size = hidden_size
         self.metrics = metrics or BatchMetrics()
-        self._queue: deque[_Entry] = deque()
+        self._queues: dict[str, deque[_Entry]] = {}  # by client
+        self._turn: deque[str] = deque()  # clients with queued entries, next one first
+        self._entries = 0  # entries in the queues, live or dead
         self._queued_tokens = 0  # tokens of queued entries whose job still wants them
+        self._client_tokens: dict[str, int] = {}  # the same, by client
         self._dead_entries = 0  # queued entries whose job has ended (dropped when popped)
         self._wake = asyncio.Event()
         self._batch_ids = itertools.count(1)
@@ -97,7 +107,17 @@ class Router:
     @property
     def queued_entries(self) -> int:
         """Texts waiting in the queue for a live request."""
-        return len(self._queue) - self._dead_entries
+        return self._entries - self._dead_entries
+
+    @property
+    def held_entries(self) -> int:
+        """Texts held in memory by the queue, including those of ended requests not yet
+        dropped."""
+        return self._entries
+
+    def client_tokens(self, client: str) -> int:
+        """Tokens `client` has waiting in the queue."""
+        return self._client_tokens.get(client, 0)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._batcher(), name="batcher")
@@ -114,33 +134,57 @@ class Router:
         self._fail_queue(Unavailable("the server is shutting down"))
 
     def _fail_queue(self, error: EmbedError) -> None:
-        while self._queue:
-            job = self._queue.popleft().job
-            job.ended = True
-            job.fail(error)
-        self._queued_tokens = 0
-        self._dead_entries = 0
+        for queue in self._queues.values():
+            for entry in queue:
+                entry.job.ended = True
+                entry.job.fail(error)
+        self._queues.clear()
+        self._turn.clear()
+        self._entries = self._queued_tokens = self._dead_entries = 0
+        self._client_tokens.clear()
 
-    async def embed(self, ids: Sequence[np.ndarray], *,
-                    deadline: float | None = None) -> np.ndarray:
-        """Vectors [len(ids), hidden] for the tokenized texts, in order."""
+    def _count(self, client: str, tokens: int) -> None:
+        """`tokens` more (or fewer) queued for `client`."""
+        self._queued_tokens += tokens
+        left = self._client_tokens.get(client, 0) + tokens
+        if left:
+            self._client_tokens[client] = left
+        else:
+            self._client_tokens.pop(client, None)
+
+    async def embed(self, ids: Sequence[np.ndarray], *, deadline: float | None = None,
+                    client: str = "") -> np.ndarray:
+        """Vectors [len(ids), hidden] for the tokenized texts, in order. `client`: who
+        asks (an API key's digest, or the peer's address), for fair share."""
         if self._closed:
             raise Unavailable("the server is shutting down")
         if all(w.failed for w in self.workers):
             raise Unavailable("no worker can run the model (see the server log)")
         tokens = sum(len(a) for a in ids)
-        # An empty queue takes any request, so one large request is never refused forever.
-        if self._queue and self._queued_tokens + tokens > self.config.max_queue_tokens:
+        cfg = self.config
+        mine = self._client_tokens.get(client, 0)
+        if mine and mine + tokens > cfg.max_client_queue_tokens:  # type: ignore[operator]
+            raise Overloaded(
+                f"this client already has {mine} tokens queued (limit per client "
+                f"{cfg.max_client_queue_tokens}); wait for its answers, then send more")
+        # A client with nothing queued always gets one request in, so one large request
+        # is never refused forever and no client is shut out by another's backlog.
+        if mine and self._queued_tokens + tokens > cfg.max_queue_tokens:  # type: ignore[operator]
             raise Overloaded(
                 f"the queue is full ({self._queued_tokens} tokens waiting, limit "
-                f"{self.config.max_queue_tokens}); retry later or send fewer texts"
+                f"{cfg.max_queue_tokens}); retry later or send fewer texts"
             )
         loop = asyncio.get_running_loop()
-        job = _Job(len(ids), self.hidden_size, deadline, loop.create_future())
+        job = _Job(len(ids), self.hidden_size, deadline, loop.create_future(), client)
         now = time.monotonic()
-        self._queue.extend(_Entry(job, i, a, now) for i, a in enumerate(ids))
+        queue = self._queues.get(client)
+        if queue is None:
+            queue = self._queues[client] = deque()
+            self._turn.append(client)
+        queue.extend(_Entry(job, i, a, now) for i, a in enumerate(ids))
+        self._entries += len(ids)
         job.queued_entries, job.queued_tokens = len(ids), tokens
-        self._queued_tokens += tokens
+        self._count(client, tokens)
         job.future.add_done_callback(lambda _: self._job_ended(job))
         self._wake.set()
         try:
@@ -155,18 +199,23 @@ class Router:
         if job.ended:
             return
         job.ended = True
-        self._queued_tokens -= job.queued_tokens
+        self._count(job.client, -job.queued_tokens)
         self._dead_entries += job.queued_entries
-        if self._dead_entries > 1024 and self._dead_entries * 2 > len(self._queue):
+        if self._dead_entries > 1024 and self._dead_entries * 2 > self._entries:
             # Mostly cancelled work waiting behind busy workers: free it now.
-            live: deque[_Entry] = deque()
-            for entry in self._queue:
-                if not entry.job.future.done():
-                    live.append(entry)
-                elif not entry.job.ended:  # its own callback has not run yet
-                    entry.job.ended = True
-                    self._queued_tokens -= entry.job.queued_tokens
-            self._queue = live
+            for client, queue in list(self._queues.items()):
+                live: deque[_Entry] = deque()
+                for entry in queue:
+                    if not entry.job.future.done():
+                        live.append(entry)
+                    elif not entry.job.ended:  # its own callback has not run yet
+                        entry.job.ended = True
+                        self._count(entry.job.client, -entry.job.queued_tokens)
+                if live:
+                    self._queues[client] = live
+                else:
+                    self._drop_client(client)
+            self._entries = sum(map(len, self._queues.values()))
             self._dead_entries = 0
 
     # -- the batcher: sole owner of the queue ------------------------------
@@ -180,12 +229,16 @@ class Router:
             except Exception:  # a bug here must not stop the server
                 log.exception("batcher failed; continuing")
 
+    def _drop_client(self, client: str) -> None:
+        del self._queues[client]
+        self._turn.remove(client)
+
     def _dispatch(self) -> None:
-        if self._queue and all(w.failed for w in self.workers):
+        if self._entries and all(w.failed for w in self.workers):
             # A failed worker never serves again: fail what waits instead of hanging.
             self._fail_queue(Unavailable("no worker can run the model (see the server log)"))
             return
-        while self._queue:
+        while self._entries:
             worker = max(self.workers, key=lambda w: w.free_slots)
             if worker.free_slots <= 0:
                 return
@@ -195,16 +248,24 @@ class Router:
             self._send(worker, entries)
 
     def _take_live(self, now: float) -> _Entry | None:
-        """Pop the oldest entry whose job still wants it."""
-        while self._queue:
-            entry = self._queue.popleft()
+        """Pop the next client's oldest entry whose job still wants it; that client's turn
+        then goes to the back."""
+        while self._turn:
+            client = self._turn[0]
+            queue = self._queues[client]
+            entry = queue.popleft()
+            self._entries -= 1
+            if queue:
+                self._turn.rotate(-1)
+            else:
+                self._drop_client(client)
             job = entry.job
             if job.ended:
                 self._dead_entries -= 1
                 continue
             job.queued_entries -= 1
             job.queued_tokens -= len(entry.ids)
-            self._queued_tokens -= len(entry.ids)
+            self._count(client, -len(entry.ids))
             if job.future.done():  # ended; its callback has not run yet
                 continue
             if job.deadline is not None and now > job.deadline:
@@ -214,6 +275,17 @@ class Router:
         return None
 
     def _cut(self) -> list[_Entry] | None:
+        """The next batch: a window of texts taken from the clients in turn, cut
+        length-sorted; the batch holding the first text goes. The client that led this
+        batch leads the next one only after every other waiting client has."""
+        lead = self._turn[0] if self._turn else None
+        batch = self._cut_window()
+        if batch and lead in self._turn and self._turn[-1] != lead:
+            self._turn.remove(lead)
+            self._turn.append(lead)
+        return batch
+
+    def _cut_window(self) -> list[_Entry] | None:
         cfg = self.config
         now = time.monotonic()
         first = self._take_live(now)
@@ -223,7 +295,7 @@ class Router:
             return [first]
         window = [first]
         tokens = len(first.ids)
-        while (self._queue and tokens < WINDOW_BATCHES * cfg.max_batch_tokens
+        while (self._entries and tokens < WINDOW_BATCHES * cfg.max_batch_tokens
                and len(window) < WINDOW_BATCHES * cfg.max_batch_size):
             entry = self._take_live(now)
             if entry is None:
@@ -274,11 +346,17 @@ class Router:
                 entry.job.fail(Unavailable("the server is shutting down"))
             return
         entries = [e for e in entries if not e.job.future.done()]  # never re-add dead ones
-        self._queue.extendleft(reversed(entries))
-        for entry in entries:
+        for entry in reversed(entries):  # each back at the front of its client's queue
+            client = entry.job.client
+            queue = self._queues.get(client)
+            if queue is None:  # its turn comes after the clients waiting now
+                queue = self._queues[client] = deque()
+                self._turn.append(client)
+            queue.appendleft(entry)
             entry.job.queued_entries += 1
             entry.job.queued_tokens += len(entry.ids)
-            self._queued_tokens += len(entry.ids)
+            self._count(client, len(entry.ids))
+        self._entries += len(entries)
 
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:

@@ -603,7 +603,7 @@ def test_many_cancelled_requests_are_freed_while_workers_are_busy() -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.sleep(0)
             # The dead entries are dropped from memory, not kept until a worker frees up.
-            assert len(router._queue) < 1024
+            assert router.held_entries < 1024
             assert router.queued_tokens == 0
             worker.release()
             exact(await first, request(1, [1]))
@@ -636,5 +636,72 @@ def test_batches_waiting_behind_a_crash_are_not_suspects() -> None:
             await until(lambda: len(worker.seen) == 2 * MAX_ATTEMPTS + 1)
             worker.release()
             exact(await waiting, request(2, [3]))
+
+    run(main)
+
+
+# -- fair share between clients --------------------------------------------------
+
+
+def test_clients_take_turns() -> None:
+    # A's backlog of 10 texts does not stand before B's single text: texts are taken from
+    # the clients in turn, so B's goes in the next batch but one (A's turn was already
+    # due when B came), not the eleventh.
+    worker = FakeWorker(slots=1, hold=True)
+    flood, single = request(1, [5] * 10), request(2, [5])
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1) as router:
+            a = asyncio.create_task(router.embed(flood, client="A"))
+            await until(lambda: len(worker.seen) == 1 and router.queued_entries == 9)
+            b = asyncio.create_task(router.embed(single, client="B"))
+            await until(lambda: router.client_tokens("B") == 5)
+            for _ in range(11):
+                await until(lambda: bool(worker._pending))
+                worker.release(hold=True)
+            exact(await a, flood)
+            exact(await b, single)
+
+    run(main)
+    order = [tag_of(s.rows[0])[0] for s in worker.seen]
+    assert order[:4] == [1, 1, 2, 1] and order.count(1) == 10
+
+
+def test_a_client_over_its_share_is_refused_and_others_are_not() -> None:
+    worker = FakeWorker(slots=1, hold=True)
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1, max_queue_tokens=100,
+                           max_client_queue_tokens=30) as router:
+            a = asyncio.create_task(router.embed(request(1, [10] * 4), client="A"))
+            await until(lambda: router.client_tokens("A") == 30)  # one is in the worker
+            with pytest.raises(Overloaded, match=r"this client already has 30 tokens queued "
+                               r"\(limit per client 30\)"):
+                await router.embed(request(3, [5]), client="A")
+            b = asyncio.create_task(router.embed(request(2, [10] * 2), client="B"))
+            await until(lambda: router.client_tokens("B") == 20)
+            worker.release()
+            await asyncio.gather(a, b)
+
+    run(main)
+
+
+def test_a_client_with_nothing_queued_gets_in_when_the_queue_is_full() -> None:
+    worker = FakeWorker(slots=1, hold=True)
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1, max_queue_tokens=40,
+                           max_client_queue_tokens=100) as router:
+            a = asyncio.create_task(router.embed(request(1, [10] * 5), client="A"))
+            await until(lambda: router.queued_tokens == 40)  # full: 4 × 10 queued
+            with pytest.raises(Overloaded, match="the queue is full"):
+                await router.embed(request(3, [10]), client="A")
+            # B has nothing queued: one request gets in although the queue is full.
+            b = asyncio.create_task(router.embed(request(2, [10]), client="B"))
+            await until(lambda: router.queued_tokens == 50)
+            with pytest.raises(Overloaded, match="the queue is full"):
+                await router.embed(request(4, [10]), client="B")
+            worker.release()
+            await asyncio.gather(a, b)
 
     run(main)
