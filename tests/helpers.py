@@ -9,18 +9,20 @@ import sys
 import threading
 import time
 from collections import deque
+from typing import Any
 
 EMBEDRPC = [sys.executable, "-m", "embedrpc"]
 SERVING = re.compile(r"serving \S+ on \S+:(\d+)")
 
 
-def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(*args: str, env: dict[str, str] | None = None,
+                 **popen: Any) -> tuple[subprocess.Popen, str]:
     """`embedrpc serve` in a process on 127.0.0.1, any free port; returns (process,
     target) once it serves. Its log keeps being read (the last 200 lines are in
     `proc.log_tail`), so a chatty server never blocks on a full pipe."""
     proc = subprocess.Popen([*EMBEDRPC, "serve", "--host", "127.0.0.1", "--port", "0",
                              "--device", "cpu", *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, **popen)
     assert proc.stderr is not None
     deadline = time.monotonic() + 90
     seen = []

@@ -21,7 +21,7 @@ import pytest
 from embedrpc.client import EmbedClient
 
 from .conftest import write_model_dir
-from .helpers import start_server
+from .helpers import server_log, start_server
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB  # --max-message-bytes' default
@@ -61,3 +61,22 @@ def test_the_largest_text_the_limits_allow_costs_bounded_memory(tmp_path: Path) 
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_raises_its_soft_limit_on_open_files() -> None:
+    # Started with a soft limit of 256 (hard 4096): connections alone would exhaust it.
+    import resource
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
+
+    proc, _ = start_server("--model", "demo", preexec_fn=low_soft_limit)
+    try:
+        with open(f"/proc/{proc.pid}/limits", encoding="ascii") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"], line
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "soft limit raised from 256 to 4096" in server_log(proc)
