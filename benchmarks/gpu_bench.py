@@ -273,10 +273,11 @@ def ort_session(onnx_path: Path, device: str) -> Any:
     """A session with the worker's own settings (threads, provider options), no graphs."""
     import onnxruntime as ort
 
-    from embedrpc.server.app import available_cores
-    from embedrpc.server.worker import WorkerSpec, providers, session_options
+    from embedrpc.server.devices import available_cores
+    from embedrpc.server.worker.cuda import providers, session_options
+    from embedrpc.server.worker.spec import WorkerSpec
 
-    spec = WorkerSpec(onnx_path=str(onnx_path), device=device, threads=available_cores())
+    spec = WorkerSpec.of(onnx_path=str(onnx_path), device=device, threads=available_cores())
     if device.startswith("cuda"):
         ort.preload_dlls()
     return ort.InferenceSession(str(onnx_path), session_options(spec),
@@ -431,7 +432,7 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     baseline = device_used_mib(device)
-    server = EmbedServer(ServeConfig(
+    server = EmbedServer(ServeConfig.of(
         model=str(model_dir), device=device, workers=workers, host="127.0.0.1", port=0,
         max_length=max_length, max_batch_tokens=max_tokens, max_batch_size=max_rows,
         max_inputs=max(2048, max_rows), max_message_bytes=256 << 20, log_level="WARNING",

@@ -30,9 +30,10 @@ SHAPES = ((32, 16), (128, 8), (512, 2))  # (length, rows)
 
 
 def backend(onnx_path: Path, threads: int, hidden: int) -> Any:
-    from embedrpc.server.worker import OrtBackend, WorkerSpec
+    from embedrpc.server.worker.backends import OrtBackend
+    from embedrpc.server.worker.spec import WorkerSpec
 
-    return OrtBackend(WorkerSpec(onnx_path=str(onnx_path), threads=threads,
+    return OrtBackend(WorkerSpec.of(onnx_path=str(onnx_path), threads=threads,
                                  pooling="lasttoken", pad_id=0, hidden_size=hidden))
 
 

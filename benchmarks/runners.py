@@ -149,11 +149,12 @@ class RawOrt:
         return len(batches)
 
     def _backends(self, sessions: int, spin: bool) -> list[Any]:
-        from embedrpc.server.worker import OrtBackend, WorkerSpec
+        from embedrpc.server.worker.backends import OrtBackend
+        from embedrpc.server.worker.spec import WorkerSpec
 
         key = (sessions, spin)
         if key not in self.backends:
-            spec = WorkerSpec(onnx_path=str(self.spec.onnx_path), device="cpu",
+            spec = WorkerSpec.of(onnx_path=str(self.spec.onnx_path), device="cpu",
                               threads=max(1, self.cores // sessions), spin=spin,
                               pooling=self.spec.pooling, pad_id=self.pad_id,
                               hidden_size=self.spec.hidden_size)
@@ -237,7 +238,7 @@ class ServerHost:
         self.thread = threading.Thread(target=self.loop.run_forever, name="server-loop",
                                        daemon=True)
         self.thread.start()
-        self.server = EmbedServer(ServeConfig(host="127.0.0.1", port=0, **config))
+        self.server = EmbedServer(ServeConfig.of(host="127.0.0.1", port=0, **config))
         self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(600)
 
     def info(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The Go example (examples/go/main.go, grpc-go) built with stubs that protoc-gen-go and
 protoc-gen-go-grpc generate from protos/, and run against a real server.
 
-Its vectors are compared with the fake backend's documented formula (server/worker.py
+Its vectors are compared with the fake backend's documented formula (server/worker/backends.py
 `fake_vector`; Matryoshka cut to 32, then L2 norm). The Go module proxy cannot be
 reached here, so the build uses Debian's Go packages in GOPATH mode
 (scripts/install_client_toolchains.sh, which .ci/run runs). Skipped when a tool or the
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 
 from .conftest import running_server
 

@@ -1,7 +1,7 @@
 """The Java example (examples/java/EmbedExample.java, grpc-java) compiled with stubs that
 protoc and the grpc-java plugin generate from protos/, and run against a real server.
 
-Its vectors are compared with the fake backend's documented formula (server/worker.py
+Its vectors are compared with the fake backend's documented formula (server/worker/backends.py
 `fake_vector`; Matryoshka cut to 32, then L2 norm). Maven Central cannot be reached
 here, so the jars come from Debian's packages (scripts/install_client_toolchains.sh,
 which .ci/run runs). Skipped when java, javac, protoc, the plugin or a jar is missing.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 
 from .conftest import running_server
 

@@ -1,7 +1,7 @@
 """The Node.js example client (examples/node/embed.js, @grpc/grpc-js with stubs loaded from
 protos/ at run time) against a real server.
 
-Its vectors are compared with the fake backend's documented formula (server/worker.py
+Its vectors are compared with the fake backend's documented formula (server/worker/backends.py
 `fake_vector` of the token ids; Matryoshka cut, then L2 norm), computed here in numpy.
 Skipped without node/npm or when npm cannot install the locked packages.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
-from embedrpc.server.worker import fake_vector
+from embedrpc.server.worker.backends import fake_vector
 
 from .conftest import QUERY_PROMPT, running_server
 from .node_deps import NODE_CLIENT, node_modules
