@@ -1,4 +1,4 @@
-"""The event loop's end of a worker socket (workers.Channel) against the blocking
+"""The event loop's end of a worker socket (server/worker/channel.py) against the blocking
 multiprocessing.Connection API a worker process uses on the other end."""
 
 from __future__ import annotations
