@@ -6,6 +6,8 @@ import asyncio
 import base64
 import http.client
 import json
+import logging
+import re
 import shutil
 import socket
 import ssl
@@ -197,24 +199,30 @@ def test_expect_100_continue_refused_before_the_body_is_sent(server) -> None:
 
 @pytest.mark.parametrize(("data", "status"), [
     (b"GARBAGE\r\n\r\n", 400),
-    (b"GET /health HTTP/2.0\r\n\r\n", 505),
-    (b"POST /v1/embeddings HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
-    (b"POST /v1/embeddings HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+    (b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /health HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 needs Host (RFC 9112 section 3.2)
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n folded: x\r\n\r\n", 400),
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX: " + b"a" * (70 << 10) + b"\r\n\r\n", 400),
+    (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
      400),
-    (b"POST /v1/embeddings HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-    (b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
-    (b"GET /health HTTP/1.1\r\n folded: x\r\n\r\n", 400),
-    (b"POST /v1/embeddings HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
-    (b"GET /health HTTP/1.1\r\nX: " + b"a" * (70 << 10) + b"\r\n\r\n", 431),
-    (b"POST /v1/embeddings HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
 ])
-def test_malformed_requests_get_an_error_and_the_connection_closes(server, data: bytes,
-                                                                    status: int) -> None:
+def test_malformed_requests_get_an_error_and_the_connection_closes(
+        server, data: bytes, status: int, caplog: pytest.LogCaptureFixture) -> None:
+    """HTTP framing is aiohttp's: it answers what it cannot parse with its own short
+    text; the connection closes (raw() reads until it does) and the log has no
+    traceback, only one INFO line."""
     srv, _ = server
+    caplog.set_level(logging.INFO)
     reply = raw(srv, data)
-    assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:200]
-    assert b"Connection: close" in reply
-    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+    assert re.match(rb"HTTP/\d\.\d %d " % status, reply), reply[:200]
+    assert reply.split(b"\r\n\r\n", 1)[1].strip()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
 def test_chunked_body_keep_alive_and_pipelining(server) -> None:
@@ -235,7 +243,7 @@ def test_chunked_body_keep_alive_and_pipelining(server) -> None:
     body = b'{"input": "p"}'
     one = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
            % (len(body), body))
-    replies = raw(srv, one + b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
+    replies = raw(srv, one + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert replies.startswith(b"HTTP/1.1 200 OK") and replies.count(b"HTTP/1.1 200 OK") == 2
     assert replies.rstrip().endswith(b'"max_length":64}]}')
 

@@ -1,16 +1,19 @@
 """OpenAI-compatible HTTP: POST /v1/embeddings, GET /v1/models, GET /health.
 
-A small HTTP/1.1 server on the gRPC server's event loop, so both protocols
-share one router, one queue and one set of workers. Each embeddings request
-becomes an EmbedRequest handled by the same servicer code as gRPC's Embed.
+aiohttp's web server on the gRPC server's event loop, so both protocols share one
+embedding core, one router, one queue and one set of workers. HTTP/1.1 framing
+(Content-Length and chunked bodies, keep-alive, pipelining) and TLS are aiohttp's and
+the ssl module's; this module starts at the request object: routes, API keys, the
+body limit, the OpenAI JSON shapes, request ids, metrics and spans.
 
-HTTP handling, kept strict because it faces the network: the head is at most
-64 KiB, bodies come with Content-Length or chunked and at most
---max-message-bytes (413 beyond, before reading it); keep-alive and
-pipelining are HTTP/1.1's defaults, `Expect: 100-continue` is answered, a
-half-received request times out with 408, an idle connection closes after
-75 s. When the client goes away mid-request its texts are dropped from the
-queue, as for a cancelled gRPC call.
+- A body over --max-message-bytes gets 413 before it is read (from Content-Length,
+  or as soon as a chunked body passes the limit), and `Expect: 100-continue` is
+  answered 413 instead of 100; the connection then closes.
+- An idle connection (none of a request arrived, or nothing after the last answer)
+  closes after IDLE_TIMEOUT_S; a body that does not arrive within BODY_TIMEOUT_S
+  gets 408.
+- When the client goes away mid-request its texts are dropped from the queue, as
+  for a cancelled gRPC call (aiohttp cancels the handler).
 """
 
 from __future__ import annotations
@@ -19,16 +22,14 @@ import asyncio
 import base64
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from embedrpc import __version__
 
@@ -40,28 +41,21 @@ from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 << 10
-IDLE_TIMEOUT_S = 75.0  # a kept-alive connection with no request
-REQUEST_TIMEOUT_S = 120.0  # from a request's first byte to its last
+IDLE_TIMEOUT_S = 75.0  # a connection with no request under way
+BODY_TIMEOUT_S = 120.0  # from a request's head to its body's last byte
+LINGER_S = 2.0  # after an early error answer: read and discard the body this long, then close
 # JSON work beyond this size runs in a thread, so the event loop keeps serving.
 _INLINE_JSON_BYTES = 1 << 20
 _INLINE_JSON_FLOATS = 1 << 16
-
-_REQUEST_LINE = re.compile(r"([A-Z]{1,16}) (\S+) HTTP/(\d)\.(\d)")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
-_DIGITS = re.compile(r"[0-9]{1,18}")
-_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized",
-            403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 413: "Content Too Large", 429: "Too Many Requests",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            501: "Not Implemented", 503: "Service Unavailable", 504: "Gateway Timeout",
-            505: "HTTP Version Not Supported"}
+SERVER = f"embedrpc/{__version__}"
+JSON = "application/json"
 # HTTP status → the gRPC code name recorded in metrics for it.
 _CODE_OF_STATUS = {status: code for code, (status, _) in STATUS.items()} | {
-    413: "INVALID_ARGUMENT"}
+    408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT"}
 ROUTES = {"/v1/embeddings": ("POST",), "/v1/models": ("GET", "HEAD"),
           "/health": ("GET", "HEAD")}
+# The proto's field names (in the core's errors) → the OpenAI request's.
+PARAMS = {"inputs": "input"}
 
 
 class HttpError(Exception):
@@ -76,16 +70,18 @@ class HttpError(Exception):
         self.param = param
         self.code = code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        self.close = close  # the connection cannot be reused (body not read, framing lost)
+        self.close = close  # the connection cannot be reused (the body was not read)
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
-
-# The proto's field names (in the core's errors) → the OpenAI request's.
-PARAMS = {"inputs": "input"}
+    def response(self) -> web.Response:
+        response = json_response(self.status, self.body(), **self.headers)
+        if self.close:
+            response.force_close()
+        return response
 
 
 def error_from_embed(exc: EmbedError) -> HttpError:
@@ -107,111 +103,9 @@ def tls_context(cert_file: str, key_file: str, client_ca: bytes | None = None
     return context
 
 
-@dataclass(slots=True)
-class Request:
-    method: str
-    target: str
-    path: str
-    version: tuple[int, int]
-    headers: dict[str, str]  # lower-case names; repeated fields joined with ", "
-    body: bytes = b""
-    keep_alive: bool = True
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
-    close: bool = False
-
-
-def json_response(status: int, payload: Any, **headers: str) -> Response:
-    return Response(status, json.dumps(payload, separators=(",", ":")).encode(),
-                    headers=headers)
-
-
-# -- parsing -------------------------------------------------------------------------
-
-
-def parse_head(head: bytes) -> Request:
-    """The request line and header fields (without the final blank line)."""
-    text = head.decode("latin-1")  # field values may hold any octet (RFC 9110 obs-text)
-    line, *fields = text.split("\r\n")
-    match = _REQUEST_LINE.fullmatch(line)
-    if match is None:
-        raise HttpError(400, f"malformed request line {line[:100]!r}; expected "
-                        "'METHOD /path HTTP/1.1'", close=True)
-    method, target = match.group(1), match.group(2)
-    version = (int(match.group(3)), int(match.group(4)))
-    if version not in ((1, 0), (1, 1)):
-        raise HttpError(505, f"HTTP/{version[0]}.{version[1]} is not supported; use HTTP/1.1",
-                        close=True)
-    headers: dict[str, str] = {}
-    for raw in fields:
-        name, sep, value = raw.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):  # also folded lines and space before ':'
-            raise HttpError(400, f"malformed header field {raw[:100]!r}", close=True)
-        name, value = name.lower(), value.strip(" \t")
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    path = urlsplit(target).path if not target.startswith("/") else target.split("?", 1)[0]
-    if not path.startswith("/"):
-        raise HttpError(400, f"request target {target[:100]!r} is not a path", close=True)
-    connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    keep_alive = "close" not in connection if version == (1, 1) else "keep-alive" in connection
-    return Request(method, target, path, version, headers, keep_alive=keep_alive)
-
-
-class _ChunkedBody:
-    """Decodes a chunked body incrementally from a growing buffer."""
-
-    def __init__(self, start: int, limit: int) -> None:
-        self.pos = start
-        self.limit = limit
-        self.size = 0
-        self.parts: list[bytes] = []
-        self.state = "size"
-        self.chunk = 0
-
-    def feed(self, buf: bytearray) -> int | None:
-        """The offset just past the body once it is complete; None while incomplete."""
-        while True:
-            if self.state == "data":
-                end = self.pos + self.chunk
-                if len(buf) < end + 2:
-                    return None
-                if buf[end:end + 2] != b"\r\n":
-                    raise HttpError(400, "malformed chunked body (chunk without CRLF)",
-                                    close=True)
-                self.parts.append(bytes(buf[self.pos:end]))
-                self.pos, self.state = end + 2, "size"
-                continue
-            end = buf.find(b"\r\n", self.pos)
-            if end < 0:
-                if len(buf) - self.pos > 4096:
-                    raise HttpError(400, "malformed chunked body (line too long)", close=True)
-                return None
-            line = bytes(buf[self.pos:end])
-            self.pos = end + 2
-            if self.state == "trailer":
-                if not line:
-                    return self.pos
-                continue
-            size = line.split(b";", 1)[0].strip(b" \t")
-            if not _HEX.fullmatch(size):
-                raise HttpError(400, f"malformed chunk size {size[:20]!r}", close=True)
-            self.chunk = int(size, 16)
-            if self.chunk == 0:
-                self.state = "trailer"
-                continue
-            self.size += self.chunk
-            if self.size > self.limit:
-                raise _too_large(self.limit)
-            self.state = "data"
-
-    def body(self) -> bytes:
-        return b"".join(self.parts)
+def json_response(status: int, payload: Any, **headers: str) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload, separators=(",", ":")).encode(),
+                        content_type=JSON, headers={"Server": SERVER, **headers})
 
 
 def _too_large(limit: int) -> HttpError:
@@ -219,242 +113,16 @@ def _too_large(limit: int) -> HttpError:
                      " send fewer texts per request", code="request_too_large", close=True)
 
 
-# -- the connection ------------------------------------------------------------------
+class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger: a request aiohttp could not parse is the client's
+    problem, logged in one line at INFO, not as an ERROR with a traceback."""
 
-
-class _Connection(asyncio.Protocol):
-    """One client connection: reads requests, one at a time, and writes responses."""
-
-    def __init__(self, server: HttpServer) -> None:
-        self.server = server
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.request: Request | None = None  # head parsed, body still arriving
-        self.body_start = self.body_end = 0  # Content-Length framing: the body's offsets
-        self.chunked: _ChunkedBody | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.peer_closed = False
-        self.paused = False  # reading paused while a request is served
-        self.lingering = False  # answered an error; reading and discarding until closed
-        self.writable = asyncio.Event()
-        self.writable.set()
-
-    # asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.server.connections.add(self)
-        self._arm(IDLE_TIMEOUT_S)
-
-    def data_received(self, data: bytes) -> None:
-        if self.lingering:
-            return  # an error was answered and the connection is closing: discard
-        if not self.buffer and self.request is None and self.task is None:
-            self._arm(REQUEST_TIMEOUT_S)  # a new request starts arriving
-        self.buffer += data
-        if self.task is None:
-            self._advance()
-        elif len(self.buffer) > MAX_HEAD_BYTES and not self.paused:
-            # Pipelined requests pile up behind the one being served: wait for it. Reading
-            # goes on below this size, so a client that goes away is noticed at once.
-            self.paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        self.peer_closed = True
-        if self.lingering:
-            return False
-        if self.task is not None:
-            if self.task.get_name() == "http-embeddings":
-                self.task.cancel()  # the client gave up: drop its texts from the queue
-                return False
-            return True  # a cheap request: answer it, then close
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.task is not None:
-            self.task.cancel()
-        self.transport = None
-        self.writable.set()
-
-    def pause_writing(self) -> None:
-        self.writable.clear()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    # request framing
-
-    def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(seconds, self._timed_out)
-
-    def _timed_out(self) -> None:
-        if self.task is not None or self.transport is None:
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.info("HTTP: malformed request (%s): %s", exc_info.code,
+                      exc_info.message.splitlines()[0] if exc_info.message else "")
             return
-        if self.lingering:
-            self._close()
-        elif self.buffer or self.request is not None:
-            self._fail(HttpError(408, "the request did not arrive in time", close=True))
-        else:
-            self._close()
-
-    def _advance(self) -> None:
-        """Parse what the buffer holds; start handling the next complete request."""
-        try:
-            request = self._complete_request()
-        except HttpError as exc:
-            self._fail(exc)
-            return
-        if request is None:
-            if self.peer_closed:
-                self._close()
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        name = "http-embeddings" if request.path == "/v1/embeddings" else "http-request"
-        self.task = self.loop.create_task(self._serve(request), name=name)
-
-    def _complete_request(self) -> Request | None:
-        if self.request is None:
-            while self.buffer[:2] == b"\r\n":  # stray line ends between requests
-                del self.buffer[:2]
-            end = self.buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD_BYTES:
-                    raise HttpError(431, f"the request head is larger than {MAX_HEAD_BYTES} "
-                                    "bytes", close=True)
-                return None
-            request = parse_head(bytes(self.buffer[:end]))
-            start = end + 4
-            self._frame(request, start)
-            self.request = request
-            if (request.headers.get("expect", "").lower() == "100-continue"
-                    and len(self.buffer) <= start and (self.chunked or self.body_end > start)):
-                self._send(Response(100), head_only=True)
-        request = self.request
-        if self.chunked is not None:
-            end = self.chunked.feed(self.buffer)
-            if end is None:
-                return None
-            request.body = self.chunked.body()
-            self.chunked = None
-        else:
-            end = self.body_end
-            if len(self.buffer) < end:
-                return None
-            request.body = bytes(self.buffer[self.body_start:end])
-        del self.buffer[:end]
-        self.request = None
-        return request
-
-    def _frame(self, request: Request, start: int) -> None:
-        """Decide where the body ends (RFC 9112 section 6), refusing what is ambiguous."""
-        limit = self.server.max_body_bytes
-        self.body_start = self.body_end = start
-        coding = request.headers.get("transfer-encoding")
-        length = request.headers.get("content-length")
-        if coding is not None:
-            if length is not None:
-                raise HttpError(400, "both Transfer-Encoding and Content-Length are set",
-                                close=True)
-            if coding.lower() != "chunked":
-                raise HttpError(501, f"Transfer-Encoding {coding!r} is not supported; use "
-                                "chunked or Content-Length", close=True)
-            self.chunked = _ChunkedBody(start, limit)
-            return
-        if length is None:
-            return
-        if not _DIGITS.fullmatch(length):
-            raise HttpError(400, f"Content-Length {length[:30]!r} is not a number",
-                            close=True)
-        if int(length) > limit:
-            raise _too_large(limit)
-        self.body_end = start + int(length)
-
-    # responses
-
-    async def _serve(self, request: Request) -> None:
-        try:
-            response = await self.server.handle(request)
-        except asyncio.CancelledError:
-            self._close()
-            raise
-        close = (not request.keep_alive or response.close or self.peer_closed
-                 or self.server.closing)
-        self._send(response, head_request=request.method == "HEAD", close=close)
-        await self.writable.wait()  # the client reads slowly: read no more requests meanwhile
-        self.task = None
-        if close or self.transport is None:
-            self._close()
-            return
-        if self.paused:
-            self.paused = False
-            self.transport.resume_reading()
-        self._arm(IDLE_TIMEOUT_S)
-        if self.buffer:
-            self._arm(REQUEST_TIMEOUT_S)
-            self._advance()
-
-    def _send(self, response: Response, *, head_only: bool = False,
-              head_request: bool = False, close: bool = False) -> None:
-        if self.transport is None or self.transport.is_closing():
-            return
-        lines = [f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}"]
-        if not head_only:
-            lines += [f"Date: {formatdate(usegmt=True)}", f"Server: embedrpc/{__version__}",
-                      f"Content-Type: {response.content_type}",
-                      f"Content-Length: {len(response.body)}"]
-            lines += [f"{k}: {v}" for k, v in response.headers.items()]
-            if close or response.close:
-                lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        body = b"" if head_only or head_request else response.body
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
-
-    def _fail(self, exc: HttpError) -> None:
-        """Answer a request that cannot be read further, then close the connection.
-
-        The client may still be sending its body: closing with unread data makes the
-        kernel reset the connection, and the client would see that instead of our
-        answer. So shut down our side, and read and discard for a while first.
-        """
-        self._send(_error_response(exc), close=True)
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        self.lingering = True
-        self.buffer.clear()
-        if self.paused:
-            self.paused = False
-            transport.resume_reading()
-        if transport.can_write_eof():
-            transport.write_eof()
-            self._arm(2.0)
-        else:
-            self._close()
-
-    def _close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()  # after what is buffered has been written
-
-
-def _error_response(exc: HttpError) -> Response:
-    response = json_response(exc.status, exc.body(), **exc.headers)
-    response.close = exc.close
-    return response
+        self.error(msg, *args, exc_info=exc_info, **kwargs)
 
 
 # -- the server ----------------------------------------------------------------------
@@ -477,95 +145,94 @@ class HttpServer:
         self.auth_health = auth_health
         self.model = model
         self.created = int(time.time())
-        self.connections: set[_Connection] = set()
-        self.closing = False
-        self._server: asyncio.base_events.Server | None = None
+        self._web: web.Server | None = None
+        self._listener: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
         """Listen (HTTPS with `tls`); return the port (port 0: any free one)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port,
-                                                ssl=tls)
-        return int(self._server.sockets[0].getsockname()[1])
+        # aiohttp's low-level server: one protocol (RequestHandler) per connection, each
+        # request handed to `_serve`.
+        self._web = web.Server(self._serve, handler_cancellation=True, access_log=None,
+                               keepalive_timeout=IDLE_TIMEOUT_S, lingering_time=LINGER_S,
+                               logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
+        self._listener = await loop.create_server(self._web, host, port, ssl=tls)
+        return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:
-        """Stop listening, let requests in flight finish within `grace`, close the rest."""
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.connections):
-            if conn.task is None:
-                conn._close()
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(c.task for c in self.connections):
-            await asyncio.sleep(0.02)
-        for conn in list(self.connections):
-            if conn.task is not None:
-                conn.task.cancel()
-            conn._close()
-        if self._server is not None:
-            await self._server.wait_closed()
+        """Stop listening, close idle connections, let requests in flight finish within
+        `grace` (their answers say Connection: close), then cancel the rest."""
+        if self._listener is not None:
+            self._listener.close()
+        if self._web is not None:
+            self._web.pre_shutdown()
+            await self._web.shutdown(grace)
+        if self._listener is not None:
+            await self._listener.wait_closed()
 
     # -- routing -----------------------------------------------------------------
 
-    async def handle(self, request: Request) -> Response:
-        methods = ROUTES.get(request.path)
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version not in ((1, 1), (1, 0)):  # the parser takes any digits
+            version = "HTTP/{}.{}".format(*request.version)
+            return HttpError(505, f"{version} is not supported; use HTTP/1.1",
+                             close=True).response()
+        path, method = request.path, request.method
+        methods = ROUTES.get(path)
         if methods is None:
-            return _error_response(HttpError(404, f"no route {request.path!r}; this server "
-                                             f"has {', '.join(sorted(ROUTES))}",
-                                             code="not_found"))
-        if request.method not in methods:
-            return _error_response(HttpError(
-                405, f"{request.method} {request.path} is not allowed; use "
-                f"{' or '.join(methods)}", code="method_not_allowed",
-                headers={"Allow": ", ".join(methods)}))
-        route = f"{'GET' if request.method == 'HEAD' else request.method} {request.path}"
-        request_id = (clean_request_id(request.headers.get("x-request-id", ""))
-                      or new_request_id())
+            return HttpError(404, f"no route {path[:100]!r}; this server has "
+                             f"{', '.join(sorted(ROUTES))}", code="not_found").response()
+        if method not in methods:
+            return HttpError(405, f"{method} {path} is not allowed; use "
+                             f"{' or '.join(methods)}", code="method_not_allowed",
+                             headers={"Allow": ", ".join(methods)}).response()
+        route = f"{'GET' if method == 'HEAD' else method} {path}"
+        headers = request.headers
+        request_id = clean_request_id(headers.get("x-request-id", "")) or new_request_id()
         set_request_id(request_id)
         started = time.monotonic()
         self.metrics.call_started(route)
         counts = [0, 0]  # embeddings, tokens
-        with tracing.call_span(route, request.headers, {
-                "http.request.method": request.method, "url.path": request.path,
+        with tracing.call_span(route, headers, {
+                "http.request.method": method, "url.path": path,
                 "embedrpc.model": self.model, "embedrpc.request_id": request_id}) as span:
             try:
-                if self.authorize is not None and (request.path != "/health"
-                                                   or self.auth_health):
-                    self.authorize(request.headers.get("authorization"))
-                if request.path == "/v1/embeddings":
+                if self.authorize is not None and (path != "/health" or self.auth_health):
+                    self.authorize(headers.get("authorization"))
+                if path == "/v1/embeddings":
                     response = await self._embeddings(request, counts, span)
-                elif request.path == "/health":
+                elif path == "/health":
                     response = self._health()
                 else:
                     response = self._models()
             except HttpError as exc:
-                response = _error_response(exc)
+                response = exc.response()
             except EmbedError as exc:
-                response = _error_response(error_from_embed(exc))
+                response = error_from_embed(exc).response()
             except asyncio.CancelledError:
                 self.metrics.call_done(route, "CANCELLED", time.monotonic() - started)
                 raise
             except Exception as exc:
                 log.exception("HTTP %s failed", route)
-                response = _error_response(HttpError(500, f"internal error: {exc}"))
+                response = HttpError(500, f"internal error: {exc}").response()
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 400:
-                span.set_error(str(response.status), response.body[:200].decode(errors="replace"))
+                span.set_error(str(response.status), bytes(response.body or b"")[:200]
+                               .decode(errors="replace"))
         code = _CODE_OF_STATUS.get(response.status, "INTERNAL")
-        if request.path == "/health" and response.status == 503:
+        if path == "/health" and response.status == 503:
             code = "OK"  # the probe was answered; NOT_SERVING is its content
         self.metrics.call_done(route, code, time.monotonic() - started,
                                embeddings=counts[0], tokens=counts[1])
-        response.headers.setdefault("x-request-id", request_id)
+        response.headers["x-request-id"] = request_id
         return response
 
-    def _health(self) -> Response:
+    def _health(self) -> web.Response:
         if self.serving():
             return json_response(200, {"status": "SERVING"})
         return json_response(503, {"status": "NOT_SERVING"})
 
-    def _models(self) -> Response:
+    def _models(self) -> web.Response:
         return json_response(200, {"object": "list", "data": [self._model_card()]})
 
     def _model_card(self) -> dict[str, Any]:
@@ -576,8 +243,29 @@ class HttpServer:
 
     # -- POST /v1/embeddings ------------------------------------------------------
 
-    async def _embeddings(self, request: Request, counts: list[int], span: Any) -> Response:
-        payload = await parse_json(request.body)
+    async def _body(self, request: web.BaseRequest) -> bytes:
+        """The request body, refused (413) as soon as it is known to be over the limit."""
+        limit = self.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(limit)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = bytearray()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                while not request.content.at_eof():
+                    body += await request.content.readany()
+                    if len(body) > limit:
+                        raise _too_large(limit)
+        except TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} "
+                            "s", close=True) from None
+        return bytes(body)
+
+    async def _embeddings(self, request: web.BaseRequest, counts: list[int],
+                          span: Any) -> web.Response:
+        payload = await parse_json(await self._body(request))
         texts, options, encoding_format = parse_embeddings(payload)
         span.set_attribute("embedrpc.inputs", len(texts))
         with self.core.call():
@@ -586,10 +274,11 @@ class HttpServer:
         counts[:] = [len(vectors), result.prompt_tokens]
         span.set_attributes({"embedrpc.embeddings": len(vectors),
                              "embedrpc.tokens": result.prompt_tokens})
-        body = embeddings_body(vectors, result.prompt_tokens, self.model, encoding_format)
-        if encoding_format == "float" and vectors.size > _INLINE_JSON_FLOATS:
-            return Response(200, await asyncio.to_thread(body))
-        return Response(200, body())
+        build = embeddings_body(vectors, result.prompt_tokens, self.model, encoding_format)
+        body = (await asyncio.to_thread(build)
+                if encoding_format == "float" and vectors.size > _INLINE_JSON_FLOATS
+                else build())
+        return web.Response(body=body, content_type=JSON, headers={"Server": SERVER})
 
 
 # -- the OpenAI request and response bodies -------------------------------------------
