@@ -60,7 +60,6 @@ from embedrpc.client.bench import (
     LengthSpec,
     Pool,
     TextGenerator,
-    WorkerResult,
     connect,
     drive,
     pool_from_texts,
@@ -382,34 +381,49 @@ def largest_batch(onnx_path: Path, device: str, row: np.ndarray, pad_id: int,
 
 
 class Load:
-    """The load-test harness's engine, for this program's blocking code: one connection
-    to `target`, its event loop on a thread of its own."""
+    """The load-test harness's engine, for this program's blocking code: closed-loop
+    clients on a connection each (the server tells clients apart by connection), their
+    event loop on a thread of its own."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, clients: int) -> None:
         self.target = target
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.channel = self._wait(connect(BenchConfig(target=target)))
+        self.channels = [self._wait(connect(BenchConfig(target=target)))
+                         for _ in range(clients)]
 
     def _wait(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    def send(self, pool: Pool, *, concurrency: int, requests: int | None = None,
-             seconds: float | None = None, on_answer: AnswerFn | None = None) -> WorkerResult:
-        """`requests` requests of `pool` in turn (default: each once) from `concurrency`
-        closed-loop clients, within `seconds` if given; any failed request raises."""
-        config = BenchConfig(target=self.target, concurrency=concurrency,
-                             requests=requests or len(pool), duration=seconds, warmup=0.0,
-                             timeout=600.0, query_fraction=0.0, progress=False)
-        result: WorkerResult = self._wait(drive(self.channel, config, pool,
-                                                on_answer=on_answer))
-        if result.errors:
-            raise RuntimeError(f"failed requests: {result.errors}")
-        return result
+    def send(self, pool: Pool, *, clients: int, requests: int | None = None,
+             seconds: float | None = None, on_answer: AnswerFn | None = None) -> None:
+        """Client k of `clients` sends pool[k], pool[k + clients], ... in turn, each once
+        (or `requests` of them), within `seconds` if given; returns when every client is
+        done, and raises if a request failed."""
+
+        def config(count: int) -> BenchConfig:
+            return BenchConfig(target=self.target, concurrency=1, requests=count,
+                               duration=seconds, warmup=0.0, timeout=600.0,
+                               query_fraction=0.0, progress=False)
+
+        shares = [pool[k::clients] for k in range(clients)]
+
+        async def send_all() -> list[Any]:
+            return await asyncio.gather(*(
+                drive(channel, config(requests or len(share)), share, on_answer=on_answer)
+                for channel, share in zip(self.channels, shares, strict=False) if share),
+                return_exceptions=True)  # every client ends its share before this returns
+
+        for result in self._wait(send_all()):
+            if isinstance(result, BaseException):
+                raise result
+            if result.errors:
+                raise RuntimeError(f"failed requests: {result.errors}")
 
     def close(self) -> None:
-        self._wait(self.channel.close())
+        for channel in self.channels:
+            self._wait(channel.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
@@ -450,13 +464,13 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
             f"cuda_graphs={info.get('cuda_graphs')} static_shapes={info.get('static_shapes')} "
             f"warm-up {info.get('warmup_buckets')} buckets in {info.get('warmup_s')}s"
             f"{'; off: ' + info['graphs_off'] if info.get('graphs_off') else ''}")
-        load = Load(f"127.0.0.1:{port}")
+        load = Load(f"127.0.0.1:{port}", concurrency)
         for name, requests in workloads.items():
             pool = pool_from_texts(requests)
 
             def run(pool: Pool = pool, tokens: int = token_counts[name]) -> int:
                 # One round: every request once, over `concurrency` closed-loop clients.
-                load.send(pool, concurrency=concurrency, on_answer=check_finite)
+                load.send(pool, clients=concurrency, on_answer=check_finite)
                 return tokens
 
             try:
@@ -467,9 +481,9 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
         if workloads:
             out["memory_after_throughput"] = worker_memory(server, device, baseline)
         singles = pool_from_texts([text] for text in latency_texts)
-        load.send(singles * 3, concurrency=1)  # warm: every length once more
+        load.send(singles * 3, clients=1)  # warm: every length once more
         latencies: list[float] = []
-        load.send(singles, concurrency=1, requests=latency_requests,
+        load.send(singles, clients=1, requests=latency_requests,
                   seconds=max(seconds * 4, 2.0),
                   on_answer=lambda start, done, _: latencies.append(done - start))
         out["single_text"] = percentiles(latencies)

@@ -303,9 +303,11 @@ class LoadGen:
 
     def measure(self, *, target: str, mode: str, requests: list[list[str]], concurrency: int,
                 warmup: float, seconds: float) -> dict[str, Any]:
-        """unary: `concurrency` closed-loop clients; stream: one EmbedStream with
-        `concurrency` requests in flight; latency: one client. The interval and this
-        process's CPU are summarised as for the other sides (Recorder)."""
+        """unary: `concurrency` closed-loop clients, each on a connection of its own (the
+        server tells clients apart by connection) sending its share of `requests` in turn;
+        stream: one EmbedStream with `concurrency` requests in flight; latency: one client.
+        The interval and this process's CPU are summarised as for the other sides
+        (Recorder)."""
         import asyncio
 
         from embedrpc.client.bench import BenchConfig, connect, drive, pool_from_texts
@@ -315,11 +317,13 @@ class LoadGen:
         elif mode not in ("unary", "stream"):
             raise ValueError(f"unknown mode {mode!r}")
         pool = pool_from_texts(requests, encoding="float32")
+        connections = concurrency if mode == "unary" else 1
+        pools = [pool[k::connections] or pool for k in range(connections)]
         # Calls in flight when the interval ends are waited for (not cancelled): the share
         # of their work inside the interval counts.
-        config = BenchConfig(target=target, concurrency=concurrency, stream=mode == "stream",
-                             warmup=warmup, duration=seconds, timeout=120.0,
-                             query_fraction=0.0, progress=False)
+        config = BenchConfig(target=target, concurrency=concurrency // connections,
+                             stream=mode == "stream", warmup=warmup, duration=seconds,
+                             timeout=120.0, query_fraction=0.0, progress=False)
         recorder = Recorder()
 
         def on_answer(start: float, done: float, response: Any) -> None:
@@ -332,21 +336,26 @@ class LoadGen:
                 samples.append((time.monotonic(), process_cpu_s()))
             return samples
 
-        async def measure() -> tuple[Any, list[tuple[float, float]]]:
-            channel = await connect(config)  # connected before the clock starts
+        async def measure() -> tuple[list[Any], list[tuple[float, float]]]:
+            # Connected before the clock starts.
+            channels = [await connect(config) for _ in range(connections)]
             try:
                 start = time.monotonic()
                 edges = asyncio.create_task(sample_cpu(start + warmup, start + warmup + seconds))
-                result = await drive(channel, config, pool, start_at=start,
-                                     on_answer=on_answer)
-                return result, await edges
+                results = await asyncio.gather(*(
+                    drive(channel, config, share, start_at=start, on_answer=on_answer)
+                    for channel, share in zip(channels, pools, strict=True)))
+                return results, await edges
             finally:
-                await channel.close()
+                for channel in channels:
+                    await channel.close()
 
-        result, [(t0, c0), (t1, c1)] = asyncio.run(measure())
-        if result.errors or result.warmup_errors:
-            raise RuntimeError(f"{mode} load failed: {result.errors or ''} "
-                               f"({result.warmup_errors} failed in the warm-up)")
+        results, [(t0, c0), (t1, c1)] = asyncio.run(measure())
+        failed = [(code, n) for r in results for code, n in r.errors.items()]
+        warmup_failed = sum(r.warmup_errors for r in results)
+        if failed or warmup_failed:
+            raise RuntimeError(f"{mode} load: calls failed: {failed}, and {warmup_failed} in "
+                               "the warm-up")
         out = recorder.summary(t0, t1, latency=True)
         out["cpu_cores"] = (c1 - c0) / (t1 - t0)
         out["client_nice"] = self.nice
