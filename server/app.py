@@ -222,6 +222,8 @@ class EmbedServer:
                                        metrics=self.metrics,
                                        serving=lambda: self._serving is True,
                                        max_body_bytes=cfg.limits.max_message_bytes,
+                                       max_connections=net.max_http_connections,
+                                       idle_timeout=net.http_idle_seconds,
                                        authorize=keys.authorize_header
                                        if (keys := self.security.keys) else None,
                                        auth_health=cfg.security.auth_health)

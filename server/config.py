@@ -214,11 +214,19 @@ class NetworkOptions:
                                       "--metrics-port")
     grace_seconds: float = option(10.0, help="on SIGTERM/SIGINT, time for in-flight calls "
                                   "to finish")
+    max_http_connections: int = option(512, help="HTTP connections open at once (idle "
+                                       "keep-alive ones included); beyond it a new connection "
+                                       "is closed at once. Keep it well below the process's "
+                                       "file descriptor limit (ulimit -n)")
+    http_idle_seconds: float = option(75.0, help="an HTTP connection with no request under "
+                                      "way is closed after this long")
     startup_timeout_s: float = option(600.0, cli=False, help="workers must be ready within")
 
     def __post_init__(self) -> None:
         _port(self, "port", "http_port", "metrics_port")
         _at_least(self, 0, "grace_seconds")
+        _at_least(self, 1, "max_http_connections")
+        _at_least(self, 0.1, "http_idle_seconds")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,6 +3,10 @@
 The request id lives in a context variable: the gRPC interceptor and the HTTP
 server set it for each call, and every record logged while that call runs
 (in its task, or in tasks it starts) carries it, through `RequestIdFilter`.
+
+A line repeated many times a second (a flood of refused connections, a failing
+accept loop) is written at most once a second, through `RepeatFilter`: the next
+copy let through says how many were left out.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 
 LOG_FORMATS = ("text", "json")
@@ -42,6 +48,47 @@ class RequestIdFilter(logging.Filter):
         if not getattr(record, "request_id", None):
             record.request_id = _request_id.get()
         return True
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the same line (logger, level and message) through at most once per
+    `interval` seconds; the next copy let through ends with "(N more)", the copies
+    left out since the last one. Thread-safe: worker supervisors log from threads."""
+
+    def __init__(self, interval: float = 1.0, *, max_lines: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.max_lines = max_lines  # distinct lines remembered; older ones are forgotten
+        self._clock = clock
+        # (logger, level, message) → [when last let through, copies left out since]
+        self._seen: dict[tuple[str, int, str], list[float | int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: let logging report it as usual
+            return True
+        key = (record.name, record.levelno, message)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.interval:
+                seen[1] += 1
+                return False
+            left_out = int(seen[1]) if seen is not None else 0
+            self._seen[key] = [now, 0]
+            if len(self._seen) > self.max_lines:
+                self._forget(now)
+        if left_out:
+            record.msg, record.args = f"{message} ({left_out} more)", None
+        return True
+
+    def _forget(self, now: float) -> None:
+        self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+        if len(self._seen) > self.max_lines:
+            self._seen.clear()
 
 
 class TextFormatter(logging.Formatter):
@@ -96,6 +143,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text", *,
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(text_format))
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -23,6 +23,7 @@ import pytest
 from embedrpc.server import EmbedServer, tracing
 from embedrpc.server.logs import (
     JsonFormatter,
+    RepeatFilter,
     RequestIdFilter,
     TextFormatter,
     clean_request_id,
@@ -88,6 +89,63 @@ def test_text_lines_append_the_request_id() -> None:
 
     asyncio.run(main())
     assert stream.getvalue().splitlines() == ["INFO no call", "INFO in a call request_id=abc"]
+
+
+def test_repeated_lines_are_written_once_a_second_with_a_count() -> None:
+    """RepeatFilter on a fake clock: the first copy of a line goes through, the copies
+    within the next second do not; the first one after it says how many were left out.
+    Lines that differ (message, level, logger) are counted apart."""
+    now = [100.0]
+    logger, stream = capture(TextFormatter("%(levelname)s %(message)s"))
+    logger.handlers[0].addFilter(RepeatFilter(1.0, clock=lambda: now[0]))
+    for _ in range(1000):
+        logger.warning("refused a connection (%d open)", 8)
+    logger.error("refused a connection (%d open)", 8)  # another level: its own line
+    logger.warning("something else")
+    now[0] += 0.999  # still within the second: left out
+    logger.warning("refused a connection (%d open)", 8)
+    now[0] += 0.001  # the second has passed: through, with the count
+    logger.warning("refused a connection (%d open)", 8)
+    now[0] += 5
+    logger.warning("refused a connection (%d open)", 8)  # nothing left out since
+    assert stream.getvalue().splitlines() == [
+        "WARNING refused a connection (8 open)",
+        "ERROR refused a connection (8 open)",
+        "WARNING something else",
+        "WARNING refused a connection (8 open) (1000 more)",
+        "WARNING refused a connection (8 open)",
+    ]
+
+
+def test_repeat_filter_forgets_old_lines_beyond_its_bound() -> None:
+    now = [0.0]
+    repeat = RepeatFilter(1.0, max_lines=10, clock=lambda: now[0])
+    logger, stream = capture(TextFormatter("%(message)s"))
+    logger.handlers[0].addFilter(repeat)
+    for i in range(10):
+        logger.info("line %d", i)
+    assert len(repeat._seen) == 10  # at the bound: all remembered
+    now[0] += 2
+    logger.info("line 10")  # the 11th: the ten older than a second are forgotten
+    assert len(repeat._seen) == 1
+    assert stream.getvalue().splitlines() == [f"line {i}" for i in range(11)]
+
+
+def test_serve_logging_rate_limits_repeated_lines() -> None:
+    """configure_logging (what `embedrpc serve` and each worker call) installs it."""
+    code = ("import logging, time\n"
+            "from embedrpc.server.logs import configure_logging\n"
+            "configure_logging('INFO', 'text', text_format='%(levelname)s %(message)s')\n"
+            "log = logging.getLogger('asyncio')\n"
+            "for _ in range(500): log.error('socket.accept() out of system resource')\n"
+            "time.sleep(1.05)\n"
+            "log.error('socket.accept() out of system resource')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "ERROR socket.accept() out of system resource",
+        "ERROR socket.accept() out of system resource (499 more)"]
 
 
 def test_caller_ids_are_kept_only_when_plain() -> None:

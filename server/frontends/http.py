@@ -9,9 +9,10 @@ body limit, the OpenAI JSON shapes, request ids, metrics and spans.
 - A body over --max-message-bytes gets 413 before it is read (from Content-Length,
   or as soon as a chunked body passes the limit), and `Expect: 100-continue` is
   answered 413 instead of 100; the connection then closes.
-- An idle connection (none of a request arrived, or nothing after the last answer)
-  closes after IDLE_TIMEOUT_S; a body that does not arrive within BODY_TIMEOUT_S
-  gets 408.
+- At most --max-http-connections connections are open at once: beyond it a new
+  connection is closed as soon as it is accepted (one WARNING line a second at most,
+  with a count). A connection with no request under way closes after
+  --http-idle-seconds; a body that does not arrive within BODY_TIMEOUT_S gets 408.
 - When the client goes away mid-request its texts are dropped from the queue, as
   for a cancelled gRPC call (aiohttp cancels the handler).
 """
@@ -41,7 +42,6 @@ from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 75.0  # a connection with no request under way
 BODY_TIMEOUT_S = 120.0  # from a request's head to its body's last byte
 LINGER_S = 2.0  # after an early error answer: read and discard the body this long, then close
 # JSON work beyond this size runs in a thread, so the event loop keeps serving.
@@ -113,6 +113,69 @@ def _too_large(limit: int) -> HttpError:
                      " send fewer texts per request", code="request_too_large", close=True)
 
 
+class _ConnectionGate:
+    """Counts open connections; refuses new ones beyond `limit`."""
+
+    def __init__(self, limit: int, factory: Callable[[], asyncio.Protocol]) -> None:
+        self.limit = limit
+        self.open = 0
+        self._factory = factory
+
+    def __call__(self) -> asyncio.Protocol:
+        """The protocol for a connection just accepted (asyncio's protocol factory)."""
+        if self.open >= self.limit:
+            log.warning("HTTP: refused a connection: %d are open, the most "
+                        "--max-http-connections allows", self.limit)
+            return _Refused()
+        self.open += 1
+        return _Counted(self._factory(), self)
+
+
+class _Counted(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted by the gate while it lives."""
+
+    __slots__ = ("_gate", "_inner")
+
+    def __init__(self, inner: asyncio.Protocol, gate: _ConnectionGate | None) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def _release(self) -> None:
+        if self._gate is not None:
+            self._gate.open -= 1
+            self._gate = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def __del__(self) -> None:
+        # A TLS handshake that failed never made the connection (nor lost it).
+        self._release()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the limit: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
 class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """aiohttp's server logger: a request aiohttp could not parse is the client's
     problem, logged in one line at INFO, not as an ERROR with a traceback."""
@@ -133,9 +196,12 @@ class HttpServer:
 
     def __init__(self, *, core: EmbeddingCore, model: str, metrics: Metrics,
                  serving: Callable[[], bool], max_body_bytes: int,
+                 max_connections: int = 512, idle_timeout: float = 75.0,
                  authorize: Callable[[str | None], None] | None = None,
                  auth_health: bool = False) -> None:
         self.core = core
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
         self.metrics = metrics
         self.serving = serving
         self.max_body_bytes = max_body_bytes
@@ -146,7 +212,13 @@ class HttpServer:
         self.model = model
         self.created = int(time.time())
         self._web: web.Server | None = None
+        self._gate: _ConnectionGate | None = None
         self._listener: asyncio.base_events.Server | None = None
+
+    @property
+    def connections(self) -> int:
+        """HTTP connections open now."""
+        return self._gate.open if self._gate is not None else 0
 
     async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
         """Listen (HTTPS with `tls`); return the port (port 0: any free one)."""
@@ -154,9 +226,10 @@ class HttpServer:
         # aiohttp's low-level server: one protocol (RequestHandler) per connection, each
         # request handed to `_serve`.
         self._web = web.Server(self._serve, handler_cancellation=True, access_log=None,
-                               keepalive_timeout=IDLE_TIMEOUT_S, lingering_time=LINGER_S,
+                               keepalive_timeout=self.idle_timeout, lingering_time=LINGER_S,
                                logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
-        self._listener = await loop.create_server(self._web, host, port, ssl=tls)
+        self._gate = _ConnectionGate(self.max_connections, self._web)
+        self._listener = await loop.create_server(self._gate, host, port, ssl=tls)
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:
