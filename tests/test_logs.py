@@ -189,6 +189,45 @@ def test_request_ids_reach_responses_and_log_records(server,
                                      "http-5"])
 
 
+FORGED = "2026-01-01 00:00:00,000 embedrpc.server.app INFO admin logged in"
+
+
+@pytest.mark.parametrize("formatter", [TextFormatter(), JsonFormatter()], ids=["text", "json"])
+def test_a_request_id_cannot_forge_a_log_line(server, formatter: logging.Formatter) -> None:
+    """EmbedRequest.request_id is cleaned like the x-request-id header (issue 11 item 8):
+    one with a line break (or anything but 1..128 plain characters) is not used; the call
+    goes on under the metadata's id or a generated one, and every log line is ours."""
+    _, target = server
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("embedrpc.server")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)  # the core logs one DEBUG line per embed call
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            plain = stub.Embed(pb.EmbedRequest(inputs=["a"], request_id=f"abc\n{FORGED}"),
+                               timeout=10)
+            with_meta = stub.Embed(pb.EmbedRequest(inputs=["b"], request_id=f"x\r{FORGED}"),
+                                   metadata=[("x-request-id", "meta-8")], timeout=10)
+            [streamed] = stub.EmbedStream(iter([pb.EmbedRequest(
+                inputs=["c"], request_id=f"s\n{FORGED}")]), timeout=10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert HEX_ID.fullmatch(plain.request_id) and with_meta.request_id == "meta-8"
+    assert HEX_ID.fullmatch(streamed.request_id)
+    lines = stream.getvalue().splitlines()
+    assert len([line for line in lines if "embed inputs=1" in line]) == 3, lines
+    assert not [line for line in lines if "admin logged in" in line], lines
+    if isinstance(formatter, JsonFormatter):
+        ids = {json.loads(line).get("request_id") for line in lines}
+        assert {plain.request_id, "meta-8", streamed.request_id} <= ids
+
+
 def test_spans_when_opentelemetry_is_installed(server, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry.sdk.trace import TracerProvider

@@ -49,8 +49,8 @@ class _Call:
         metrics.call_started(method)  # last: `end` will run only once this returns
 
     def begin(self, request: Any) -> None:
-        if isinstance(request, pb.EmbedRequest) and request.request_id:
-            self.request_id = request.request_id
+        if isinstance(request, pb.EmbedRequest) and (own := clean_request_id(request.request_id)):
+            self.request_id = own
         set_request_id(self.request_id)
         self.span.set_attribute("embedrpc.request_id", self.request_id)
         inputs = getattr(request, "inputs", None)

@@ -23,7 +23,7 @@ from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from ..core import EmbeddingCore, ModelInfo
 from ..errors import EmbedError, InvalidInput, TooLarge
-from ..logs import current_request_id, set_request_id
+from ..logs import clean_request_id, current_request_id, set_request_id
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         if isinstance(request, Undecodable):
             raise InvalidInput(request.message)
         with self.core.call():
-            # The request's own id, else the call's (x-request-id metadata, or generated).
-            request_id = request.request_id or current_request_id()
+            # The request's own id if it is plain (like the x-request-id header: it goes
+            # into logs), else the call's (x-request-id metadata, or generated).
+            request_id = clean_request_id(request.request_id) or current_request_id()
             set_request_id(request_id)  # for every log record of this request
             if request.encoding not in ENCODINGS:
                 raise InvalidInput(f"encoding={request.encoding} is unknown; use one of "
@@ -176,7 +177,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         except Exception as exc:
             log.exception("EmbedStream request failed")
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {exc}"
-        return pb.EmbedResponse(request_id=request.request_id or current_request_id(),
+        return pb.EmbedResponse(request_id=clean_request_id(request.request_id)
+                                or current_request_id(),
                                 encoding=getattr(request, "encoding", pb.ENCODING_FLOAT),
                                 error=pb.Status(code=code.value[0], message=message))
 
