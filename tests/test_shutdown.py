@@ -7,6 +7,9 @@ with code 0. A second signal stops it at once.
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
 import os
 import re
 import signal
@@ -28,8 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedrpc.client import EmbedClient
+from embedrpc.server import EmbedServer, ServeConfig
+from embedrpc.server.core import INLINE_TOKENIZE_CHARS
 
-from .conftest import wait_until
+from .conftest import QWEN_EOS_ID, wait_until
 
 SERVING = re.compile(r"serving .* on .*:(\d+)")
 WORKER_PID = re.compile(r"ready \(pid (\d+)")
@@ -209,3 +214,68 @@ def test_refuses_to_start_on_a_port_in_use(fake_model_dir: Path) -> None:
             env={**os.environ, "EMBEDRPC_LOG_LEVEL": "WARNING"})
         assert proc.returncode == 2
         assert "cannot listen on" in proc.stderr
+
+
+def test_every_call_in_flight_finishes_within_the_grace_period(fake_model_dir: Path) -> None:
+    """A stop lets every call in flight finish, whatever its front end or method: a
+    Tokenize, an Embed, an EmbedStream's request and an HTTP embeddings request, all
+    slowed in the tokenizer (issue 11 item 5). Before, only Embed calls (and the HTTP
+    ones, which went through the same code) counted, so a Tokenize still running when
+    the others had finished was cut 0.5 s later."""
+    slow = {"tok-": 3.0, "emb-": 1.5}  # seconds spent tokenizing a text with this prefix
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    srv = EmbedServer(ServeConfig.of(model=str(fake_model_dir), backend="fake", workers=1,
+                                     device="cpu", host="127.0.0.1", port=0, http_port=0))
+    encode = srv.core.encoder.encode
+    tokenizing: list[str] = []
+
+    def slow_encode(texts: list[str], **kwargs: object) -> object:
+        tokenizing.append(texts[0][:4])
+        time.sleep(max((s for t in texts for p, s in slow.items() if t.startswith(p)),
+                       default=0.0))
+        return encode(texts, **kwargs)
+
+    # Long texts (over the core's inline limit) are tokenized in a thread: the sleep
+    # does not stop the event loop.
+    long = "x " * (INLINE_TOKENIZE_CHARS // 2)
+    srv.core.encoder.encode = slow_encode  # type: ignore[method-assign]
+    stopped = None
+    try:
+        port = asyncio.run_coroutine_threadsafe(srv.start(), loop).result(60)
+        target = f"127.0.0.1:{port}"
+
+        def http_embed() -> tuple[int, dict]:
+            conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=30)
+            conn.request("POST", "/v1/embeddings", json.dumps({"input": "emb-" + long}),
+                         headers={"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            return reply.status, json.loads(reply.read())
+
+        with EmbedClient(target, timeout=30) as client, ThreadPoolExecutor(4) as pool:
+            calls = {
+                "Tokenize": pool.submit(client.tokenize, ["tok-" + long]),
+                "Embed": pool.submit(client.embed, ["emb-" + long]),
+                "EmbedStream": pool.submit(lambda: [r.unwrap() for r in
+                                                    client.stream([["emb-" + long]])]),
+                "HTTP": pool.submit(http_embed),
+            }
+            wait_until(lambda: len(tokenizing) == 4, 20, lambda: f"tokenizing {tokenizing}")
+            assert srv.core.active == 4
+            started = time.monotonic()
+            stopped = asyncio.run_coroutine_threadsafe(srv.stop(grace=20), loop)
+            assert calls["Tokenize"].result(30).inputs[0].ids[-1] == QWEN_EOS_ID
+            assert calls["Embed"].result(30).shape == (1, 64)
+            assert calls["EmbedStream"].result(30)[0].shape == (1, 64)
+            status, body = calls["HTTP"].result(30)
+            assert status == 200 and len(body["data"][0]["embedding"]) == 64
+            stopped.result(30)
+            # The stop waited for the slowest call (the Tokenize), not the grace period.
+            assert slow["tok-"] - 1.0 < time.monotonic() - started < 15
+    finally:
+        if stopped is None:
+            asyncio.run_coroutine_threadsafe(srv.stop(grace=1), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

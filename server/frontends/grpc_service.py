@@ -217,22 +217,23 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        try:
-            if isinstance(request, Undecodable):
-                raise InvalidInput(request.message)
-            encoded = await self.core.tokenize(
-                request.inputs, prompt_name=request.prompt_name,
-                instruction=request.instruction, truncate=request.truncate)
-        except EmbedError as exc:
-            await context.abort(exc.grpc_code, str(exc))
-            raise AssertionError("unreachable") from exc
-        response = pb.TokenizeResponse(usage=pb.Usage(
-            prompt_tokens=encoded.total_tokens, truncated_inputs=sum(encoded.truncated)))
-        for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
-            item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
-            if request.return_tokens:
-                item.tokens.extend(self.core.encoder.tokens(ids))
-        return response
+        with self.core.call():  # in flight until its reply is built: a stop waits for it
+            try:
+                if isinstance(request, Undecodable):
+                    raise InvalidInput(request.message)
+                encoded = await self.core.tokenize(
+                    request.inputs, prompt_name=request.prompt_name,
+                    instruction=request.instruction, truncate=request.truncate)
+            except EmbedError as exc:
+                await context.abort(exc.grpc_code, str(exc))
+                raise AssertionError("unreachable") from exc
+            response = pb.TokenizeResponse(usage=pb.Usage(
+                prompt_tokens=encoded.total_tokens, truncated_inputs=sum(encoded.truncated)))
+            for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
+                item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
+                if request.return_tokens:
+                    item.tokens.extend(self.core.encoder.tokens(ids))
+            return response
 
     async def Info(self, request: pb.InfoRequest,
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:

@@ -266,7 +266,7 @@ class HttpServer:
         started = time.monotonic()
         self.metrics.call_started(route)
         counts = [0, 0]  # embeddings, tokens
-        with tracing.call_span(route, headers, {
+        with self.core.call(), tracing.call_span(route, headers, {
                 "http.request.method": method, "url.path": path,
                 "embedrpc.model": self.model, "embedrpc.request_id": request_id}) as span:
             try:
@@ -341,8 +341,7 @@ class HttpServer:
         payload = await parse_json(await self._body(request))
         texts, options, encoding_format = parse_embeddings(payload)
         span.set_attribute("embedrpc.inputs", len(texts))
-        with self.core.call():
-            result = await self.core.embed(texts, **options)
+        result = await self.core.embed(texts, **options)
         vectors = result.vectors
         counts[:] = [len(vectors), result.prompt_tokens]
         span.set_attributes({"embedrpc.embeddings": len(vectors),
