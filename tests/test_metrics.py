@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -220,3 +222,75 @@ def test_http_client_gone_drops_its_texts(slow_server) -> None:
     assert (value(after, "embedrpc_batch_texts_sum")
             - value(before, "embedrpc_batch_texts_sum")) == 12
     assert value(after, "embedrpc_queue_texts") == 0
+
+
+@pytest.fixture(scope="module")
+def tight_server(fake_model_dir: Path) -> Iterator[tuple[EmbedServer, str]]:
+    """One worker taking one text per batch at 100 ms each; a 100 kB message limit."""
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1,
+                        max_batch_size=1, fake_delay_ms=100, metrics_port=0,
+                        max_message_bytes=100_000) as running:
+        yield running
+
+
+def requests_by_code(samples: Samples, method: str) -> dict[str, float]:
+    return {dict(labels)["code"]: v for (name, labels), v in samples.items()
+            if name == "embedrpc_requests_total" and dict(labels)["method"] == method}
+
+
+def test_each_call_is_counted_once_with_the_code_its_client_saw(
+        tight_server, caplog: pytest.LogCaptureFixture) -> None:
+    """60 calls whose deadlines (50..430 ms) pass while they wait behind each other: the
+    router fails each one it finds expired and grpc cancels the others at their
+    deadline. Each is counted once, under the code the client got (issue 11 item 7).
+    Before: most counted CANCELLED, now and then one UNKNOWN (context.abort raising
+    ExecuteBatchError on a call already ended, with an ERROR traceback)."""
+    srv, target = tight_server
+    caplog.set_level(logging.WARNING)
+    before = requests_by_code(scrape(srv), EMBED)
+
+    def call(i: int) -> str:
+        try:
+            stub.Embed(pb.EmbedRequest(inputs=[f"text {i}"]), timeout=0.05 + (i % 20) * 0.02)
+        except grpc.RpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(60) as pool:
+        stub = pb_grpc.EmbedderStub(channel)
+        seen = Counter(pool.map(call, range(60)))
+    assert seen["DEADLINE_EXCEEDED"] >= 30, seen  # ~10 texts a second get through
+
+    def counted() -> Counter[str]:
+        now = requests_by_code(scrape(srv), EMBED)
+        return Counter({code: int(n - before.get(code, 0)) for code, n in now.items()
+                        if n > before.get(code, 0)})
+
+    wait_until(lambda: sum(counted().values()) >= 60, 10, lambda: f"counted {counted()}")
+    assert counted() == seen
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_tokenize_reply_over_the_message_limit_says_what_to_do(tight_server) -> None:
+    """Like Embed, Tokenize refuses a reply gRPC could not send, with advice, and it is
+    counted RESOURCE_EXHAUSTED (before: "Sent message larger than max", no advice, a
+    traceback, counted OK)."""
+    srv, target = tight_server
+    tokenize = "/embedrpc.v1.Embedder/Tokenize"
+    before = requests_by_code(scrape(srv), tokenize)
+    texts = ["word " * 60] * 250  # 75 kB sent; 64 tokens each after truncation
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Tokenize(pb.TokenizeRequest(inputs=texts, return_tokens=True), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the server's --max-message-bytes 100000; send fewer inputs per " \
+            "request, or leave return_tokens off" in error.value.details()
+        reply = stub.Tokenize(pb.TokenizeRequest(inputs=texts), timeout=10)  # ids fit
+        assert reply.ByteSize() <= 100_000 and len(reply.inputs) == 250
+
+    def delta(code: str) -> float:
+        return requests_by_code(scrape(srv), tokenize).get(code, 0) - before.get(code, 0)
+
+    wait_until(lambda: delta("OK") + delta("RESOURCE_EXHAUSTED") >= 2, 10)
+    assert (delta("OK"), delta("RESOURCE_EXHAUSTED")) == (1, 1)

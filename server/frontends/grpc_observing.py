@@ -63,8 +63,10 @@ class _Call:
             self.tokens += response.usage.prompt_tokens
 
     def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
-        if isinstance(exc, asyncio.CancelledError):
-            code = "CANCELLED"
+        if isinstance(exc, asyncio.CancelledError):  # the client went away, or its deadline
+            remaining = context.time_remaining()
+            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 \
+                else "CANCELLED"
         elif exc is not None and not isinstance(exc, grpc.aio.AbortError):
             code = "UNKNOWN"  # what gRPC reports for an unhandled exception
         else:  # returned, or aborted: the code the servicer set, if any

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import numpy as np
@@ -101,6 +101,32 @@ def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedRespons
         response.data = np.packbits(vectors > 0, axis=1).tobytes()
 
 
+Reply = TypeVar("Reply", pb.EmbedResponse, pb.TokenizeResponse)
+
+
+def call_over(context: grpc.aio.ServicerContext) -> bool:
+    """The call has ended already: its deadline passed, or the client cancelled it."""
+    remaining = context.time_remaining()
+    return context.done() or (remaining is not None and remaining <= 0)
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
+                message: str) -> NoReturn:
+    """End the call with `code`, or, when it has ended already (no one to answer: grpc
+    would raise on the status it cannot send, log a traceback and count it UNKNOWN),
+    as a cancelled call, which grpc ends quietly and the interceptor counts by its
+    real cause (DEADLINE_EXCEEDED or CANCELLED)."""
+    if call_over(context):
+        raise asyncio.CancelledError
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # the call ended between the check and the status (ExecuteBatchError)
+        raise asyncio.CancelledError from None
+    raise AssertionError("unreachable")  # abort() raises
+
+
 def info_message(info: ModelInfo) -> pb.InfoResponse:
     """The core's ModelInfo as the Info RPC's reply."""
     return pb.InfoResponse(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
@@ -146,13 +172,15 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             encode_vectors(result.vectors, request.encoding, response)
             return response
 
-    def _fits(self, response: pb.EmbedResponse) -> pb.EmbedResponse:
-        """gRPC fails a call whose response is over its limit, and with it a whole
-        EmbedStream; say so for this one request instead, and what would fit."""
+    def _fits(self, response: Reply, advice: str = "ask for fewer dimensions, or use a "
+              "byte encoding") -> Reply:
+        """gRPC fails a call whose response is over its limit (and with it a whole
+        EmbedStream) with a bare "Sent message larger than max"; say so for this one
+        request instead, and what would fit."""
         if (size := response.ByteSize()) > self.limits.max_message_bytes:
             raise TooLarge(f"the response would be {size} bytes, over the server's "
                            f"--max-message-bytes {self.limits.max_message_bytes}; send fewer "
-                           "inputs per request, ask for fewer dimensions, or use a byte encoding")
+                           f"inputs per request, {advice}")
         return response
 
     # -- RPCs --------------------------------------------------------------
@@ -162,10 +190,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         try:
             return self._fits(await self.embed(request, context.time_remaining()))
         except EmbedError as exc:
-            await context.abort(exc.grpc_code, str(exc))
+            await abort(context, exc.grpc_code, str(exc))
         except Exception as exc:
             log.exception("Embed failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
         raise AssertionError("unreachable")  # abort() raises
 
     async def _embed_or_error(self, request: pb.EmbedRequest | Undecodable,
@@ -224,21 +252,22 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 encoded = await self.core.tokenize(
                     request.inputs, prompt_name=request.prompt_name,
                     instruction=request.instruction, truncate=request.truncate)
+                response = pb.TokenizeResponse(usage=pb.Usage(
+                    prompt_tokens=encoded.total_tokens,
+                    truncated_inputs=sum(encoded.truncated)))
+                for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
+                    item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
+                    if request.return_tokens:
+                        item.tokens.extend(self.core.encoder.tokens(ids))
+                return self._fits(response, "or leave return_tokens off")
             except EmbedError as exc:
-                await context.abort(exc.grpc_code, str(exc))
+                await abort(context, exc.grpc_code, str(exc))
                 raise AssertionError("unreachable") from exc
-            response = pb.TokenizeResponse(usage=pb.Usage(
-                prompt_tokens=encoded.total_tokens, truncated_inputs=sum(encoded.truncated)))
-            for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
-                item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
-                if request.return_tokens:
-                    item.tokens.extend(self.core.encoder.tokens(ids))
-            return response
 
     async def Info(self, request: pb.InfoRequest,
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         if isinstance(request, Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         return self.info
 
 
