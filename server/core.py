@@ -161,7 +161,28 @@ class EmbeddingCore:
                         truncate: int) -> Encoded:
         prompt = self.encoder.prompt_for(prompt_name, instruction)
         texts = texts if isinstance(texts, list) else list(texts)
-        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            return self.encoder.encode(texts, prompt=prompt, truncate=truncate)
-        return await asyncio.to_thread(self.encoder.encode, texts, prompt=prompt,
-                                       truncate=truncate)
+        try:
+            if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+                return self.encoder.encode(texts, prompt=prompt, truncate=truncate)
+            return await asyncio.to_thread(self.encoder.encode, texts, prompt=prompt,
+                                           truncate=truncate)
+        except TypeError:
+            # The tokenizer takes only text it can encode as UTF-8, which a lone surrogate
+            # (what a JSON \u escape can make) is not. gRPC's strings are UTF-8 already.
+            if (problem := _not_unicode(texts, instruction)) is None:
+                raise
+            raise problem from None
+
+
+def _not_unicode(texts: list[str], instruction: str) -> InvalidInput | None:
+    """Which text holds a lone surrogate, as an error; None if none does."""
+    for where, text in (("instruction", instruction),
+                        *((f"inputs[{i}]", t) for i, t in enumerate(texts))):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return InvalidInput(f"{where} holds a lone surrogate (U+{ord(text[exc.start]):04X} "
+                                f"at character {exc.start}); text must be valid Unicode: a "
+                                "\\uD800-\\uDFFF escape only as half of a pair",
+                                field="instruction" if where == "instruction" else "inputs")
+    return None

@@ -156,6 +156,52 @@ def test_bad_requests_get_400_with_an_openai_error(server, body: Any, words: str
     assert_openai_error(status, out, 400, words=words, param=param)
 
 
+@pytest.mark.parametrize(("body", "words", "param"), [
+    (b'{"input": "\\ud800"}', "inputs[0] holds a lone surrogate (U+D800 at character 0)",
+     "input"),
+    (b'{"input": ["ok", "a\\udfffb"]}', "inputs[1] holds a lone surrogate (U+DFFF at "
+     "character 1)", "input"),
+    (b'{"input": "x", "instruction": "\\ud83d"}', "instruction holds a lone surrogate",
+     "instruction"),
+    (b'{"input": "x", "dimensions": ' + b"9" * 5000 + b"}",
+     "not valid JSON: it has an integer of 5000 digits; at most 32", None),
+    (b"[" * 50_000, "not valid JSON: it is nested too deeply", None),
+    (b'{"input": "caf\xc3"}', "not valid JSON: it is not UTF-8 text (byte 0xc3 at offset 14)",
+     None),
+    (b'{"input": "\xed\xa0\x80"}', "it is not UTF-8 text (byte 0xed at offset 11)", None),
+    (b'{"input": NaN}', "not valid JSON: NaN is not a JSON value", None),
+    (b'{"input": "x",}', "not valid JSON: Expecting property name enclosed in double quotes "
+     "at line 1, column 15", None),
+    (b"", "not valid JSON: Expecting value at line 1, column 1", None),
+    (b'"just a string"', "must be a JSON object", None),
+    (b'{"input": {"text": "x"}}', "'input' must be a string or a list of strings", "input"),
+    (b'{"input": "x", "dimensions": 1.5}', "'dimensions' must be an integer", "dimensions"),
+    (b'{"input": "x", "dimensions": [64]}', "'dimensions' must be an integer", "dimensions"),
+    (b'{"input": "x", "encoding_format": ["float"]}', "'encoding_format' must be a string; "
+     "use 'float' or 'base64'", "encoding_format"),
+    (b'{"input": "x", "encoding_format": "' + b"f" * 10_000 + b'"}',
+     "'encoding_format' 'ffff", "encoding_format"),
+    (b'{"input": "x", "prompt_name": {"a": 1}}', "'prompt_name' must be a string",
+     "prompt_name"),
+])
+def test_malformed_bodies_get_400_with_our_own_message(
+        server, body: bytes, words: str, param: str | None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11 item 6. Before: 500 quoting Python ("surrogates not allowed" via the
+    tokenizer's TypeError, sys.set_int_max_str_digits(), "maximum recursion depth
+    exceeded"), a traceback in the log; a UTF-8-encoded surrogate was let through."""
+    srv, _ = server
+    caplog.set_level(logging.INFO)
+    status, _, out = call(srv, "POST", "/v1/embeddings", body)
+    assert_openai_error(status, out, 400, words=words, param=param)
+    message = out["error"]["message"]
+    assert len(message) < 300, message  # nothing of the body is echoed at length
+    for internal in ("sys.", "surrogates not allowed", "recursion", "codec", "TextEncodeInput",
+                     "Traceback", "internal error"):
+        assert internal not in message
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
 def test_oversize_body_gets_413(server) -> None:
     srv, _ = server
     status, headers, out = call(srv, "POST", "/v1/embeddings",

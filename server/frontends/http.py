@@ -356,14 +356,50 @@ class HttpServer:
 # -- the OpenAI request and response bodies -------------------------------------------
 
 
-async def parse_json(body: bytes) -> Any:
-    """The request body as JSON; HttpError 400 when it is not."""
+class _NotJson(ValueError):
+    """What the JSON parser's hooks refuse (its message is ours)."""
+
+
+MAX_INT_DIGITS = 32  # no value of this API needs more; Python refuses over 4300 anyway
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NotJson(f"it has an integer of {len(text.lstrip('-'))} digits; at most "
+                       f"{MAX_INT_DIGITS} are allowed")
+    return int(text)
+
+
+def _json_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _load_json(body: bytes) -> Any:
+    """The body as JSON (RFC 8259: UTF-8 text); HttpError 400 for anything else, with a
+    message of ours: never the parser's internals, whatever the client sent."""
     try:
-        return (json.loads(body) if len(body) <= _INLINE_JSON_BYTES
-                else await asyncio.to_thread(json.loads, body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HttpError(400, f"the body is not valid JSON: {exc}",
-                        code="invalid_json") from exc
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HttpError(400, f"the body is not valid JSON: it is not UTF-8 text (byte "
+                        f"0x{body[exc.start]:02x} at offset {exc.start})",
+                        code="invalid_json") from None
+    try:
+        return json.loads(text.removeprefix("\ufeff"), parse_int=_json_int,
+                          parse_constant=_json_constant)
+    except json.JSONDecodeError as exc:
+        message = f"{exc.msg} at line {exc.lineno}, column {exc.colno}"
+    except _NotJson as exc:
+        message = str(exc)
+    except RecursionError:
+        message = "it is nested too deeply"
+    raise HttpError(400, f"the body is not valid JSON: {message}", code="invalid_json")
+
+
+async def parse_json(body: bytes) -> Any:
+    """The request body as JSON (parsed in a thread when it is large)."""
+    if len(body) <= _INLINE_JSON_BYTES:
+        return _load_json(body)
+    return await asyncio.to_thread(_load_json, body)
 
 
 def parse_embeddings(payload: Any) -> tuple[list[str], dict[str, Any], str]:
@@ -390,10 +426,14 @@ def parse_embeddings(payload: Any) -> tuple[list[str], dict[str, Any], str]:
     if dimensions is not None and (not isinstance(dimensions, int)
                                    or isinstance(dimensions, bool)):
         raise HttpError(400, "'dimensions' must be an integer", param="dimensions")
-    encoding_format = payload.get("encoding_format") or "float"
-    if encoding_format not in ("float", "base64"):
-        raise HttpError(400, f"'encoding_format' {encoding_format!r} is not supported; "
-                        "use 'float' or 'base64'", param="encoding_format")
+    encoding_format = payload.get("encoding_format")
+    if encoding_format in (None, ""):
+        encoding_format = "float"
+    elif encoding_format not in ("float", "base64"):
+        shown = f" {encoding_format[:40]!r} is not supported" \
+            if isinstance(encoding_format, str) else " must be a string"
+        raise HttpError(400, f"'encoding_format'{shown}; use 'float' or 'base64'",
+                        param="encoding_format")
     for key in ("model", "user", "prompt_name", "instruction"):
         if payload.get(key) is not None and not isinstance(payload[key], str):
             raise HttpError(400, f"'{key}' must be a string", param=key)
