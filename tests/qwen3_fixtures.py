@@ -194,3 +194,108 @@ def write_checkpoint(directory: Path, name: str) -> Path:
 
 def describe(name: str) -> dict[str, Any]:
     return {"name": name, "seed": SEEDS[name], **asdict(SHAPES[name])}
+
+
+# ------------------------------------------------------------------ Qwen3-Reranker
+#
+# A reranker checkpoint as Qwen publishes Qwen3-Reranker-0.6B: Qwen3ForCausalLM saved with
+# its `model.` prefixes, the LM head tied to the token embeddings (tie_word_embeddings true,
+# so no lm_head.weight in the file), Qwen's base tokenizer (its post-processor appends
+# nothing) and its tokenizer_config.json, config.json with the published keys. The model
+# card scores a pair with the LM head's rows for "yes" and "no" only. How far random rows
+# spread the scores depends on the seed, so the two rows are also pushed apart along a
+# seeded direction (RERANKER_YES_NO_SPREAD): with the seed below, the reference pairs
+# score from 0.01 to 0.99, each query's documents at least 0.004 apart unless their tokens
+# are the same (scripts/make_reranker_fixture.py checks the spread).
+
+RERANKER_SHAPES: dict[str, Shape] = {
+    # Tiny, for tests: 4 × 32 query heads ≠ hidden 64, grouped KV heads, two layers.
+    "tiny": Shape(hidden_size=64, layers=2, heads=4, kv_heads=2, head_dim=32,
+                  intermediate_size=128, max_position_embeddings=40960),
+    # Qwen3-Reranker-0.6B's shape (random weights), for benchmarks.
+    "0.6b": Shape(hidden_size=1024, layers=28, heads=16, kv_heads=8, head_dim=128,
+                  intermediate_size=3072, max_position_embeddings=40960),
+}
+RERANKER_SEED = 7
+# How far the "yes" and "no" rows of the tied LM head are pushed apart: a multiple of a
+# seeded random direction, added to "yes" and taken from "no".
+RERANKER_YES_NO_SPREAD = 0.15
+YES_TOKEN, NO_TOKEN = "yes", "no"
+
+
+def reranker_config(shape: Shape, *, bos_id: int, eos_id: int, vocab_size: int,
+                    tie_word_embeddings: bool = True) -> dict[str, Any]:
+    """config.json with the published Qwen3-Reranker-0.6B's keys: Qwen3ForCausalLM,
+    bos_token_id <|endoftext|>, eos_token_id <|im_end|>, tied embeddings, bf16."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "head_dim": shape.head_dim, "hidden_act": "silu", "hidden_size": shape.hidden_size,
+        "initializer_range": 0.02, "intermediate_size": shape.intermediate_size,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "max_window_layers": shape.layers, "model_type": "qwen3",
+        "num_attention_heads": shape.heads, "num_hidden_layers": shape.layers,
+        "num_key_value_heads": shape.kv_heads, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": int(shape.rope_theta), "sliding_window": None,
+        "tie_word_embeddings": tie_word_embeddings, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+
+
+def reranker_weights(shape: Shape, vocab_size: int, seed: int, *, yes_id: int, no_id: int,
+                     spread: float = RERANKER_YES_NO_SPREAD,
+                     tie_word_embeddings: bool = True) -> dict[str, np.ndarray]:
+    """Qwen3ForCausalLM's tensors (`model.` prefixes; `lm_head.weight` only when untied),
+    float32 holding bf16 values. The LM head's yes and no rows are moved apart along a
+    seeded direction of norm `spread` × sqrt(hidden)."""
+    tensors = {f"model.{k}": v for k, v in deterministic_weights(shape, vocab_size, seed).items()}
+    rng = np.random.Generator(np.random.PCG64(seed + 1))
+    h = shape.hidden_size
+    if tie_word_embeddings:
+        head = tensors["model.embed_tokens.weight"]
+    else:
+        std = 0.15 * (128 / h) ** 0.5
+        values = _uniform(rng, vocab_size * h) * (std * 3**0.5)
+        head = bf16_to_float32(float32_to_bf16(values.astype(np.float32))).reshape(vocab_size, h)
+        tensors["lm_head.weight"] = head
+    direction = _uniform(rng, h) * 3**0.5 * spread  # unit variance per element, × spread
+    for row, sign in ((yes_id, 1.0), (no_id, -1.0)):
+        moved = head[row] + sign * direction.astype(np.float32)
+        head[row] = bf16_to_float32(float32_to_bf16(moved.astype(np.float32)))
+    return tensors
+
+
+def write_reranker_checkpoint(directory: Path, shape: str = "tiny", *,
+                              seed: int = RERANKER_SEED,
+                              tie_word_embeddings: bool = True,
+                              layers: int | None = None) -> Path:
+    """A Qwen3-Reranker checkpoint in `directory` (name it with "reranker" for `--task
+    auto`): Qwen's base tokenizer.json and tokenizer_config.json unchanged, config.json
+    as published, model.safetensors in bf16. `layers` overrides the shape's depth."""
+    from dataclasses import replace
+
+    from tokenizers import Tokenizer
+
+    spec = RERANKER_SHAPES[shape]
+    if layers is not None:
+        spec = replace(spec, layers=layers)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = qwen_tokenizer_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(source / name, directory / name)
+    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    ids = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_end|>", YES_TOKEN, NO_TOKEN)}
+    _write_json(directory / "config.json", reranker_config(
+        spec, bos_id=ids["<|endoftext|>"], eos_id=ids["<|im_end|>"], vocab_size=vocab,
+        tie_word_embeddings=tie_word_embeddings))
+    write_safetensors(directory / "model.safetensors", reranker_weights(
+        spec, vocab, seed, yes_id=ids[YES_TOKEN], no_id=ids[NO_TOKEN],
+        tie_word_embeddings=tie_word_embeddings), dtype="BF16")
+    return directory
+
+
+def describe_reranker(shape: str = "tiny", seed: int = RERANKER_SEED) -> dict[str, Any]:
+    return {"shape": shape, "seed": seed, "yes_no_spread": RERANKER_YES_NO_SPREAD,
+            **asdict(RERANKER_SHAPES[shape])}
