@@ -14,6 +14,14 @@ sentence-transformers config says) and L2 normalisation, all inside the graph:
 inputs `input_ids`, `attention_mask` [B, S] int64 (right-padded), output
 `sentence_embedding` [B, H] float32.
 
+A reranker (Qwen3-Reranker: a Qwen3ForCausalLM whose model card scores a pair with
+softmax over the last position's logits of "no" and "yes") ends differently: after
+the final norm of the last real token, one float32 projection with weight
+w_yes − w_no (those two rows of the LM head: lm_head.weight, or the token embeddings
+when tied and no lm_head is stored) and a sigmoid, since softmax over two logits taking "yes" is
+sigmoid(logit_yes − logit_no). Output `score` [B] float32; the 151,669-wide logits are
+never computed. Metadata embedrpc.task = rerank.
+
 Precision. In fp16/bf16 graphs the matrix products, attention and the per-head
 norms run in the low precision, while the residual stream, every norm over the
 hidden size (their sums of squares), pooling and normalisation stay float32:
@@ -54,6 +62,7 @@ IR_VERSION = 8
 BUILDER_VERSION = 2  # 2: mean pooling masks with Where
 FP16_MAX = 65504.0
 POOLINGS = ("lasttoken", "mean", "cls")
+TASKS = ("embed", "rerank")
 # Values entering fp16 are kept this far below its largest finite value.
 FP16_HEADROOM = 16.0
 
@@ -69,6 +78,10 @@ class GraphOptions:
     probes: bool = False
     # Per layer: (divisor folded into v_proj, divisor folded into up_proj); powers of two.
     scales: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # embed: pooled, normalised vectors; rerank: a relevance score per row (Qwen3-Reranker)
+    task: str = "embed"
+    # rerank: the token ids of "yes" and "no", whose LM-head rows make the score
+    rerank_tokens: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "bf16", "int8"):
@@ -77,6 +90,11 @@ class GraphOptions:
             raise ValueError("emulate is for fp16 and bf16")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}: use one of {', '.join(TASKS)}")
+        if self.task == "rerank" and (self.rerank_tokens is None or self.pooling != "lasttoken"):
+            raise ValueError("a reranker needs rerank_tokens (yes, no) and reads the last "
+                             "token (pooling lasttoken)")
 
 
 def _onnx() -> Any:
@@ -405,13 +423,45 @@ class _Qwen3Graph:
         else:
             g.node("Identity", [pooled], outputs=["sentence_embedding"])
 
-    def finish(self, output: str, width: int) -> Any:
-        """The ModelProto: inputs, `output` [batch, width] float32, probes, metadata."""
+    def rerank_head(self, final: str) -> None:
+        """The model card's score from the last real token's final hidden state h:
+        softmax over (logit_no, logit_yes) taking yes = sigmoid(h · (w_yes − w_no)), in
+        float32 in every precision → `score` [B]."""
+        g, hidden = self.g, self.config.hidden_size
+        assert self.options.rerank_tokens is not None
+        yes, no = self.options.rerank_tokens
+        rows = self.lm_head_rows([yes, no])
+        direction = (rows[0] - rows[1]).astype(np.float32).reshape(hidden, 1)
+        pooled = g.node("Reshape", [final, g.ints([-1, hidden])], name="pooled")
+        logit = g.node("MatMul", [pooled, g.weight_f32("score_head", direction)],
+                       name="score_head")
+        logit = g.node("Reshape", [logit, g.ints([-1])], name="relevance_logit")
+        g.node("Sigmoid", [logit], outputs=["score"], name="score")
+
+    def lm_head_rows(self, rows: list[int]) -> np.ndarray:
+        """Rows of the LM head [len(rows), H]: lm_head.weight when the checkpoint has one
+        (as transformers 5 loads it, tied or not), else the token embeddings when
+        config.json ties them (Qwen3-Reranker-0.6B and 4B store no lm_head)."""
+        config = self.config
+        name = "lm_head.weight"
+        if name not in self.weights and config.tie_word_embeddings:
+            name = "embed_tokens.weight"
+        if name not in self.weights:
+            raise PrepareError(
+                "checkpoint has no lm_head.weight and config.json does not tie the LM head "
+                "to the embeddings (tie_word_embeddings false): a reranker scores with the "
+                "LM head's rows for 'yes' and 'no'")
+        return self.weights.get_rows(name, rows, (config.vocab_size, config.hidden_size))
+
+    def finish(self, output: str, width: int | None) -> Any:
+        """The ModelProto: inputs, `output` float32 ([batch, width], or [batch] when width
+        is None), probes, metadata."""
         g, tp = self.g, self.g.onnx.TensorProto
         helper, options = g.onnx.helper, self.options
         inputs = [helper.make_tensor_value_info(n, tp.INT64, ["batch", "sequence"])
                   for n in ("input_ids", "attention_mask")]
-        outputs = [helper.make_tensor_value_info(output, tp.FLOAT, ["batch", width])]
+        dims: list[Any] = ["batch"] if width is None else ["batch", width]
+        outputs = [helper.make_tensor_value_info(output, tp.FLOAT, dims)]
         for name, value in self.probes:
             g.node("Identity", [value], outputs=[name])
             outputs.append(helper.make_tensor_value_info(name, tp.FLOAT, []))
@@ -425,17 +475,24 @@ class _Qwen3Graph:
         model.producer_name = "embedrpc prepare"
         model.ir_version = IR_VERSION
         precision = options.precision + ("-emulated" if options.emulate else "")
-        helper.set_model_props(model, {
-            "embedrpc.precision": precision, "embedrpc.pooling": options.pooling,
-            "embedrpc.normalized": str(options.normalize).lower(),
-            "embedrpc.builder_version": str(BUILDER_VERSION)})
+        if options.task == "rerank":
+            assert options.rerank_tokens is not None
+            props = {"embedrpc.precision": precision, "embedrpc.task": "rerank",
+                     "embedrpc.rerank_tokens": ",".join(map(str, options.rerank_tokens)),
+                     "embedrpc.builder_version": str(BUILDER_VERSION)}
+        else:  # as before tasks existed, so embedding graphs stay byte-identical
+            props = {"embedrpc.precision": precision, "embedrpc.pooling": options.pooling,
+                     "embedrpc.normalized": str(options.normalize).lower(),
+                     "embedrpc.builder_version": str(BUILDER_VERSION)}
+        helper.set_model_props(model, props)
         return model
 
 
 def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
                 progress: Callable[[str], None] | None = None) -> Any:
-    """The embedding model's ModelProto (initializers inline; save it with external data
-    when large): the decoder, then pooling and normalisation."""
+    """The model's ModelProto (initializers inline; save it with external data when
+    large): the decoder, then pooling and normalisation (`sentence_embedding` [B, H]) or,
+    for task rerank, the yes − no score (`score` [B])."""
     b = _Qwen3Graph(config, weights, options)
     b.sequence()
     residual, mlp_out = b.embed(), None
@@ -444,7 +501,11 @@ def build_graph(config: Qwen3Config, weights: Weights, options: GraphOptions,
             progress(f"layer {i + 1}/{config.layers}")
         residual, mlp_out = b.layer(i, residual, mlp_out)
     assert mlp_out is not None
-    b.embedding_head(b.final_norm(mlp_out, residual))
+    final = b.final_norm(mlp_out, residual)
+    if options.task == "rerank":
+        b.rerank_head(final)
+        return b.finish("score", None)
+    b.embedding_head(final)
     return b.finish("sentence_embedding", config.hidden_size)
 
 

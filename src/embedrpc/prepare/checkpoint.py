@@ -61,6 +61,17 @@ class SafetensorsFile:
         return str(self.header[name]["dtype"])
 
     def get(self, name: str) -> np.ndarray:
+        return self._decode(self._stored(name))
+
+    def get_rows(self, name: str, rows: list[int]) -> np.ndarray:
+        """Rows of a 2-D tensor, decoding only those (an LM head's few rows of 151,669)."""
+        return self._decode(self._stored(name)[rows])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def _stored(self, name: str) -> np.ndarray:
+        """The tensor as stored (a view of the file)."""
         entry = self.header[name]
         kind = entry["dtype"]
         if kind not in _DTYPES:
@@ -68,8 +79,11 @@ class SafetensorsFile:
                                f"supported: {', '.join(_DTYPES)}")
         begin, end = entry["data_offsets"]
         raw = self._map[self.data_start + begin:self.data_start + end]
-        array = raw.view(_DTYPES[kind]).reshape(entry["shape"])
-        if kind == "BF16":
+        return raw.view(_DTYPES[kind]).reshape(entry["shape"])
+
+    @staticmethod
+    def _decode(array: np.ndarray) -> np.ndarray:
+        if array.dtype == np.uint16:  # BF16
             return bf16_to_float32(array)
         return np.asarray(array, dtype=np.float32)
 
@@ -140,6 +154,20 @@ class Weights:
         self.used.add(name)
         return array
 
+    def get_rows(self, name: str, rows: list[int], shape: tuple[int, ...]) -> np.ndarray:
+        """Rows `rows` of the 2-D tensor `name`, [len(rows), shape[1]] float32, read
+        without decoding the rest."""
+        if name not in self._where:
+            raise PrepareError(f"checkpoint has no tensor {name!r}")
+        f, full = self._where[name]
+        if f.shape(full) != shape:
+            raise PrepareError(f"tensor {name}: shape {f.shape(full)}, config.json "
+                               f"implies {shape}")
+        if any(not 0 <= r < shape[0] for r in rows):
+            raise PrepareError(f"tensor {name}: rows {rows} are not all below {shape[0]}")
+        self.used.add(name)
+        return f.get_rows(full, rows)
+
     def stored_dtypes(self) -> set[str]:
         return {f.dtype_name(n) for f in self.files for n in f.names()}
 
@@ -164,6 +192,8 @@ class Qwen3Config:
     rms_norm_eps: float
     rope_theta: float
     max_position_embeddings: int
+    # The LM head is the token embeddings (only a reranker's graph reads the LM head).
+    tie_word_embeddings: bool = False
 
     @property
     def q_size(self) -> int:
@@ -220,6 +250,7 @@ def read_config(directory: Path) -> Qwen3Config:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PrepareError(f"{path}: missing or bad field: {exc}") from exc
