@@ -202,6 +202,38 @@ def test_malformed_bodies_get_400_with_our_own_message(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
+@pytest.mark.parametrize("content_type", [
+    None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+    "application/jsonx", "text/json"])
+def test_embeddings_need_a_json_content_type(server, content_type: str | None) -> None:
+    """What a web page can make a browser send to any address without a CORS preflight
+    (text/plain, forms) is refused: 415, before the body is read. Before: accepted."""
+    srv, _ = server
+    conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/embeddings")
+        if content_type is not None:
+            conn.putheader("Content-Type", content_type)
+        conn.putheader("Content-Length", "16")
+        conn.endheaders(b'{"input": "hi!"}')
+        reply = conn.getresponse()
+        out = json.loads(reply.read())
+    finally:
+        conn.close()
+    assert_openai_error(reply.status, out, 415, words="Content-Type must be application/json "
+                        f"(got {repr(content_type) if content_type else 'none'})")
+    assert out["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8",
+                                          "Application/JSON", " application/json "])
+def test_json_content_type_spellings_are_accepted(server, content_type: str) -> None:
+    srv, _ = server
+    status, _, out = call(srv, "POST", "/v1/embeddings", {"input": "hi"},
+                          headers={"Content-Type": content_type})
+    assert status == 200 and len(out["data"][0]["embedding"]) == 64
+
+
 def test_oversize_body_gets_413(server) -> None:
     srv, _ = server
     status, headers, out = call(srv, "POST", "/v1/embeddings",
@@ -226,7 +258,7 @@ def raw(srv: EmbedServer, data: bytes, *, shutdown: bool = False) -> bytes:
 def test_expect_100_continue_refused_before_the_body_is_sent(server) -> None:
     srv, _ = server
     head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {LIMIT + 1}\r\n"
-            "Expect: 100-continue\r\n\r\n").encode()
+            "Content-Type: application/json\r\nExpect: 100-continue\r\n\r\n").encode()
     reply = raw(srv, head)
     assert reply.startswith(b"HTTP/1.1 413 ")
     assert b"100 Continue" not in reply
@@ -234,7 +266,8 @@ def test_expect_100_continue_refused_before_the_body_is_sent(server) -> None:
     body = json.dumps({"input": "hi"}).encode()
     with socket.create_connection(("127.0.0.1", srv.http_port), timeout=10) as sock:
         sock.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
-                     "\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+                     "\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+                     "Connection: close\r\n\r\n".encode())
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(body)
         reply = b""
@@ -275,7 +308,7 @@ def test_chunked_body_keep_alive_and_pipelining(server) -> None:
     srv, target = server
     conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
     conn.request("POST", "/v1/embeddings", body=iter([b'{"input": ', b'["chunked"]}']),
-                 encode_chunked=True)
+                 encode_chunked=True, headers={"Content-Type": "application/json"})
     reply = conn.getresponse()
     first = json.loads(reply.read())
     sock = conn.sock
@@ -287,8 +320,8 @@ def test_chunked_body_keep_alive_and_pipelining(server) -> None:
                                   grpc_vectors(target, ["chunked"])[0])
     # Two requests in one write: two answers, in order.
     body = b'{"input": "p"}'
-    one = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
-           % (len(body), body))
+    one = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     replies = raw(srv, one + b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert replies.startswith(b"HTTP/1.1 200 OK") and replies.count(b"HTTP/1.1 200 OK") == 2
     assert replies.rstrip().endswith(b'"max_length":64}]}')
@@ -354,7 +387,8 @@ def test_https_and_api_keys(fake_model_dir: Path, tmp_path: Path) -> None:
             conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, timeout=10,
                                                context=context)
             body = b'{"input": "secret text"}' if method == "POST" else None
-            conn.request(method, path, body=body, headers=headers)
+            conn.request(method, path, body=body,
+                         headers={"Content-Type": "application/json", **headers})
             reply = conn.getresponse()
             out = json.loads(reply.read())
             conn.close()

@@ -180,7 +180,7 @@ def test_request_ids_reach_responses_and_log_records(server,
     assert [r.request_id for r in streamed] == ["s1", "stream-9"]
     conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
     conn.request("POST", "/v1/embeddings", body=b'{"input": "f"}',
-                 headers={"x-request-id": "http-5"})
+                 headers={"x-request-id": "http-5", "Content-Type": "application/json"})
     assert conn.getresponse().read()
     conn.close()
     logged = [r.request_id for r in caplog.records if r.getMessage().startswith("embed ")]

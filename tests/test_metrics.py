@@ -206,7 +206,8 @@ def test_http_client_gone_drops_its_texts(slow_server) -> None:
         busy = [pool.submit(client.embed, ["a", "b"]) for _ in range(6)]
         wait_active(6)
         with socket.create_connection(("127.0.0.1", srv.http_port)) as sock:
-            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: "
                          b"%d\r\n\r\n%s" % (len(body), body))
             wait_active(7)  # queued behind at least four gRPC texts
         # The client closed its socket: its request is cancelled, its texts leave the queue.

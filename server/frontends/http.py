@@ -6,6 +6,7 @@ embedding core, one router, one queue and one set of workers. HTTP/1.1 framing
 the ssl module's; this module starts at the request object: routes, API keys, the
 body limit, the OpenAI JSON shapes, request ids, metrics and spans.
 
+- POST /v1/embeddings needs `Content-Type: application/json` (415 otherwise).
 - A body over --max-message-bytes gets 413 before it is read (from Content-Length,
   or as soon as a chunked body passes the limit), and `Expect: 100-continue` is
   answered 413 instead of 100; the connection then closes.
@@ -51,7 +52,7 @@ SERVER = f"embedrpc/{__version__}"
 JSON = "application/json"
 # HTTP status → the gRPC code name recorded in metrics for it.
 _CODE_OF_STATUS = {status: code for code, (status, _) in STATUS.items()} | {
-    408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT"}
+    408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT"}
 ROUTES = {"/v1/embeddings": ("POST",), "/v1/models": ("GET", "HEAD"),
           "/health": ("GET", "HEAD")}
 # The proto's field names (in the core's errors) → the OpenAI request's.
@@ -338,6 +339,7 @@ class HttpServer:
 
     async def _embeddings(self, request: web.BaseRequest, counts: list[int],
                           span: Any) -> web.Response:
+        check_content_type(request.headers.get("content-type"))
         payload = await parse_json(await self._body(request))
         texts, options, encoding_format = parse_embeddings(payload)
         span.set_attribute("embedrpc.inputs", len(texts))
@@ -354,6 +356,17 @@ class HttpServer:
 
 
 # -- the OpenAI request and response bodies -------------------------------------------
+
+
+def check_content_type(value: str | None) -> None:
+    """The body must say it is JSON: a web page can make a browser post text/plain or a
+    form to any address without asking (no CORS preflight), but not application/json."""
+    media = (value or "").split(";", 1)[0].strip().lower()
+    if media != JSON:
+        got = f"{value[:60]!r}" if value else "none"
+        raise HttpError(415, f"Content-Type must be application/json (got {got}); send the "
+                        "JSON body with the header 'Content-Type: application/json'",
+                        code="unsupported_media_type", close=True)
 
 
 class _NotJson(ValueError):
