@@ -441,6 +441,7 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
     """Throughput on `workloads` (may be empty), then single-text latency; the worker's
     description (CUDA graphs accepted or not) and GPU memory."""
     from embedrpc.server import EmbedServer, ServeConfig
+    from embedrpc.server.config import DebugHooks
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -450,8 +451,9 @@ def bench_server(model_dir: Path, device: str, workloads: dict[str, list[list[st
         model=str(model_dir), device=device, workers=workers, host="127.0.0.1", port=0,
         max_length=max_length, max_batch_tokens=max_tokens, max_batch_size=max_rows,
         max_inputs=max(2048, max_rows), max_message_bytes=256 << 20, log_level="WARNING",
-        cuda_graphs=cuda_graphs and device.startswith("cuda"),
-        static_shapes=cuda_graphs and not device.startswith("cuda")))
+        cuda_graphs=cuda_graphs and device.startswith("cuda")),
+        # On the CPU (--smoke) the bucketed path of --cuda-graphs, without capture.
+        hooks=DebugHooks(static_shapes=cuda_graphs and not device.startswith("cuda")))
     out: dict[str, Any] = {"throughput": {}}
     try:
         started = time.perf_counter()

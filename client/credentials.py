@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    import grpc
 
 # PEM data as bytes, or the path of a PEM file as str / Path.
 Pem = bytes | str | os.PathLike[str]
@@ -39,6 +41,8 @@ def channel_credentials(credentials: grpc.ChannelCredentials | None = None, *,
     if (client_cert is None) != (client_key is None):
         raise ValueError("client_cert and client_key go together (mutual TLS): give both "
                          "or neither")
+    import grpc
+
     return grpc.ssl_channel_credentials(
         root_certificates=_pem(root_certificates, "root_certificates"),
         private_key=_pem(client_key, "client_key"),

@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from .client import EmbedClient
+if TYPE_CHECKING:
+    from .client import EmbedClient
 
 
 def health_status(client: EmbedClient, service: str = "", timeout: float | None = None) -> str:
     """The status name the server reports for `service` ("" = the whole server):
     SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN. Raises grpc.RpcError when the
     call fails (unreachable, deadline, a service name the server does not know)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     stub = health_pb2_grpc.HealthStub(client.channel)
     reply = stub.Check(health_pb2.HealthCheckRequest(service=service),
                        timeout=client.timeout if timeout is None else timeout,
@@ -37,6 +38,10 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_health(ns: argparse.Namespace) -> int:
     """Print {"target", "service", "status"} as JSON; 0 when SERVING, else 1."""
+    import grpc
+
+    from .client import EmbedClient
+
     try:
         with EmbedClient(ns.target, timeout=ns.timeout, retries=1,
                          api_key=getattr(ns, "api_key", None) or None,

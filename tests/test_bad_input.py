@@ -392,8 +392,9 @@ def default_limits(fake_model_dir: Path) -> Iterator[Calls]:
 
 def test_ten_megabyte_text(default_limits: Calls) -> None:
     """TRUNCATE_END embeds the first max_length tokens and says it truncated;
-    TRUNCATE_NONE says the token count and max_length. Both run at once (tokenizing
-    10 MB takes seconds, off the event loop), and the server keeps answering."""
+    TRUNCATE_NONE says max_length and that the text has at least so many tokens. Both
+    run at once (tokenizing takes its time, off the event loop), and the server keeps
+    answering."""
     calls = default_limits
     truncated = calls.Embed.future(wire(E(inputs=[TEN_MB, "short"])), timeout=60)
     refused = calls.Embed.future(wire(E(inputs=["ok", TEN_MB], truncate=pb.TRUNCATE_NONE)),
@@ -415,8 +416,14 @@ def test_ten_megabyte_text(default_limits: Calls) -> None:
     # k lines are 2k tokens: check the rule on short runs, then apply it (+ EOS).
     assert [len(RAW.encode(LINE * k).ids) for k in (1, 10, 1000)] == [2, 20, 2000]
     assert info.value.code() == INVALID
+    # Too long to tokenize for an error (312,501 tokens): the message gives a lower bound
+    # from the longest token's characters, true of the real count.
+    longest = max(len(t) for t in RAW.get_vocab(with_added_tokens=True))
+    at_least = -(-len(TEN_MB) // longest)
+    assert at_least <= 2 * 156_250 + 1
     assert f"inputs[1] is longer than max_length {MAX_LENGTH} tokens: it has " \
-        f"{2 * 156_250 + 1}" in info.value.details()
+        f"{len(TEN_MB):,} characters (after the prompt), so at least {at_least:,} tokens" \
+        in info.value.details()
 
 
 # -- property-based: any field values ---------------------------------------------------

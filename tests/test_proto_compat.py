@@ -1,6 +1,6 @@
 """The proto passes `buf lint` (buf.yaml) and `buf breaking` against the last release's
 descriptor set (protos/baseline/), and the breaking check really catches what the
-compatibility rules forbid. Skipped when no buf binary can be had (clients/node's
+compatibility rules forbid. Skipped when no buf binary can be had (examples/node's
 @bufbuild/buf dev dependency, or buf on PATH)."""
 
 from __future__ import annotations

@@ -36,22 +36,28 @@ The modules, in the order a run uses them:
     histogram.py  the latency histogram (HdrHistogram's layout)
     report.py     the report: JSON-ready dict and terminal text
     plot.py       --plot: latency over time and its distribution
-    run.py        one load test from start to end; the `embedrpc bench` command
+    runner.py     one load test from start to end; the `embedrpc bench` command
     noop.py       --noop-server: a server that answers at once, to measure the harness
 
 The benchmarks (benchmarks/) drive their gRPC load with `connect` and `drive`, and make
-their texts with `TextGenerator`.
+their texts with `TextGenerator`. The names below load on first use, so the command line
+can add the bench's flags without loading grpc.
 """
 
-from .engine import AnswerFn, WorkerResult, connect, drive, poisson_gaps
-from .histogram import Histogram
-from .noop import NoopEmbedder, serve_noop, start_noop_server
-from .options import BenchConfig, BenchError, add_bench_arguments, config_from_namespace
-from .plot import write_plot
-from .report import build_report, format_report
-from .run import BenchResult, run, run_bench
-from .texts import LengthSpec, TextGenerator, load_corpus
-from .workload import Pool, Workload, make_workload, pool_from_texts, request_pool
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import AnswerFn, WorkerResult, connect, drive, poisson_gaps
+    from .histogram import Histogram
+    from .noop import NoopEmbedder, serve_noop, start_noop_server
+    from .options import BenchConfig, BenchError, add_bench_arguments, config_from_namespace
+    from .plot import write_plot
+    from .report import build_report, format_report
+    from .runner import BenchResult, run, run_bench
+    from .texts import LengthSpec, TextGenerator, load_corpus
+    from .workload import Pool, Workload, make_workload, pool_from_texts, request_pool
 
 __all__ = [
     "AnswerFn",
@@ -82,3 +88,40 @@ __all__ = [
     "start_noop_server",
     "write_plot",
 ]
+_WHERE = {
+    "AnswerFn": "engine",
+    "BenchConfig": "options",
+    "BenchError": "options",
+    "BenchResult": "runner",
+    "Histogram": "histogram",
+    "LengthSpec": "texts",
+    "NoopEmbedder": "noop",
+    "Pool": "workload",
+    "TextGenerator": "texts",
+    "WorkerResult": "engine",
+    "Workload": "workload",
+    "add_bench_arguments": "options",
+    "build_report": "report",
+    "config_from_namespace": "options",
+    "connect": "engine",
+    "drive": "engine",
+    "format_report": "report",
+    "load_corpus": "texts",
+    "make_workload": "workload",
+    "poisson_gaps": "engine",
+    "pool_from_texts": "workload",
+    "request_pool": "workload",
+    "run": "runner",
+    "run_bench": "runner",
+    "serve_noop": "noop",
+    "start_noop_server": "noop",
+    "write_plot": "plot",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

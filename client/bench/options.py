@@ -10,8 +10,8 @@ from typing import Any
 
 from embedrpc.cli.options import parse_bool
 
-from ..client import ENCODINGS
 from ..credentials import auth_metadata
+from ..messages import ENCODINGS
 from .texts import DEFAULT_DOC_LENGTHS, DEFAULT_QUERY_LENGTHS, LengthSpec
 
 OPEN_LOOP_IN_FLIGHT = 1000  # default cap on outstanding open-loop requests

@@ -51,7 +51,7 @@ def build_parser(config: ConfigFile | None = None) -> argparse.ArgumentParser:
     client_options(health)
     add_health_arguments(health)
 
-    from embedrpc.client.bench import add_bench_arguments
+    from embedrpc.client.bench.options import add_bench_arguments
 
     add_bench_arguments(sub.add_parser(
         "bench", help="load-test a running server; prints a report",
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "serve":
         return run_serve(ns)
     if ns.command == "bench":
-        from embedrpc.client.bench import run_bench
+        from embedrpc.client.bench.runner import run_bench
 
         return run_bench(ns)
     if ns.command == "health":

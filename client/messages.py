@@ -1,0 +1,67 @@
+"""Request and response messages, without grpc: encodings, building requests, decoding
+vectors (the command line and the load tester use them before any channel exists)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedrpc.v1 import embedder_pb2 as pb
+
+ENCODINGS = {
+    "float": pb.ENCODING_FLOAT,
+    "float32": pb.ENCODING_FLOAT32_BYTES,
+    "float16": pb.ENCODING_FLOAT16_BYTES,
+    "ubinary": pb.ENCODING_UBINARY,
+}
+TRUNCATES = {"end": pb.TRUNCATE_END, "start": pb.TRUNCATE_START, "none": pb.TRUNCATE_NONE}
+def decode(response: pb.EmbedResponse) -> np.ndarray:
+    """The response's vectors as an array.
+
+    float and float32 bytes → float32 [n, d]; float16 bytes → float16 [n, d];
+    ubinary → uint8 [n, ceil(d / 8)], bits packed most significant first
+    (np.unpackbits(..., axis=1)[:, :d] recovers the 0/1 matrix).
+    """
+    d = response.dimensions
+    if response.encoding == pb.ENCODING_FLOAT:
+        if not response.embeddings:
+            return np.zeros((0, d), dtype=np.float32)
+        return np.array([e.values for e in response.embeddings], dtype=np.float32)
+    if response.encoding == pb.ENCODING_FLOAT32_BYTES:
+        return np.frombuffer(response.data, dtype="<f4").reshape(-1, d).astype(np.float32)
+    if response.encoding == pb.ENCODING_FLOAT16_BYTES:
+        return np.frombuffer(response.data, dtype="<f2").reshape(-1, d).astype(np.float16)
+    if response.encoding == pb.ENCODING_UBINARY:
+        return np.frombuffer(response.data, dtype=np.uint8).reshape(-1, (d + 7) // 8).copy()
+    raise ValueError(f"unknown encoding {response.encoding}")
+
+
+def make_request(inputs: Sequence[str] | str, *, prompt_name: str = "", instruction: str = "",
+                 dimensions: int = 0, normalize: bool | None = None, truncate: str = "end",
+                 encoding: str = "float32", request_id: str = "") -> pb.EmbedRequest:
+    """Build an EmbedRequest from friendly arguments (names checked here, values by the server)."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    try:
+        enc = ENCODINGS[encoding]
+        trunc = TRUNCATES[truncate]
+    except KeyError as exc:
+        raise ValueError(f"unknown option {exc.args[0]!r}: encoding is one of "
+                         f"{sorted(ENCODINGS)}, truncate one of {sorted(TRUNCATES)}") from None
+    request = pb.EmbedRequest(inputs=list(inputs), prompt_name=prompt_name,
+                              instruction=instruction, dimensions=dimensions, truncate=trunc,
+                              encoding=enc, request_id=request_id)
+    if normalize is not None:
+        request.normalize = normalize
+    return request
+
+
+def make_tokenize_request(inputs: Sequence[str] | str, *, prompt_name: str = "",
+                          instruction: str = "", truncate: str = "end",
+                          return_tokens: bool = False) -> pb.TokenizeRequest:
+    if truncate not in TRUNCATES:
+        raise ValueError(f"unknown truncate {truncate!r}: one of {sorted(TRUNCATES)}")
+    return pb.TokenizeRequest(inputs=[inputs] if isinstance(inputs, str) else list(inputs),
+                              prompt_name=prompt_name, instruction=instruction,
+                              truncate=TRUNCATES[truncate], return_tokens=return_tokens)
