@@ -299,3 +299,19 @@ def write_reranker_checkpoint(directory: Path, shape: str = "tiny", *,
 def describe_reranker(shape: str = "tiny", seed: int = RERANKER_SEED) -> dict[str, Any]:
     return {"shape": shape, "seed": seed, "yes_no_spread": RERANKER_YES_NO_SPREAD,
             **asdict(RERANKER_SHAPES[shape])}
+
+
+def ranking_swaps(got: Any, want: Any, groups: list[dict[str, Any]], tie: float) -> list[str]:
+    """Documents of one query that `got` puts in the other order than `want`, where the
+    `want` scores differ by more than `tie` (closer ones are a tie at that tolerance).
+    `groups`: the reference's groups ({"query", "scores"}) whose pairs got and want hold,
+    in order."""
+    swaps, start = [], 0
+    for g in groups:
+        n = len(g["scores"])
+        for i in range(start, start + n):
+            for j in range(start, start + n):
+                if want[i] - want[j] > tie and not got[i] > got[j]:
+                    swaps.append(f"{g['query'][:30]!r}: #{i - start} vs #{j - start}")
+        start += n
+    return swaps

@@ -75,20 +75,6 @@ def _scores(session: ort.InferenceSession, rows: list[list[int]]) -> np.ndarray:
     return out.astype(np.float64)
 
 
-def ranking_swaps(got: np.ndarray, want: np.ndarray, tie: float) -> list[str]:
-    """Documents of one query put in the other order, where the reference scores differ
-    by more than `tie`."""
-    swaps, start = [], 0
-    for g in GROUPS:
-        n = len(g["scores"])
-        for i in range(start, start + n):
-            for j in range(start, start + n):
-                if want[i] - want[j] > tie and not got[i] > got[j]:
-                    swaps.append(f"{g['query'][:30]!r}: #{i - start} vs #{j - start}")
-        start += n
-    return swaps
-
-
 @pytest.mark.parametrize(("precision", "emulate"), list(BOUNDS))
 def test_scores_match_the_model_card(checkpoint: Path, precision: str, emulate: bool) -> None:
     model = build_graph(read_config(checkpoint), Weights(checkpoint),
@@ -97,7 +83,7 @@ def test_scores_match_the_model_card(checkpoint: Path, precision: str, emulate: 
     bound = BOUNDS[(precision, emulate)]
     assert np.isfinite(got).all()
     assert np.abs(got - WANT).max() <= bound, np.abs(got - WANT).max()
-    assert ranking_swaps(got, WANT, bound) == []
+    assert fx.ranking_swaps(got, WANT, GROUPS, bound) == []
 
 
 def test_graph_ends_in_one_score_and_never_in_logits(checkpoint: Path) -> None:

@@ -6,6 +6,7 @@ the prepare pipeline into a cache directory named by a key of
 
     what the checkpoint holds (every file prepare reads, by content),
     the precision, the graph builder's version and embedrpc's,
+    the task when it is not embedding (a reranker's graph ends in a score),
 
 so the next start, or another replica sharing the cache, finds it and starts at
 once, and an edited checkpoint is prepared again. Content digests of large files
@@ -79,9 +80,9 @@ def _file_digest(path: Path, memo: dict[str, list], say: Callable[[str], None]) 
 
 
 def checkpoint_key(source: Path, precision: str, cache_dir: Path,
-                   say: Callable[[str], None] = lambda _: None) -> str:
+                   say: Callable[[str], None] = lambda _: None, task: str = "embed") -> str:
     """The cache key: content of the checkpoint's files, precision, builder and embedrpc
-    versions."""
+    versions, and the task unless it is "embed" (so embedding keys stay as they were)."""
     from embedrpc import __version__
 
     from .builder import BUILDER_VERSION
@@ -94,6 +95,8 @@ def checkpoint_key(source: Path, precision: str, cache_dir: Path,
     whole = hashlib.sha256()
     whole.update(f"embedrpc {__version__} builder {BUILDER_VERSION} format {FORMAT} "
                  f"precision {precision}\n".encode())
+    if task != "embed":
+        whole.update(f"task {task}\n".encode())
     for path in _checkpoint_files(source):
         rel = path.relative_to(source).as_posix()
         whole.update(f"{rel} {_file_digest(path, memo, say)}\n".encode())
@@ -119,34 +122,41 @@ def _locked(path: Path, say: Callable[[str], None]) -> Iterator[None]:
 
 
 def prepared_checkpoint(source: Path, *, precision: str, device: str, cache_dir: Path,
-                        say: Callable[[str], None], reference: bool = True) -> Path:
+                        say: Callable[[str], None], reference: bool = True,
+                        task: str = "auto", name: str | None = None) -> Path:
     """The prepared model directory for checkpoint `source`: from the cache when it is
-    there, else built now (progress through `say`) and kept there."""
-    from .pipeline import PrepareConfig, prepare
+    there, else built now (progress through `say`) and kept there.
+
+    task: "embed", "rerank", or "auto" (embedrpc.server.tasks.model_task decides; `name`
+    is the hub id `source` was downloaded as, whose "reranker" counts where the
+    snapshot's directory name cannot). The prepared directory records the task."""
+    from .pipeline import PrepareConfig, prepare, source_task
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PrepareError(f"cache directory {cache_dir}: {exc} (set --cache-dir or "
                            "EMBEDRPC_CACHE_DIR to a writable directory)") from exc
-    key = checkpoint_key(source, precision, cache_dir, say)
-    name = f"{_safe(source.name)}-{precision}-{key}"
-    target = cache_dir / "prepared" / name
+    task = source_task(name or str(source), source, task)
+    key = checkpoint_key(source, precision, cache_dir, say, task=task)
+    entry = f"{_safe(source.name)}-{precision}{'-rerank' if task == 'rerank' else ''}-{key}"
+    target = cache_dir / "prepared" / entry
     if (target / INFO_FILE).is_file():
         say(f"using the prepared {precision} graph in {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / "prepared" / f".{name}.lock", say):
+    with _locked(cache_dir / "prepared" / f".{entry}.lock", say):
         if (target / INFO_FILE).is_file():  # the process we waited for made it
             say(f"using the prepared {precision} graph in {target}")
             return target
-        for stale in target.parent.glob(f".{name}.partial-*"):  # a run that was killed
+        for stale in target.parent.glob(f".{entry}.partial-*"):  # a run that was killed
             shutil.rmtree(stale, ignore_errors=True)
         say(f"{source} is a checkpoint without an ONNX graph: preparing it ({precision}, "
             f"validated on {device}) into {target}; the next start reuses it")
         started = time.perf_counter()
         prepare(PrepareConfig(model=str(source), out=target, precision=precision,
-                              device=device, force=True, reference=reference), say=say)
+                              device=device, force=True, reference=reference, task=task),
+                say=say)
         say(f"prepared in {time.perf_counter() - started:.0f}s")
     return target
 

@@ -6,6 +6,13 @@ float32 graph (batched and one text at a time) and, when installed,
 transformers; build the requested precision (fp16 with range-derived scalings,
 bf16, or int8 with per-token activation scales); compare; only then move the
 directory into place. Nothing is left at `--out` when a check fails.
+
+The task (`--task`, embedrpc.server.tasks.model_task when auto) decides what the
+graph ends in: pooled vectors for embedding models, or Qwen3-Reranker's relevance
+score for rerankers, whose validation compares scores (max |difference| and each
+query's ranking, validate.RERANK_MAX_ABS) on built-in query–document pairs
+tokenized as the model card does (embedrpc.server.rerank). embedrpc_prepared.json
+records the task, so `serve` needs no flag for it.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 from . import validate as v
 from .builder import (
     OPSET,
+    TASKS,
     GraphOptions,
     build_graph,
     fp16_scales,
@@ -57,11 +65,21 @@ class PrepareConfig:
     # Power-of-two scalings that keep fp16 inside its range (off only to show why they exist).
     fp16_guard: bool = True
     graph_options: dict[str, Any] = field(default_factory=dict)  # tests: e.g. pooling
+    # embed, rerank, or auto: decided from the source (embedrpc.server.tasks.model_task)
+    task: str = "auto"
+    # Rerankers: the largest |score difference| the precision's check accepts (None: the
+    # issue's bounds, validate.RERANK_MAX_ABS).
+    max_score_diff: float | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise PrepareError(f"--precision {self.precision!r}: use one of "
                                f"{', '.join(PRECISIONS)}")
+        if self.task not in ("auto", *TASKS):
+            raise PrepareError(f"--task {self.task!r}: use auto, {', '.join(TASKS)}")
+        if self.max_score_diff is not None and not 0 < self.max_score_diff < 1:
+            raise PrepareError(f"--max-score-diff {self.max_score_diff}: use a number "
+                               "between 0 and 1")
         if self.device == "auto":
             object.__setattr__(self, "device", _auto_device(self.precision))
         if not (self.device == "cpu" or self.device == "cuda" or
@@ -150,13 +168,22 @@ def prepare(config: PrepareConfig, say: Callable[[str], None] = _say) -> dict[st
         raise PrepareError(f"--out {out} exists and is not empty; use --force to replace it")
     source = resolve_source(config.model)
     say(f"source {source}")
+    task = source_task(config.model, source, config.task)
     arch = read_config(source)
     weights = Weights(source)
-    pooling, normalize = pooling_of(source)
-    say(f"Qwen3: {arch.layers} layers, hidden {arch.hidden_size}, {arch.heads} heads / "
-        f"{arch.kv_heads} KV heads × {arch.head_dim}, vocab {arch.vocab_size}; weights "
-        f"{', '.join(sorted(weights.stored_dtypes()))}; pooling {pooling}"
-        f"{', normalised' if normalize else ''}")
+    if task == "rerank":
+        pooling, normalize = "lasttoken", False
+        say(f"Qwen3 reranker{' (the name says so)' if config.task == 'auto' else ''}: "
+            f"{arch.layers} layers, hidden {arch.hidden_size}, {arch.heads} heads / "
+            f"{arch.kv_heads} KV heads × {arch.head_dim}, vocab {arch.vocab_size}; weights "
+            f"{', '.join(sorted(weights.stored_dtypes()))}; LM head "
+            f"{'lm_head.weight' if 'lm_head.weight' in weights else 'tied to the embeddings'}")
+    else:
+        pooling, normalize = pooling_of(source)
+        say(f"Qwen3: {arch.layers} layers, hidden {arch.hidden_size}, {arch.heads} heads / "
+            f"{arch.kv_heads} KV heads × {arch.head_dim}, vocab {arch.vocab_size}; weights "
+            f"{', '.join(sorted(weights.stored_dtypes()))}; pooling {pooling}"
+            f"{', normalised' if normalize else ''}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -164,8 +191,11 @@ def prepare(config: PrepareConfig, say: Callable[[str], None] = _say) -> dict[st
     staging.mkdir()
     work = staging / ".work"
     try:
-        info = _prepare_in(config, source, arch, weights, pooling, normalize, staging, work,
-                           say)
+        if task == "rerank":
+            info = _prepare_rerank_in(config, source, arch, weights, staging, work, say)
+        else:
+            info = _prepare_in(config, source, arch, weights, pooling, normalize, staging,
+                               work, say)
         shutil.rmtree(work, ignore_errors=True)
         graph_bytes = sum(p.stat().st_size for p in staging.glob("model.onnx*"))
         info.update({
@@ -305,10 +335,175 @@ def _prepare_in(config: PrepareConfig, source: Path, arch: Any, weights: Weights
     summary = graph_summary(onnx.load(str(staging / "model.onnx"), load_external_data=False))
     return {
         "format": 1,
+        "task": "embed",
         "source": config.model,
         "precision": precision,
         "pooling": pooling,
         "normalized": normalize,
+        "graph": {"file": "model.onnx", "opset": OPSET, **summary},
+        "architecture": arch.as_dict(),
+        "fp16_scales": {str(k): list(s) for k, s in sorted(scales.items())},
+        "validation": report,
+    }
+
+
+def source_task(model: str, source: Path, task: str) -> str:
+    """The task to prepare `source` (the directory `model` resolved to) for: `task`, or
+    when auto, embedrpc.server.tasks' rules (a hub id's name counts, not the snapshot's
+    directory)."""
+    from embedrpc.server.errors import ModelError
+    from embedrpc.server.tasks import model_task
+
+    name = None if Path(model).expanduser().is_dir() else model
+    try:
+        return model_task(source, name=name, task=task)
+    except ModelError as exc:
+        raise PrepareError(str(exc)) from exc
+
+
+def _prepare_rerank_in(config: PrepareConfig, source: Path, arch: Any, weights: Weights,
+                       staging: Path, work: Path, say: Callable[[str], None]
+                       ) -> dict[str, Any]:
+    """_prepare_in for a Qwen3-Reranker: the same graph body and precisions, ending in the
+    model card's score; validated on query–document pairs by score and ranking."""
+    import onnx
+
+    from embedrpc.server.rerank import model_max_length
+
+    device_kind = "cpu" if config.device == "cpu" else "cuda"
+    precision = config.precision
+    copied = _copy_side_files(source, staging)
+    say(f"copied {len(copied)} tokenizer/config files")
+    max_length = VALIDATION_MAX_LENGTH[device_kind]
+    rows, groups, encoder = v.rerank_tokenize(staging, max_length=max_length)
+    options: dict[str, Any] = {"task": "rerank", "rerank_tokens": (encoder.yes_id,
+                                                                   encoder.no_id),
+                               **config.graph_options}
+    labels = v.pair_labels(groups)
+    bound = config.max_score_diff or v.RERANK_MAX_ABS[precision]
+
+    t = time.perf_counter()
+    say(f"building the float32 graph (reference, with activation probes; score from the "
+        f"LM head's rows for 'yes' ({encoder.yes_id}) and 'no' ({encoder.no_id}))")
+    reference_model = build_graph(arch, weights, GraphOptions(probes=True, **options),
+                                  progress=lambda m: say(f"  {m}"))
+    save_model(reference_model, work / "reference")
+    del reference_model
+    say(f"  built in {time.perf_counter() - t:.1f}s")
+    lengths = [len(r) for r in rows]
+    say(f"validation: {len(rows)} query–document pairs in {len(groups)} groups, "
+        f"{min(lengths)}..{max(lengths)} tokens ({sum(lengths):,} in all), batches of "
+        f"{v.BATCH_ROWS}, right-padded, on {config.device}")
+    placement = v.reference_placement(config.device)
+    if device_kind != "cpu":
+        say(f"  the float32 reference runs on {placement}")
+
+    t = time.perf_counter()
+    runner = v.Runner(work / "reference" / "model.onnx", config.device)
+    probe_names = [o.name for o in runner.session.get_outputs() if o.name.startswith("probe.")]
+    batched, *probe_values = runner.embed(rows, encoder.pad_id,
+                                          outputs=["score", *probe_names])
+    batched = batched.reshape(-1)
+    maxima = {name: float(np.max(values)) for name, values in zip(probe_names, probe_values,
+                                                                    strict=True)}
+    alone = runner.embed(rows, encoder.pad_id, batch_rows=1, outputs=["score"])[0].reshape(-1)
+    del runner
+    say(f"float32 graph: done in {time.perf_counter() - t:.1f}s; scores "
+        f"{batched.min():.4f}..{batched.max():.4f}")
+    invariance = float(np.abs(batched - alone).max())
+    say(f"  batch invariance (batched vs alone): max abs {invariance:.2e}")
+    problems = []
+    if not np.isfinite(batched).all():
+        problems.append("the float32 graph gives non-finite scores")
+    elif not batched.max() - batched.min() > v.RERANK_MIN_SPREAD:
+        problems.append(f"every pair scores {batched[0]:.6f}: the LM head's rows for 'yes' "
+                        f"({encoder.yes_id}) and 'no' ({encoder.no_id}) do not tell pairs "
+                        "apart (the same row twice, or zeros?); this is not a working "
+                        "reranker")
+    if not invariance <= v.BATCH_INVARIANCE_MAX_ABS:
+        problems.append(f"the float32 graph is not batch-invariant: batched vs alone differ "
+                        f"by {invariance:.2e} (allowed {v.BATCH_INVARIANCE_MAX_ABS})")
+    report: dict[str, Any] = {
+        "device": config.device, "pairs": len(rows), "groups": len(groups),
+        "tokens": sum(lengths), "max_tokens": max(lengths),
+        "max_abs_allowed": bound, "reference_device": placement,
+        "batch_invariance_max_abs": invariance,
+        "score_range": [float(batched.min()), float(batched.max())],
+        "activation_absmax": {"attention": max((x for k, x in maxima.items()
+                                                if k.endswith(".attention")), default=0.0),
+                              "mlp": max((x for k, x in maxima.items()
+                                          if k.endswith(".mlp")), default=0.0)},
+    }
+    if config.reference:
+        hf = v.rerank_transformers_reference(source, groups, max_length=max_length,
+                                             log=lambda m: say(m))
+        if hf is None:
+            report["fp32_vs_transformers"] = "skipped: torch/transformers not installed"
+            say("transformers reference: skipped (torch/transformers not installed)")
+        else:
+            scores, card_ids = hf
+            if card_ids != [r.tolist() for r in rows]:
+                first = next(i for i, (a, b) in enumerate(zip(card_ids, rows, strict=True))
+                             if a != b.tolist())
+                problems.append(f"the server's pair tokens differ from the model card's for "
+                                f"{labels[first]}")
+            # The graph must compute the model: held to fp32's bound whatever is prepared
+            # (or to --max-score-diff when fp32 itself is).
+            reference_bound = bound if precision == "fp32" else v.RERANK_REFERENCE_MAX_ABS
+            stats = v.compare_scores(alone, scores, groups, reference_bound)
+            report["fp32_vs_transformers"] = v.score_summary(stats)
+            say(f"  float32 graph vs transformers: max |score difference| "
+                f"{stats['max_abs']:.2e}, ranking "
+                f"{'identical' if stats['ranking_identical'] else 'changed'}")
+            problem = v.check_scores("float32 graph vs transformers", stats,
+                                     reference_bound, labels)
+            if problem:
+                problems.append(problem + " (the graph does not compute this model)")
+    else:
+        report["fp32_vs_transformers"] = "skipped: --no-reference"
+    if problems:
+        raise PrepareError("validation failed, nothing written: " + "; ".join(problems))
+
+    scales: dict[int, tuple[float, float]] = {}
+    if precision == "fp32":
+        final_dir = work / "reference"
+        path = final_dir / "model.onnx"
+        onnx.save(strip_probes(onnx.load(str(path), load_external_data=False)), str(path))
+        report["vs_fp32"] = "is the float32 graph"
+    else:
+        final_dir, runs = _build_candidate(config, arch, weights, options, maxima, work,
+                                           device_kind, say, scales)
+        report["checks"] = {}
+        for method, run_dir in runs:
+            t = time.perf_counter()
+            got = v.Runner(run_dir / "model.onnx", config.device).embed(
+                rows, encoder.pad_id, outputs=["score"])[0].reshape(-1)
+            stats = v.compare_scores(got, batched, groups, bound)
+            report["checks"][method] = v.score_summary(stats)
+            say(f"{precision} vs float32 ({method}): max |score difference| "
+                f"{stats['max_abs']:.2e} (allowed {bound:g}), ranking "
+                f"{'identical' if stats['ranking_identical'] else 'changed'} "
+                f"({time.perf_counter() - t:.1f}s)")
+            problem = v.check_scores(f"{precision} vs float32 ({method})", stats, bound,
+                                     labels)
+            if problem:
+                hint = ("; try --precision fp16, or accept the difference with "
+                        "--max-score-diff" if precision in ("bf16", "int8") else "")
+                raise PrepareError(f"validation failed, nothing written: {problem}{hint}")
+        report["method"] = " + ".join(report["checks"])
+        report["vs_fp32"] = max(report["checks"].values(), key=lambda c: c["max_abs"])
+    _move_graph(final_dir, staging)
+    summary = graph_summary(onnx.load(str(staging / "model.onnx"), load_external_data=False))
+    return {
+        "format": 1,
+        "task": "rerank",
+        "source": config.model,
+        "precision": precision,
+        "rerank": {"format": "qwen3-reranker", "yes_token": "yes",
+                   "yes_token_id": encoder.yes_id, "no_token": "no",
+                   "no_token_id": encoder.no_id, "max_length": model_max_length(staging),
+                   "prefix_tokens": len(encoder.prefix_ids),
+                   "suffix_tokens": len(encoder.suffix_ids)},
         "graph": {"file": "model.onnx", "opset": OPSET, **summary},
         "architecture": arch.as_dict(),
         "fp16_scales": {str(k): list(s) for k, s in sorted(scales.items())},
@@ -370,7 +565,10 @@ def run_cli(config: PrepareConfig) -> int:
         return 1
     validation = info["validation"]
     vs = validation.get("vs_fp32")
-    if isinstance(vs, dict):
+    if isinstance(vs, dict) and info.get("task") == "rerank":
+        _say(f"{info['precision']}: max |score difference| to float32 {vs['max_abs']:.2e} "
+             f"on {validation['pairs']} pairs ({validation.get('method')})")
+    elif isinstance(vs, dict):
         _say(f"{info['precision']}: min cosine to float32 {vs['min_cosine']:.6f} on "
              f"{validation['texts']} texts ({validation.get('method')})")
     return 0

@@ -10,6 +10,12 @@ truncation), then embedded in mixed-length, right-padded batches. References:
 
 A candidate passes when every vector is finite and its cosine to the float32
 graph's is at least the precision's threshold.
+
+Rerankers (Qwen3-Reranker) are checked on built-in query–document pairs tokenized as
+the server tokenizes them (embedrpc.server.rerank, the model card's format and
+truncation), by the largest |score difference| and by the order of each query's
+documents (RERANK_MAX_ABS); the transformers reference follows the model card's
+procedure, its tokenization included.
 """
 
 from __future__ import annotations
@@ -239,3 +245,171 @@ def check(name: str, stats: dict[str, Any], threshold: float, kinds: Sequence[st
         return (f"{name}: cosine {stats['min_cosine']:.6f} is below {threshold} "
                 f"(worst: {which})")
     return None
+
+
+# ------------------------------------------------------------------ rerankers
+#
+# A reranker's output is a probability, so it is checked as one: the largest absolute
+# score difference (cosine means nothing for a scalar), and the order of each query's
+# documents. fp32 is held to transformers (the model card's procedure), the other
+# precisions to the float32 graph. Two documents whose reference scores differ by no
+# more than the precision's bound are a tie: the bound allows either order.
+
+RERANK_MAX_ABS = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 2e-3, "int8": 1e-2}
+RERANK_REFERENCE_MAX_ABS = RERANK_MAX_ABS["fp32"]
+# A reranker whose scores on the built-in pairs (queries with relevant and unrelated
+# documents) all agree this closely cannot rank anything: its yes/no rows are broken.
+RERANK_MIN_SPREAD = 1e-6
+
+
+@dataclass(frozen=True)
+class RerankGroup:
+    """One query and its documents, scored under one instruction (None: the card's)."""
+
+    kind: str
+    query: str
+    documents: tuple[str, ...]
+    instruction: str | None = None
+
+
+def rerank_validation_groups() -> list[RerankGroup]:
+    """The built-in pairs: short multilingual documents, a custom instruction, long
+    documents (cut at the validation length), empty and one-character documents."""
+    long_a = "".join(_LONG_PARTS[i % len(_LONG_PARTS)] for i in range(200))
+    long_b = " ".join(f"Item {i}: the value is {i * 37 % 101}." for i in range(400))
+    return [
+        RerankGroup("documents", _QUERIES[0], _SHORT[:9]),
+        RerankGroup("multilingual", _QUERIES[3], _SHORT[8:14]),
+        RerankGroup("instruction", _QUERIES[2], (_SHORT[3], _SHORT[4], _SHORT[0], _SHORT[6]),
+                    "Given a question in German, retrieve German passages that answer it"),
+        RerankGroup("code", "how do I add two numbers", _SHORT[14:18]),
+        RerankGroup("long", _QUERIES[1], (long_a, long_b, _SHORT[2])),
+        RerankGroup("edge", _QUERIES[1], ("", " ", "a", _SHORT[13])),
+    ]
+
+
+def rerank_tokenize(model_dir: Path, *, max_length: int
+                    ) -> tuple[list[np.ndarray], list[RerankGroup], Any]:
+    """Token rows of the validation pairs as the server makes them (embedrpc.server.rerank:
+    the card's format and truncation at `max_length`), the groups, and the encoder."""
+    from embedrpc.server.errors import ModelError
+    from embedrpc.server.rerank import PairEncoder
+
+    try:
+        encoder = PairEncoder(model_dir, max_length=max_length)
+    except ModelError as exc:
+        raise PrepareError(f"the prepared directory would not serve: {exc}") from exc
+    groups = rerank_validation_groups()
+    rows = []
+    for g in groups:
+        rows.extend(encoder.encode(g.query, list(g.documents), instruction=g.instruction).ids)
+    return rows, groups, encoder
+
+
+def rerank_transformers_reference(source: Path, groups: Sequence[RerankGroup], *,
+                                  max_length: int, log: Callable[[str], None]
+                                  ) -> tuple[np.ndarray, list[list[int]]] | None:
+    """The model card's procedure with transformers on the checkpoint, float32: its
+    tokenizer (left padding) and truncation, batches of BATCH_ROWS pairs, softmax over
+    the last position's logits of "no" and "yes". Returns (scores, the token ids it fed
+    without padding), or None when torch or transformers is not installed.
+
+    Only the last position's logits are computed (logits_to_keep=1): the same numbers as
+    the card's logits[:, -1, :], without a [batch, length, 151,669] tensor."""
+    try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        return None
+    from transformers.utils import logging as hf_logging
+
+    from embedrpc.server.rerank import PREFIX, SUFFIX, format_pair
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"
+    tokenizer = AutoTokenizer.from_pretrained(str(source), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(source),
+                                                 **{dtype_key: torch.float32}).eval()
+    yes = tokenizer.convert_tokens_to_ids("yes")
+    no = tokenizer.convert_tokens_to_ids("no")
+    prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    texts = [format_pair(g.query, d, g.instruction) for g in groups for d in g.documents]
+    scores: list[float] = []
+    fed: list[list[int]] = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), BATCH_ROWS):
+            inputs = tokenizer(texts[start:start + BATCH_ROWS], padding=False,
+                               truncation="longest_first", return_attention_mask=False,
+                               max_length=max_length - len(prefix) - len(suffix))
+            inputs["input_ids"] = [prefix + ids + suffix for ids in inputs["input_ids"]]
+            batch = tokenizer.pad(inputs, padding=True, return_tensors="pt")
+            fed.extend([t for t, m in zip(row, mask, strict=True) if m] for row, mask in zip(
+                batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True))
+            logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
+            pair = torch.stack([logits[:, no], logits[:, yes]], dim=1)
+            scores.extend(torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp().tolist())
+    log(f"transformers reference (model card): {len(texts)} pairs in "
+        f"{time.perf_counter() - started:.1f}s")
+    return np.asarray(scores, dtype=np.float64), fed
+
+
+def compare_scores(got: np.ndarray, want: np.ndarray, groups: Sequence[RerankGroup],
+                   tie: float) -> dict[str, Any]:
+    """Largest |score difference| (and where), non-finite scores, and each query's
+    documents put in a different order (pairs whose `want` scores differ by more than
+    `tie` but come out the other way round)."""
+    got64 = np.asarray(got, dtype=np.float64).reshape(-1)
+    want64 = np.asarray(want, dtype=np.float64).reshape(-1)
+    finite = np.isfinite(got64)
+    diff = np.where(finite, np.abs(got64 - want64), np.inf)
+    swaps: list[tuple[int, int]] = []
+    start = 0
+    for g in groups:
+        idx = range(start, start + len(g.documents))
+        for i in idx:
+            for j in idx:
+                if want64[i] - want64[j] > tie and not got64[i] > got64[j]:
+                    swaps.append((i, j))
+        start += len(g.documents)
+    return {
+        "max_abs": float(diff.max()) if len(diff) else 0.0,
+        "worst": int(np.argmax(diff)) if len(diff) else -1,
+        "non_finite": [int(i) for i in np.flatnonzero(~finite)],
+        "ranking_swaps": swaps,
+        "ranking_identical": not swaps,
+    }
+
+
+def score_summary(stats: dict[str, Any]) -> dict[str, Any]:
+    return {"max_abs": stats["max_abs"], "ranking_identical": stats["ranking_identical"],
+            "ranking_swaps": len(stats["ranking_swaps"])}
+
+
+def check_scores(name: str, stats: dict[str, Any], bound: float,
+                 labels: Sequence[str]) -> str | None:
+    """None if it passes, else a message naming the pairs at fault."""
+    if stats["non_finite"]:
+        which = ", ".join(labels[i] for i in stats["non_finite"][:3])
+        return f"{name}: non-finite scores (NaN or inf) for {which}"
+    if not stats["max_abs"] <= bound:
+        return (f"{name}: scores differ by up to {stats['max_abs']:.2e} (allowed {bound:g}; "
+                f"worst: {labels[stats['worst']]})")
+    if stats["ranking_swaps"]:
+        i, j = stats["ranking_swaps"][0]
+        return (f"{name}: the ranking changes: {labels[j]} comes before {labels[i]} "
+                f"({len(stats['ranking_swaps'])} pairs of documents swapped)")
+    return None
+
+
+def pair_labels(groups: Sequence[RerankGroup]) -> list[str]:
+    """"pair #n (kind: document start)" for messages."""
+    labels = []
+    for g in groups:
+        for d in g.documents:
+            shown = d[:30].replace("\n", " ") + ("…" if len(d) > 30 else "")
+            labels.append(f"pair #{len(labels)} ({g.kind}: {shown!r})")
+    return labels
