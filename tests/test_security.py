@@ -5,9 +5,11 @@ client certificate from that CA, and one from another CA)."""
 from __future__ import annotations
 
 import datetime
+import http.client
 import ipaddress
 import json
 import os
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from embedrpc.cli import main, parse_args
 from embedrpc.client import AsyncEmbedClient, EmbedClient
 from embedrpc.server import EmbedServer, ServeConfig
+from embedrpc.server.frontends import http as http_frontend
 from embedrpc.server.security import (
     BAD_SCHEME,
     INVALID_KEY,
@@ -34,7 +37,7 @@ from embedrpc.server.security import (
     read_keys_file,
 )
 
-from .conftest import running_server
+from .conftest import running_server, wait_until
 from .test_cli import start_server
 
 KEY = "k-3f9a1c2e7b6d4a58b0e1f2a3c4d5e6f7"  # given with api_keys=
@@ -226,6 +229,46 @@ def test_mtls_refuses_clients_without_a_trusted_certificate(mtls_server: str, pk
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                   timeout=TIMEOUT)
     assert _code(exc) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+def mtls_http_server(fake_model_dir: Path, pki: Pki,
+                     monkeypatch: pytest.MonkeyPatch) -> Iterator[EmbedServer]:
+    # A failed handshake's connection is released when asyncio drops it, and at the
+    # latest a second after the handshake timeout: 1 s here, to see the latter soon.
+    monkeypatch.setattr(http_frontend, "HANDSHAKE_TIMEOUT_S", 1.0)
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1, http_port=0,
+                        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                        tls_client_ca=str(pki.ca)) as (srv, _):
+        yield srv
+
+
+def _https_health(srv: EmbedServer, pki: Pki, cert: Path | None = None,
+                  key: Path | None = None) -> int:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, timeout=TIMEOUT,
+                                       context=context)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_mtls_on_the_http_port(mtls_http_server: EmbedServer, pki: Pki) -> None:
+    """The HTTP port (aiohttp) asks for a client certificate signed by --tls-client-ca, as
+    the gRPC port does; refused handshakes leave no connection counted against
+    --max-http-connections."""
+    srv = mtls_http_server
+    assert _https_health(srv, pki, pki.client_cert, pki.client_key) == 200
+    for cert, key in ((None, None), (pki.other_client_cert, pki.other_client_key)):
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            _https_health(srv, pki, cert, key)
+    assert srv.http is not None
+    wait_until(lambda: srv.http.connections == 0, 10,
+               lambda: f"{srv.http.connections} connections still counted")
 
 
 # -- API keys -------------------------------------------------------------------------

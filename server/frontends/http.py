@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BODY_TIMEOUT_S = 120.0  # from a request's head to its body's last byte
 LINGER_S = 2.0  # after an early error answer: read and discard the body this long, then close
+HANDSHAKE_TIMEOUT_S = 10.0  # a TLS handshake not done by then is dropped
 # JSON work beyond this size runs in a thread, so the event loop keeps serving.
 _INLINE_JSON_BYTES = 1 << 20
 _INLINE_JSON_FLOATS = 1 << 16
@@ -117,10 +118,12 @@ def _too_large(limit: int) -> HttpError:
 class _ConnectionGate:
     """Counts open connections; refuses new ones beyond `limit`."""
 
-    def __init__(self, limit: int, factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, limit: int, factory: Callable[[], asyncio.Protocol], *,
+                 tls: bool) -> None:
         self.limit = limit
         self.open = 0
         self._factory = factory
+        self._tls = tls
 
     def __call__(self) -> asyncio.Protocol:
         """The protocol for a connection just accepted (asyncio's protocol factory)."""
@@ -129,17 +132,25 @@ class _ConnectionGate:
                         "--max-http-connections allows", self.limit)
             return _Refused()
         self.open += 1
-        return _Counted(self._factory(), self)
+        counted = _Counted(self._factory(), self)
+        if self._tls:
+            # A failed handshake never makes the connection, nor loses it: release its
+            # count once the handshake can no longer be under way (or when asyncio drops
+            # the protocol, whichever comes first).
+            counted._expiry = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT_S + 1, counted._release)
+        return counted
 
 
 class _Counted(asyncio.Protocol):
     """aiohttp's protocol for one connection, counted by the gate while it lives."""
 
-    __slots__ = ("_gate", "_inner")
+    __slots__ = ("_expiry", "_gate", "_inner")
 
     def __init__(self, inner: asyncio.Protocol, gate: _ConnectionGate | None) -> None:
         self._inner = inner
         self._gate = gate
+        self._expiry: asyncio.TimerHandle | None = None
 
     def _release(self) -> None:
         if self._gate is not None:
@@ -147,6 +158,9 @@ class _Counted(asyncio.Protocol):
             self._gate = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._expiry is not None:  # the TLS handshake is done
+            self._expiry.cancel()
+            self._expiry = None
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -166,7 +180,6 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def __del__(self) -> None:
-        # A TLS handshake that failed never made the connection (nor lost it).
         self._release()
 
 
@@ -229,8 +242,10 @@ class HttpServer:
         self._web = web.Server(self._serve, handler_cancellation=True, access_log=None,
                                keepalive_timeout=self.idle_timeout, lingering_time=LINGER_S,
                                logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
-        self._gate = _ConnectionGate(self.max_connections, self._web)
-        self._listener = await loop.create_server(self._gate, host, port, ssl=tls)
+        self._gate = _ConnectionGate(self.max_connections, self._web, tls=tls is not None)
+        self._listener = await loop.create_server(
+            self._gate, host, port, ssl=tls,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:
