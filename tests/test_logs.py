@@ -32,7 +32,7 @@ from embedrpc.server.logs import (
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import running_server
+from .conftest import running_server, wait_until
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -264,6 +264,19 @@ def test_spans_when_opentelemetry_is_installed(server, monkeypatch: pytest.Monke
     [failed] = [s for s in spans if s.attributes["rpc.grpc.status_code"] ==
                 grpc.StatusCode.INVALID_ARGUMENT.value[0]]
     assert not failed.status.is_ok and "inputs is empty" in failed.status.description
+    # HTTP: one span per request too, child of the caller's traceparent header.
+    conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
+    conn.request("POST", "/v1/embeddings", body=b'{"input": ["x", "y z"]}',
+                 headers={"Content-Type": "application/json", "traceparent": parent})
+    assert conn.getresponse().status == 200
+    conn.close()
+    wait_until(lambda: [s for s in exporter.get_finished_spans()
+                        if s.name == "POST /v1/embeddings"], 5)
+    [http_span] = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/embeddings"]
+    assert http_span.attributes["http.response.status_code"] == 200
+    assert http_span.attributes["embedrpc.inputs"] == 2
+    assert http_span.attributes["embedrpc.tokens"] == reply.usage.prompt_tokens
+    assert format(http_span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
 
 
 def test_tracing_is_skipped_cleanly_without_opentelemetry() -> None:
