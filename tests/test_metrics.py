@@ -241,14 +241,18 @@ def requests_by_code(samples: Samples, method: str) -> dict[str, float]:
 
 def test_each_call_is_counted_once_with_the_code_its_client_saw(
         tight_server, caplog: pytest.LogCaptureFixture) -> None:
-    """60 calls whose deadlines (50..430 ms) pass while they wait behind each other: the
-    router fails each one it finds expired and grpc cancels the others at their
-    deadline. Each is counted once, under the code the client got (issue 11 item 7).
-    Before: most counted CANCELLED, now and then one UNKNOWN (context.abort raising
+    """60 calls whose deadlines (50..430 ms) pass while they wait behind each other (the
+    router fails each one it finds expired, grpc cancels the others at their deadline),
+    then 5 calls cancelled by their client long before theirs: each is counted once,
+    under the code the client got (issue 11 item 7). Before: most of the expired ones
+    counted CANCELLED, now and then one UNKNOWN (context.abort raising
     ExecuteBatchError on a call already ended, with an ERROR traceback)."""
     srv, target = tight_server
     caplog.set_level(logging.WARNING)
     before = requests_by_code(scrape(srv), EMBED)
+
+    def in_progress() -> float:
+        return value(scrape(srv), "embedrpc_requests_in_progress", method=EMBED)
 
     def call(i: int) -> str:
         try:
@@ -260,14 +264,25 @@ def test_each_call_is_counted_once_with_the_code_its_client_saw(
     with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(60) as pool:
         stub = pb_grpc.EmbedderStub(channel)
         seen = Counter(pool.map(call, range(60)))
-    assert seen["DEADLINE_EXCEEDED"] >= 30, seen  # ~10 texts a second get through
+        assert seen["DEADLINE_EXCEEDED"] >= 30, seen  # ~10 texts a second get through
+        # A call of 20 texts keeps the worker busy for 2 s; five calls wait behind it, each
+        # with 30 s to go, and their client cancels them.
+        wait_until(lambda: in_progress() == 0, 10)
+        busy = stub.Embed.future(pb.EmbedRequest(inputs=["busy"] * 20), timeout=30)
+        cancelled = [stub.Embed.future(pb.EmbedRequest(inputs=[f"cancelled {i}"]), timeout=30)
+                     for i in range(5)]
+        wait_until(lambda: in_progress() == 6, 10)
+        for future in cancelled:
+            assert future.cancel()
+        assert busy.result(10).count == 20
+        seen += Counter(OK=1, CANCELLED=5)
 
     def counted() -> Counter[str]:
         now = requests_by_code(scrape(srv), EMBED)
         return Counter({code: int(n - before.get(code, 0)) for code, n in now.items()
                         if n > before.get(code, 0)})
 
-    wait_until(lambda: sum(counted().values()) >= 60, 10, lambda: f"counted {counted()}")
+    wait_until(lambda: sum(counted().values()) >= 66, 10, lambda: f"counted {counted()}")
     assert counted() == seen
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 

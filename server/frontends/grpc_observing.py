@@ -16,6 +16,11 @@ from .. import tracing
 from ..logs import clean_request_id, new_request_id, set_request_id
 from ..metrics import Metrics
 
+# A client whose deadline passes cancels its call; our copy of the deadline runs behind
+# the client's by the time the call took to reach us (more under load), so a call
+# cancelled this close to its deadline is counted as the deadline passing.
+DEADLINE_SLACK_S = 0.5
+
 
 def _code_name(code: Any) -> str:
     if isinstance(code, grpc.StatusCode):
@@ -65,8 +70,8 @@ class _Call:
     def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
         if isinstance(exc, asyncio.CancelledError):  # the client went away, or its deadline
             remaining = context.time_remaining()
-            code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 \
-                else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if remaining is not None \
+                and remaining <= DEADLINE_SLACK_S else "CANCELLED"
         elif exc is not None and not isinstance(exc, grpc.aio.AbortError):
             code = "UNKNOWN"  # what gRPC reports for an unhandled exception
         else:  # returned, or aborted: the code the servicer set, if any
