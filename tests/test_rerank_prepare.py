@@ -4,9 +4,9 @@ model card does, records its task, and prepare refuses broken rerankers.
 Source: the tiny Qwen3-Reranker checkpoint written from a seed (tests/qwen3_fixtures.py,
 in a directory named like the published one, so `--task auto` finds a reranker);
 reference: tests/data/qwen3_reranker_reference.json (the card's procedure with
-transformers, scripts/make_reranker_fixture.py). The path checked is the server's: the
-prepared directory's PairEncoder makes the rows, its graph scores them, in one
-right-padded batch.
+transformers, scripts/make_reranker_fixture.py). The prepared directory's PairEncoder
+gives the card's token rows (test_pair_encoder_of_the_prepared_directory); its graph
+scores all of them in one right-padded batch.
 
 Tolerances, max |score difference| to the reference: fp32 1e-4, fp16 2e-3 (the issue's
 bounds, which prepare applies by default). bf16 and int8 cannot meet the issue's 2e-3 and
