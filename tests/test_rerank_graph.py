@@ -10,12 +10,12 @@ Tolerances, max |score difference| to the reference: fp32 1e-4 (measured 1.5e-6)
 2e-3, the issue's bound, for the real fp16 graph on the CPU and its fp16-rounding float32
 emulation (measured 1.4e-3 and 1.6e-3). bf16 and int8 do not reach the issue's bounds
 (2e-3, 1e-2) on this model: bf16 keeps 8 significant bits and int8 quantises each
-token's activations to 8 bits, which moves these logits (−4.6..4.2) by up to 0.1 and
-0.2. They are held here to what their arithmetic gives, with a little room: bf16
-(emulated) 0.03 (measured 0.024), int8 0.06 (measured 0.048); `embedrpc prepare`
-refuses them at the issue's bounds unless --max-score-diff says otherwise
-(tests/test_rerank_prepare.py). Ranking: within each query, documents whose reference
-scores differ by more than the tolerance keep their order.
+token's activations to 8 bits, which moves these logits (−4.6..4.2) by about 0.1 and
+0.2. They are held here to what their arithmetic gives, with room: bf16 (emulated) 0.03
+(measured 0.024), int8 0.08 (measured 0.048 here, 0.058 on prepare's own pairs);
+`embedrpc prepare` refuses them at the issue's bounds unless --max-score-diff says
+otherwise (tests/test_rerank_prepare.py). Ranking: within each query, documents whose
+reference scores differ by more than the tolerance keep their order.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ WANT = np.array([s for g in GROUPS for s in g["scores"]], dtype=np.float64)
 TOKENS = (REFERENCE["yes_id"], REFERENCE["no_id"])
 # (precision, emulate) → max |score difference| allowed (see the module's docstring)
 BOUNDS = {("fp32", False): 1e-4, ("fp16", False): 2e-3, ("fp16", True): 2e-3,
-          ("bf16", True): 0.03, ("int8", False): 0.06}
+          ("bf16", True): 0.03, ("int8", False): 0.08}
 BATCH_INVARIANCE = 1e-5
 LAYERS = fx.RERANKER_SHAPES["tiny"].layers
 
