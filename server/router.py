@@ -163,10 +163,6 @@ class Router:
         tokens = sum(len(a) for a in ids)
         cfg = self.config
         mine = self._client_tokens.get(client, 0)
-        if mine and mine + tokens > cfg.max_client_queue_tokens:  # type: ignore[operator]
-            raise Overloaded(
-                f"this client already has {mine} tokens queued (limit per client "
-                f"{cfg.max_client_queue_tokens}); wait for its answers, then send more")
         # A client with nothing queued always gets one request in, so one large request
         # is never refused forever and no client is shut out by another's backlog.
         if mine and self._queued_tokens + tokens > cfg.max_queue_tokens:  # type: ignore[operator]
@@ -174,6 +170,10 @@ class Router:
                 f"the queue is full ({self._queued_tokens} tokens waiting, limit "
                 f"{cfg.max_queue_tokens}); retry later or send fewer texts"
             )
+        if mine and mine + tokens > cfg.max_client_queue_tokens:  # type: ignore[operator]
+            raise Overloaded(
+                f"this client already has {mine} tokens queued (limit per client "
+                f"{cfg.max_client_queue_tokens}); wait for its answers, then send more")
         loop = asyncio.get_running_loop()
         job = _Job(len(ids), self.hidden_size, deadline, loop.create_future(), client)
         now = time.monotonic()

@@ -230,9 +230,11 @@ def test_deadline_exceeded_and_server_recovers(fake_model_dir) -> None:
 
 
 def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
-    # One worker busy 600 ms per batch with a queue of at most 8 tokens.
+    # One worker busy 600 ms per batch with a queue of at most 8 tokens (one client, so
+    # its cap is the whole queue: the queue's own limit is what refuses).
     with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=600,
-                        max_queue_tokens=8, max_batch_size=1) as (server, target), \
+                        max_queue_tokens=8, max_client_queue_tokens=8,
+                        max_batch_size=1) as (server, target), \
             EmbedClient(target, timeout=30) as c:
         # Four texts, one per batch: two go to the worker's slots, two wait in the queue.
         busy = [c.stub.Embed.future(make_request(["busy text"] * 4))]
