@@ -202,6 +202,7 @@ def test_http_client_gone_drops_its_texts(slow_server) -> None:
                    lambda: f"{srv.core.active} requests active, not {n}")
 
     with EmbedClient(target) as client, ThreadPoolExecutor(6) as pool:
+        client.wait_ready()  # connected first: the six must all arrive within 0.4 s
         # Six gRPC requests of two texts: 2.4 s of work for the one slow worker.
         busy = [pool.submit(client.embed, ["a", "b"]) for _ in range(6)]
         wait_active(6)
