@@ -234,6 +234,23 @@ def test_json_content_type_spellings_are_accepted(server, content_type: str) -> 
     assert status == 200 and len(out["data"][0]["embedding"]) == 64
 
 
+def test_an_internal_error_is_logged_not_told(server, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A bug answers 500 with the request id; its cause goes to the log only."""
+    srv, _ = server
+
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret detail of the server's insides")
+
+    monkeypatch.setattr(srv.core, "embed", broken)
+    status, headers, out = call(srv, "POST", "/v1/embeddings", {"input": "x"})
+    assert_openai_error(status, out, 500, words=f"internal error (request id "
+                        f"{headers['x-request-id']}); the server log says more")
+    assert "secret" not in json.dumps(out)
+    [record] = [r for r in caplog.records if r.getMessage() == "HTTP POST /v1/embeddings failed"]
+    assert record.exc_info and "secret detail" in str(record.exc_info[1])
+
+
 def test_oversize_body_gets_413(server) -> None:
     srv, _ = server
     status, headers, out = call(srv, "POST", "/v1/embeddings",

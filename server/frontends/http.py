@@ -301,9 +301,11 @@ class HttpServer:
             except asyncio.CancelledError:
                 self.metrics.call_done(route, "CANCELLED", time.monotonic() - started)
                 raise
-            except Exception as exc:
+            except Exception:
                 log.exception("HTTP %s failed", route)
-                response = HttpError(500, f"internal error: {exc}").response()
+                # The cause is for the log, not for the client (nor Python's words for it).
+                response = HttpError(500, f"internal error (request id {request_id}); the "
+                                     "server log says more").response()
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 400:
                 span.set_error(str(response.status), bytes(response.body or b"")[:200]
