@@ -62,7 +62,8 @@ class EmbedServer:
                                                max_length=config.model.max_length, name=name)
         self.encoder = TextEncoder(self.spec)
         # Serves both front ends; UNAVAILABLE ("still loading") until the warm-up is done.
-        self.core = EmbeddingCore(spec=self.spec, encoder=self.encoder, limits=config.limits)
+        self.core = EmbeddingCore(spec=self.spec, encoder=self.encoder, limits=config.limits,
+                                  keyed=self.security.keys is not None)
         kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"
         self.batch_config = config.batching.for_device(kind, self.spec.max_length)
         if self.batch_config.max_batch_tokens < self.spec.max_length:  # type: ignore[operator]

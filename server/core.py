@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -73,11 +74,14 @@ class Embeddings:
 class EmbeddingCore:
     """Validation, prompts, tokenization, routing and pooling for every front end."""
 
-    def __init__(self, *, spec: ModelSpec, encoder: TextEncoder, limits: ServiceLimits
-                 ) -> None:
+    def __init__(self, *, spec: ModelSpec, encoder: TextEncoder, limits: ServiceLimits,
+                 keyed: bool = False) -> None:
+        """keyed: calls carry API keys (checked by the front ends), which then name the
+        client for fair share."""
         self.spec = spec
         self.encoder = encoder
         self.limits = limits
+        self.keyed = keyed
         self._router: Router | None = None
         self._info: ModelInfo | None = None
         # Calls being served, whatever their front end: a graceful stop waits for them.
@@ -103,6 +107,16 @@ class EmbeddingCore:
             yield
         finally:
             self.active -= 1
+
+    def client_of(self, authorization: str | None, connection: str) -> str:
+        """Who calls, for the router's fair share: the API key (its digest) when keys are
+        required, else the connection (a client's channel, or a keep-alive HTTP
+        connection). Without keys a key-like header names nothing: anyone could send a new
+        one with every call."""
+        if self.keyed and authorization and authorization.startswith("Bearer "):
+            digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+            return f"key:{digest[:16]}"
+        return connection
 
     # -- validation ----------------------------------------------------------
 
@@ -137,10 +151,11 @@ class EmbeddingCore:
 
     async def embed(self, texts: Sequence[str], *, dimensions: int | None = None,
                     normalize: bool = True, prompt_name: str = "", instruction: str = "",
-                    truncate: int = TRUNCATE_END, deadline: float | None = None
-                    ) -> Embeddings:
+                    truncate: int = TRUNCATE_END, deadline: float | None = None,
+                    client: str = "") -> Embeddings:
         """Vectors for `texts`, in order. `deadline`: time.monotonic() by which the
-        vectors are no longer wanted (DEADLINE_EXCEEDED once it passes in the queue)."""
+        vectors are no longer wanted (DEADLINE_EXCEEDED once it passes in the queue);
+        `client`: who asks (client_of), for fair share."""
         router = self._router
         if router is None:
             raise Unavailable(LOADING)
@@ -148,7 +163,7 @@ class EmbeddingCore:
         self.check_inputs(len(texts))
         size = self.dimensions(dimensions)
         encoded = await self._tokenize(texts, prompt_name, instruction, truncate)
-        pooled = await router.embed(encoded.ids, deadline=deadline)
+        pooled = await router.embed(encoded.ids, deadline=deadline, client=client)
         result = Embeddings(vectors=finish(pooled, size, normalize),
                             prompt_tokens=encoded.total_tokens,
                             truncated_inputs=sum(encoded.truncated))

@@ -90,6 +90,7 @@ class Router:
         self._queued_tokens = 0  # tokens of queued entries whose job still wants them
         self._client_tokens: dict[str, int] = {}  # the same, by client
         self._dead_entries = 0  # queued entries whose job has ended (dropped when popped)
+        self._client_batches: dict[str, int] = {}  # batches in flight holding a client's texts
         self._wake = asyncio.Event()
         self._batch_ids = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
@@ -241,11 +242,55 @@ class Router:
         while self._entries:
             worker = max(self.workers, key=lambda w: w.free_slots)
             if worker.free_slots <= 0:
-                return
+                break
             entries = self._cut()
             if not entries:
                 return
             self._send(worker, entries)
+        if self._entries:
+            self._dispatch_light()
+
+    def _dispatch_light(self) -> None:
+        """Every worker is busy: texts of light clients (no batch in flight, at most a
+        batch's worth queued) go in one priority batch to a worker's extra slot, which it
+        runs before the batches waiting in its pipe. So a client that floods the server
+        holds another's text back by at most the batch running now."""
+        cfg = self.config
+        light = [c for c in self._turn if c not in self._client_batches
+                 and self._client_tokens.get(c, 0) <= cfg.max_batch_tokens]  # type: ignore[operator]
+        workers = [w for w in self.workers if getattr(w, "free_priority_slot", False)]
+        if not light or not workers:
+            return
+        now = time.monotonic()
+        taken: list[_Entry] = []
+        longest = 0
+        for client in light:
+            queue = self._queues[client]
+            while queue and len(taken) < cfg.max_batch_size:
+                entry = queue[0]
+                width = max(longest, len(entry.ids))
+                if taken and (len(taken) + 1) * width > cfg.max_batch_tokens:  # type: ignore[operator]
+                    break
+                queue.popleft()
+                self._entries -= 1
+                if entry.job.ended:
+                    self._dead_entries -= 1
+                    continue
+                entry.job.queued_entries -= 1
+                entry.job.queued_tokens -= len(entry.ids)
+                self._count(client, -len(entry.ids))
+                if entry.job.future.done():
+                    continue
+                if entry.job.deadline is not None and now > entry.job.deadline:
+                    entry.job.fail(DeadlineExceeded("the deadline passed while the request "
+                                                    "was queued"))
+                    continue
+                taken.append(entry)
+                longest = width
+            if not queue:
+                self._drop_client(client)
+        if taken:
+            self._send(workers[0], taken, priority=True)
 
     def _take_live(self, now: float) -> _Entry | None:
         """Pop the next client's oldest entry whose job still wants it; that client's turn
@@ -363,19 +408,30 @@ class Router:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
 
-    def _send(self, worker: WorkerHandle, entries: list[_Entry]) -> None:
+    def _send(self, worker: WorkerHandle, entries: list[_Entry], *,
+              priority: bool = False) -> None:
         lengths = np.fromiter((len(e.ids) for e in entries), dtype=np.int32, count=len(entries))
         ids = np.concatenate([e.ids for e in entries])
-        batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths)
+        batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths, priority=priority)
+        clients = {e.job.client for e in entries}
+        for client in clients:
+            self._client_batches[client] = self._client_batches.get(client, 0) + 1
         self.batches += 1
         self.batched_tokens += int(lengths.sum())
         self.padded_tokens += int(lengths.max()) * len(entries)
         future = worker.submit(batch)
         self.metrics.batch_sent(worker, lengths, [e.enqueued for e in entries], future)
-        future.add_done_callback(lambda f: self._on_done(entries, f))
+        future.add_done_callback(lambda f: self._on_done(entries, f, clients))
 
-    def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray]) -> None:
+    def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray],
+                 clients: set[str]) -> None:
         self._wake.set()
+        for client in clients:
+            left = self._client_batches[client] - 1
+            if left:
+                self._client_batches[client] = left
+            else:
+                del self._client_batches[client]
         exc = WorkerCrashed("the batch was cancelled", ran=False) if future.cancelled() else \
             future.exception()
         if isinstance(exc, WorkerCrashed):

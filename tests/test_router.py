@@ -58,6 +58,7 @@ class Seen:
     rows: list[np.ndarray]
     at: float  # time.monotonic() of submit
     outcome: str = "pending"  # ok | crash | error | pending
+    priority: bool = False
 
     @property
     def padded(self) -> int:
@@ -76,6 +77,7 @@ class FakeWorker:
     wrong_shape: bool = False  # return [B, HIDDEN - 1]
     error: Exception = field(default_factory=lambda: RuntimeError("boom"))
     failed: bool = False
+    extra_slot: bool = True  # the priority slot for light clients' batches
     restarts: int = 0
     info: dict[str, Any] = field(default_factory=lambda: {"hidden_size": HIDDEN})
     on_change: Callable[[], None] = lambda: None
@@ -90,11 +92,16 @@ class FakeWorker:
     def free_slots(self) -> int:
         return self.slots - len(self._pending) if self.alive else 0
 
+    @property
+    def free_priority_slot(self) -> bool:  # as WorkerHandle: one more, for priority only
+        return (self.extra_slot and self.alive and len(self._pending) <= self.slots
+                and not any(seen.priority for seen, _ in self._pending))
+
     def submit(self, batch: Batch) -> asyncio.Future[np.ndarray]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
         rows = np.split(batch.ids, np.cumsum(batch.lengths)[:-1])
-        seen = Seen(rows=[r.copy() for r in rows], at=time.monotonic())
+        seen = Seen(rows=[r.copy() for r in rows], at=time.monotonic(), priority=batch.priority)
         self.seen.append(seen)
         self._pending.append((seen, future))
         if not self.hold:
@@ -646,8 +653,9 @@ def test_batches_waiting_behind_a_crash_are_not_suspects() -> None:
 def test_clients_take_turns() -> None:
     # A's backlog of 10 texts does not stand before B's single text: texts are taken from
     # the clients in turn, so B's goes in the next batch but one (A's turn was already
-    # due when B came), not the eleventh.
-    worker = FakeWorker(slots=1, hold=True)
+    # due when B came), not the eleventh. (Without the worker's extra slot for light
+    # clients, which would take B's text at once: see the next test but two.)
+    worker = FakeWorker(slots=1, hold=True, extra_slot=False)
     flood, single = request(1, [5] * 10), request(2, [5])
 
     async def main() -> None:
@@ -668,7 +676,7 @@ def test_clients_take_turns() -> None:
 
 
 def test_a_client_over_its_share_is_refused_and_others_are_not() -> None:
-    worker = FakeWorker(slots=1, hold=True)
+    worker = FakeWorker(slots=1, hold=True, extra_slot=False)  # admission only
 
     async def main() -> None:
         async with running([worker], max_batch_size=1, max_queue_tokens=100,
@@ -687,7 +695,7 @@ def test_a_client_over_its_share_is_refused_and_others_are_not() -> None:
 
 
 def test_a_client_with_nothing_queued_gets_in_when_the_queue_is_full() -> None:
-    worker = FakeWorker(slots=1, hold=True)
+    worker = FakeWorker(slots=1, hold=True, extra_slot=False)  # admission only
 
     async def main() -> None:
         async with running([worker], max_batch_size=1, max_queue_tokens=40,
@@ -705,3 +713,26 @@ def test_a_client_with_nothing_queued_gets_in_when_the_queue_is_full() -> None:
             await asyncio.gather(a, b)
 
     run(main)
+
+
+def test_a_light_client_gets_a_priority_batch_when_the_worker_is_busy() -> None:
+    # Both of the worker's slots hold A's batches; B (nothing in flight, one text) gets a
+    # batch of its own in the worker's extra slot, marked priority: the worker runs it
+    # before A's prefetched batch. A never gets the extra slot.
+    worker = FakeWorker(slots=2, hold=True)
+    flood, single = request(1, [5] * 10), request(2, [5])
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=1) as router:
+            a = asyncio.create_task(router.embed(flood, client="A"))
+            await until(lambda: len(worker.seen) == 2)
+            assert not worker.seen[-1].priority and router.queued_entries == 8
+            b = asyncio.create_task(router.embed(single, client="B"))
+            await until(lambda: len(worker.seen) == 3)
+            assert worker.seen[2].priority and tag_of(worker.seen[2].rows[0])[0] == 2
+            worker.release(hold=False)
+            exact(await b, single)
+            exact(await a, flood)
+
+    run(main)
+    assert [s.priority for s in worker.seen].count(True) == 1

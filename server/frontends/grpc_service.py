@@ -145,8 +145,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """Calls in flight in the core (this front end's and HTTP's)."""
         return self.core.active
 
+    def client(self, context: grpc.aio.ServicerContext) -> str:
+        """Who calls (EmbeddingCore.client_of): the API key, else the connection."""
+        authorization = next((m.value for m in context.invocation_metadata() or ()
+                              if m.key == "authorization" and isinstance(m.value, str)), None)
+        return self.core.client_of(authorization, context.peer())
+
     async def embed(self, request: pb.EmbedRequest | Undecodable,
-                    time_remaining: float | None) -> pb.EmbedResponse:
+                    time_remaining: float | None, client: str = "") -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
         if isinstance(request, Undecodable):
             raise InvalidInput(request.message)
@@ -163,7 +169,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 request.inputs, dimensions=request.dimensions or None,  # proto3: 0 is unset
                 normalize=request.normalize if request.HasField("normalize") else True,
                 prompt_name=request.prompt_name, instruction=request.instruction,
-                truncate=request.truncate, deadline=deadline)
+                truncate=request.truncate, deadline=deadline, client=client)
             response = pb.EmbedResponse(
                 request_id=request_id, dimensions=result.vectors.shape[1],
                 encoding=request.encoding, count=len(result.vectors),
@@ -188,7 +194,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         try:
-            return self._fits(await self.embed(request, context.time_remaining()))
+            return self._fits(await self.embed(request, context.time_remaining(),
+                                               self.client(context)))
         except EmbedError as exc:
             await abort(context, exc.grpc_code, str(exc))
         except Exception as exc:
@@ -197,9 +204,9 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         raise AssertionError("unreachable")  # abort() raises
 
     async def _embed_or_error(self, request: pb.EmbedRequest | Undecodable,
-                              time_remaining: float | None) -> pb.EmbedResponse:
+                              time_remaining: float | None, client: str) -> pb.EmbedResponse:
         try:
-            return self._fits(await self.embed(request, time_remaining))
+            return self._fits(await self.embed(request, time_remaining, client))
         except EmbedError as exc:
             code, message = exc.grpc_code, str(exc)
         except Exception as exc:
@@ -217,13 +224,14 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         window = asyncio.Semaphore(self.limits.stream_window)
         pending: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[pb.EmbedResponse]] = set()
+        client = self.client(context)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
                     await window.acquire()  # a slot frees when its response is sent
                     task = asyncio.create_task(
-                        self._embed_or_error(request, context.time_remaining()))
+                        self._embed_or_error(request, context.time_remaining(), client))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     pending.put_nowait(task)

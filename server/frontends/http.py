@@ -360,7 +360,10 @@ class HttpServer:
         payload = await parse_json(await self._body(request))
         texts, options, encoding_format = parse_embeddings(payload)
         span.set_attribute("embedrpc.inputs", len(texts))
-        result = await self.core.embed(texts, **options)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        connection = f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "http"
+        client = self.core.client_of(request.headers.get("authorization"), connection)
+        result = await self.core.embed(texts, **options, client=client)
         vectors = result.vectors
         counts[:] = [len(vectors), result.prompt_tokens]
         span.set_attributes({"embedrpc.embeddings": len(vectors),

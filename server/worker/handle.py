@@ -72,6 +72,7 @@ class WorkerHandle:
         # (since, padded tokens) of the oldest batch in flight: the stall watch reads it.
         self._oldest: tuple[float, int] | None = None
         self._tokens: dict[int, int] = {}  # padded tokens of each batch in flight
+        self._priority: set[int] = set()  # batches in flight marked priority
         # Seconds per padded token measured on this worker (moving average); until a
         # batch is measured, a CPU's pessimistic figure.
         self._seconds_per_token = 0.01
@@ -90,6 +91,13 @@ class WorkerHandle:
     def free_slots(self) -> int:
         return PIPELINE_DEPTH - len(self._inflight) if self._alive else 0
 
+    @property
+    def free_priority_slot(self) -> bool:
+        """One more batch may go in, if it is a priority batch (the router's light
+        clients): the worker runs it before the ones waiting."""
+        return (self._alive and len(self._inflight) <= PIPELINE_DEPTH
+                and not self._priority)
+
     def start(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[dict[str, Any]]:
         """Spawn the process; the returned future resolves when it answered warm-up."""
         self._loop = loop
@@ -102,7 +110,16 @@ class WorkerHandle:
     def submit(self, batch: Batch) -> asyncio.Future[np.ndarray]:
         assert self._loop is not None and self._alive and self._channel is not None
         future: asyncio.Future[np.ndarray] = self._loop.create_future()
-        self._inflight[batch.id] = future
+        if batch.priority and len(self._inflight) > 1:
+            # The worker runs it before the batches waiting in its pipe (not before the
+            # one it runs now): keep _inflight in the worker's order.
+            order = list(self._inflight.items())
+            at = 1 + sum(1 for i, _ in order[1:] if i in self._priority)
+            self._inflight = dict([*order[:at], (batch.id, future), *order[at:]])
+        else:
+            self._inflight[batch.id] = future
+        if batch.priority:
+            self._priority.add(batch.id)
         self._tokens[batch.id] = int(batch.lengths.max()) * len(batch.lengths)
         if self._oldest is None:
             self._oldest = (time.monotonic(), self._tokens[batch.id])
@@ -172,12 +189,14 @@ class WorkerHandle:
         kind, batch_id, payload = message
         future = self._inflight.pop(batch_id, None)
         tokens = self._tokens.pop(batch_id, 0)
+        self._priority.discard(batch_id)
         if self._oldest is not None and tokens:
             now = time.monotonic()
             measured = (now - self._oldest[0]) / tokens
             self._seconds_per_token += 0.2 * (measured - self._seconds_per_token)
             # The next batch (already in the pipe) starts now.
-            self._oldest = (now, next(iter(self._tokens.values()))) if self._tokens else None
+            running = next(iter(self._inflight), None)
+            self._oldest = (now, self._tokens[running]) if running in self._tokens else None
         if future is None or future.done():
             return
         if kind == "ok":
@@ -195,6 +214,7 @@ class WorkerHandle:
         lost = list(self._inflight.values())  # in the order the worker runs them
         self._inflight.clear()
         self._tokens.clear()
+        self._priority.clear()
         self._oldest = None
         for i, future in enumerate(lost):
             if not future.done():

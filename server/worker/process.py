@@ -3,7 +3,8 @@
 Everything here runs inside a process started with the `spawn` context by
 WorkerHandle (handle.py). The contract with the main process is small:
 
-    main → worker:  Batch(id, ids, lengths)   or None to stop
+    main → worker:  Batch(id, ids, lengths, priority)   or None to stop
+                    (run in arrival order, priority batches before the others waiting)
     worker → main:  ("ready", info) | ("error", message)       once, after start-up
                     ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
 """
@@ -11,12 +12,13 @@ WorkerHandle (handle.py). The contract with the main process is small:
 from __future__ import annotations
 
 import logging
+from collections import deque
 from multiprocessing.connection import Connection
 
 from ..errors import ModelError
 from ..logs import configure_logging, worker_text_format
 from .backends import make_backend
-from .spec import WorkerSpec
+from .spec import Batch, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,16 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", backend.describe()))
+    waiting: deque[Batch] = deque()  # received, not yet run
     while True:
         try:
-            batch = conn.recv()
+            if not waiting:
+                waiting.append(conn.recv())
+            while conn.poll(0):  # everything that has arrived, to pick the next one
+                waiting.append(conn.recv())
         except (EOFError, OSError):
             return  # the main process is gone
+        batch = _next(waiting)
         if batch is None:
             return
         try:
@@ -54,3 +61,13 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                 return
             continue
         conn.send(("ok", batch.id, vectors))
+
+
+def _next(waiting: deque[Batch | None]) -> Batch | None:
+    """The batch to run next: the first priority one waiting, else the oldest (None, the
+    stop message, is taken in its turn). WorkerHandle keeps the same order."""
+    for i, batch in enumerate(waiting):
+        if batch is not None and batch.priority:
+            del waiting[i]
+            return batch
+    return waiting.popleft()

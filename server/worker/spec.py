@@ -56,6 +56,10 @@ class Batch:
     id: int
     ids: np.ndarray  # int32, flat
     lengths: np.ndarray  # int32, [B]
+    # Holds a light client's text (one whose whole backlog is in it): the worker runs it
+    # before the batches already waiting in its pipe, so a flooding client's prefetched
+    # work does not stand in front of it (fair share, see router.py).
+    priority: bool = False
 
 
 def right_pad(ids: np.ndarray, lengths: np.ndarray, pad_id: int,
