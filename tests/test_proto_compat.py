@@ -74,9 +74,9 @@ def test_breaking_check_catches_forbidden_changes(buf: Path, workspace: Path, ol
 
 def test_additive_changes_pass(buf: Path, workspace: Path) -> None:
     edit(workspace, "  string request_id = 8;\n",
-         "  string request_id = 8;\n  // A new optional field.\n  string tenant = 9;\n")
-    edit(workspace, "message InfoRequest {}",
-         "message InfoRequest {}\n\n// A new message.\nmessage Ping {\n  string note = 1;\n}")
+         "  string request_id = 8;\n  // A new optional field.\n  string tenant = 100;\n")
+    edit(workspace, "message Embedding {",
+         "// A new message.\nmessage Ping {\n  string note = 1;\n}\n\nmessage Embedding {")
     result = run_buf(buf, workspace, "breaking", "--against", str(BASELINE))
     assert result.returncode == 0, result.stdout + result.stderr
     assert run_buf(buf, workspace, "lint").returncode == 0

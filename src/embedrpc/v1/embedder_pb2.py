@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedrpc/v1/embedder.proto\x12\x0b\x65mbedrpc.v1\"\xe8\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x08truncate\x18\x06 \x01(\x0e\x32\x15.embedrpc.v1.Truncate\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.embedrpc.v1.Encoding\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x02 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf0\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\'\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x15.embedrpc.v1.Encoding\x12*\n\nembeddings\x18\x04 \x03(\x0b\x32\x16.embedrpc.v1.Embedding\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.embedrpc.v1.Usage\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.embedrpc.v1.Status\x12\r\n\x05\x63ount\x18\x08 \x01(\r\"\x8b\x01\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\'\n\x08truncate\x18\x04 \x01(\x0e\x32\x15.embedrpc.v1.Truncate\x12\x15\n\rreturn_tokens\x18\x05 \x01(\x08\"@\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"b\n\x10TokenizeResponse\x12+\n\x06inputs\x18\x01 \x03(\x0b\x32\x1b.embedrpc.v1.TokenizedInput\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.embedrpc.v1.Usage\"\r\n\x0bInfoRequest\"\xc4\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x14\n\x0cprompt_names\x18\x05 \x03(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x08 \x03(\t\x12\x18\n\x10max_batch_tokens\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x12\n\nmax_inputs\x18\x0b \x01(\r\x12\x0f\n\x07workers\x18\x0c \x01(\r\x12\x14\n\x0cpooled_token\x18\r \x01(\t\x12\x17\n\x0fpooled_token_id\x18\x0e \x01(\r\x12\x1b\n\x13pooled_token_source\x18\x0f \x01(\t*C\n\x08Truncate\x12\x10\n\x0cTRUNCATE_END\x10\x00\x12\x12\n\x0eTRUNCATE_START\x10\x01\x12\x11\n\rTRUNCATE_NONE\x10\x02*l\n\x08\x45ncoding\x12\x12\n\x0e\x45NCODING_FLOAT\x10\x00\x12\x1a\n\x16\x45NCODING_FLOAT32_BYTES\x10\x01\x12\x1a\n\x16\x45NCODING_FLOAT16_BYTES\x10\x02\x12\x14\n\x10\x45NCODING_UBINARY\x10\x03\x32\x9a\x02\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.embedrpc.v1.EmbedRequest\x1a\x1a.embedrpc.v1.EmbedResponse\x12H\n\x0b\x45mbedStream\x12\x19.embedrpc.v1.EmbedRequest\x1a\x1a.embedrpc.v1.EmbedResponse(\x01\x30\x01\x12G\n\x08Tokenize\x12\x1c.embedrpc.v1.TokenizeRequest\x1a\x1d.embedrpc.v1.TokenizeResponse\x12;\n\x04Info\x12\x18.embedrpc.v1.InfoRequest\x1a\x19.embedrpc.v1.InfoResponseBN\n\x0eio.embedrpc.v1P\x01Z:github.com/embedrpc/embedrpc/gen/go/embedrpc/v1;embedrpcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbedrpc/v1/embedder.proto\x12\x0b\x65mbedrpc.v1\"\xf7\x01\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x16\n\tnormalize\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12\'\n\x08truncate\x18\x06 \x01(\x0e\x32\x15.embedrpc.v1.Truncate\x12\'\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x15.embedrpc.v1.Encoding\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\r\n\x05model\x18\t \x01(\tB\x0c\n\n_normalize\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10truncated_inputs\x18\x02 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xff\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\'\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x15.embedrpc.v1.Encoding\x12*\n\nembeddings\x18\x04 \x03(\x0b\x32\x16.embedrpc.v1.Embedding\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.embedrpc.v1.Usage\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.embedrpc.v1.Status\x12\r\n\x05\x63ount\x18\x08 \x01(\r\x12\r\n\x05model\x18\t \x01(\t\"\x9a\x01\n\x0fTokenizeRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\'\n\x08truncate\x18\x04 \x01(\x0e\x32\x15.embedrpc.v1.Truncate\x12\x15\n\rreturn_tokens\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"@\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"b\n\x10TokenizeResponse\x12+\n\x06inputs\x18\x01 \x03(\x0b\x32\x1b.embedrpc.v1.TokenizedInput\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.embedrpc.v1.Usage\"\x1c\n\x0bInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"}\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x11\n\tprecision\x18\x05 \x01(\tB\r\n\x0b_dimensions\"\x9e\x03\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x14\n\x0cprompt_names\x18\x05 \x03(\t\x12\x0f\n\x07pooling\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x08 \x03(\t\x12\x18\n\x10max_batch_tokens\x18\t \x01(\r\x12\x0f\n\x07version\x18\n \x01(\t\x12\x12\n\nmax_inputs\x18\x0b \x01(\r\x12\x0f\n\x07workers\x18\x0c \x01(\r\x12\x14\n\x0cpooled_token\x18\r \x01(\t\x12\x17\n\x0fpooled_token_id\x18\x0e \x01(\r\x12\x1b\n\x13pooled_token_source\x18\x0f \x01(\t\x12\x0c\n\x04task\x18\x10 \x01(\t\x12-\n\x06models\x18\x11 \x03(\x0b\x32\x1d.embedrpc.v1.ModelDescription\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x12 \x01(\t\"\xbb\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05top_n\x18\x04 \x01(\x05\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12\'\n\x08truncate\x18\x06 \x01(\x0e\x32\x15.embedrpc.v1.Truncate\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\"P\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\x08\x64ocument\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"\x82\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07results\x18\x02 \x03(\x0b\x32\x19.embedrpc.v1.RerankResult\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.embedrpc.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t\"V\n\x12RerankBatchRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.embedrpc.v1.RerankRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x8b\x01\n\x13RerankBatchResponse\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.embedrpc.v1.RerankResponse\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.embedrpc.v1.Usage\x12\r\n\x05model\x18\x04 \x01(\t*C\n\x08Truncate\x12\x10\n\x0cTRUNCATE_END\x10\x00\x12\x12\n\x0eTRUNCATE_START\x10\x01\x12\x11\n\rTRUNCATE_NONE\x10\x02*l\n\x08\x45ncoding\x12\x12\n\x0e\x45NCODING_FLOAT\x10\x00\x12\x1a\n\x16\x45NCODING_FLOAT32_BYTES\x10\x01\x12\x1a\n\x16\x45NCODING_FLOAT16_BYTES\x10\x02\x12\x14\n\x10\x45NCODING_UBINARY\x10\x03\x32\x9a\x02\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.embedrpc.v1.EmbedRequest\x1a\x1a.embedrpc.v1.EmbedResponse\x12H\n\x0b\x45mbedStream\x12\x19.embedrpc.v1.EmbedRequest\x1a\x1a.embedrpc.v1.EmbedResponse(\x01\x30\x01\x12G\n\x08Tokenize\x12\x1c.embedrpc.v1.TokenizeRequest\x1a\x1d.embedrpc.v1.TokenizeResponse\x12;\n\x04Info\x12\x18.embedrpc.v1.InfoRequest\x1a\x19.embedrpc.v1.InfoResponse2\x9f\x01\n\x08Reranker\x12\x41\n\x06Rerank\x12\x1a.embedrpc.v1.RerankRequest\x1a\x1b.embedrpc.v1.RerankResponse\x12P\n\x0bRerankBatch\x12\x1f.embedrpc.v1.RerankBatchRequest\x1a .embedrpc.v1.RerankBatchResponseBN\n\x0eio.embedrpc.v1P\x01Z:github.com/embedrpc/embedrpc/gen/go/embedrpc/v1;embedrpcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,30 +32,44 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedrpc.v1.embedder_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016io.embedrpc.v1P\001Z:github.com/embedrpc/embedrpc/gen/go/embedrpc/v1;embedrpcv1'
-  _globals['_TRUNCATE']._serialized_start=1299
-  _globals['_TRUNCATE']._serialized_end=1366
-  _globals['_ENCODING']._serialized_start=1368
-  _globals['_ENCODING']._serialized_end=1476
+  _globals['_TRUNCATE']._serialized_start=2211
+  _globals['_TRUNCATE']._serialized_end=2278
+  _globals['_ENCODING']._serialized_start=2280
+  _globals['_ENCODING']._serialized_end=2388
   _globals['_EMBEDREQUEST']._serialized_start=44
-  _globals['_EMBEDREQUEST']._serialized_end=276
-  _globals['_EMBEDDING']._serialized_start=278
-  _globals['_EMBEDDING']._serialized_end=305
-  _globals['_USAGE']._serialized_start=307
-  _globals['_USAGE']._serialized_end=363
-  _globals['_STATUS']._serialized_start=365
-  _globals['_STATUS']._serialized_end=404
-  _globals['_EMBEDRESPONSE']._serialized_start=407
-  _globals['_EMBEDRESPONSE']._serialized_end=647
-  _globals['_TOKENIZEREQUEST']._serialized_start=650
-  _globals['_TOKENIZEREQUEST']._serialized_end=789
-  _globals['_TOKENIZEDINPUT']._serialized_start=791
-  _globals['_TOKENIZEDINPUT']._serialized_end=855
-  _globals['_TOKENIZERESPONSE']._serialized_start=857
-  _globals['_TOKENIZERESPONSE']._serialized_end=955
-  _globals['_INFOREQUEST']._serialized_start=957
-  _globals['_INFOREQUEST']._serialized_end=970
-  _globals['_INFORESPONSE']._serialized_start=973
-  _globals['_INFORESPONSE']._serialized_end=1297
-  _globals['_EMBEDDER']._serialized_start=1479
-  _globals['_EMBEDDER']._serialized_end=1761
+  _globals['_EMBEDREQUEST']._serialized_end=291
+  _globals['_EMBEDDING']._serialized_start=293
+  _globals['_EMBEDDING']._serialized_end=320
+  _globals['_USAGE']._serialized_start=322
+  _globals['_USAGE']._serialized_end=378
+  _globals['_STATUS']._serialized_start=380
+  _globals['_STATUS']._serialized_end=419
+  _globals['_EMBEDRESPONSE']._serialized_start=422
+  _globals['_EMBEDRESPONSE']._serialized_end=677
+  _globals['_TOKENIZEREQUEST']._serialized_start=680
+  _globals['_TOKENIZEREQUEST']._serialized_end=834
+  _globals['_TOKENIZEDINPUT']._serialized_start=836
+  _globals['_TOKENIZEDINPUT']._serialized_end=900
+  _globals['_TOKENIZERESPONSE']._serialized_start=902
+  _globals['_TOKENIZERESPONSE']._serialized_end=1000
+  _globals['_INFOREQUEST']._serialized_start=1002
+  _globals['_INFOREQUEST']._serialized_end=1030
+  _globals['_MODELDESCRIPTION']._serialized_start=1032
+  _globals['_MODELDESCRIPTION']._serialized_end=1157
+  _globals['_INFORESPONSE']._serialized_start=1160
+  _globals['_INFORESPONSE']._serialized_end=1574
+  _globals['_RERANKREQUEST']._serialized_start=1577
+  _globals['_RERANKREQUEST']._serialized_end=1764
+  _globals['_RERANKRESULT']._serialized_start=1766
+  _globals['_RERANKRESULT']._serialized_end=1846
+  _globals['_RERANKRESPONSE']._serialized_start=1849
+  _globals['_RERANKRESPONSE']._serialized_end=1979
+  _globals['_RERANKBATCHREQUEST']._serialized_start=1981
+  _globals['_RERANKBATCHREQUEST']._serialized_end=2067
+  _globals['_RERANKBATCHRESPONSE']._serialized_start=2070
+  _globals['_RERANKBATCHRESPONSE']._serialized_end=2209
+  _globals['_EMBEDDER']._serialized_start=2391
+  _globals['_EMBEDDER']._serialized_end=2673
+  _globals['_RERANKER']._serialized_start=2676
+  _globals['_RERANKER']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

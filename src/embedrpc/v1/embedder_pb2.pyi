@@ -28,7 +28,7 @@ ENCODING_FLOAT16_BYTES: Encoding
 ENCODING_UBINARY: Encoding
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("inputs", "prompt_name", "instruction", "dimensions", "normalize", "truncate", "encoding", "request_id")
+    __slots__ = ("inputs", "prompt_name", "instruction", "dimensions", "normalize", "truncate", "encoding", "request_id", "model")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class EmbedRequest(_message.Message):
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     prompt_name: str
     instruction: str
@@ -45,7 +46,8 @@ class EmbedRequest(_message.Message):
     truncate: Truncate
     encoding: Encoding
     request_id: str
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., prompt_name: _Optional[str] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[_Union[Truncate, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., prompt_name: _Optional[str] = ..., instruction: _Optional[str] = ..., dimensions: _Optional[int] = ..., normalize: _Optional[bool] = ..., truncate: _Optional[_Union[Truncate, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -70,7 +72,7 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("request_id", "dimensions", "encoding", "embeddings", "data", "usage", "error", "count")
+    __slots__ = ("request_id", "dimensions", "encoding", "embeddings", "data", "usage", "error", "count", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class EmbedResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     dimensions: int
     encoding: Encoding
@@ -87,21 +90,24 @@ class EmbedResponse(_message.Message):
     usage: Usage
     error: Status
     count: int
-    def __init__(self, request_id: _Optional[str] = ..., dimensions: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., data: _Optional[bytes] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., count: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., dimensions: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., data: _Optional[bytes] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., count: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("inputs", "prompt_name", "instruction", "truncate", "return_tokens")
+    __slots__ = ("inputs", "prompt_name", "instruction", "truncate", "return_tokens", "model")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_NAME_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedScalarFieldContainer[str]
     prompt_name: str
     instruction: str
     truncate: Truncate
     return_tokens: bool
-    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., prompt_name: _Optional[str] = ..., instruction: _Optional[str] = ..., truncate: _Optional[_Union[Truncate, str]] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, inputs: _Optional[_Iterable[str]] = ..., prompt_name: _Optional[str] = ..., instruction: _Optional[str] = ..., truncate: _Optional[_Union[Truncate, str]] = ..., return_tokens: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TokenizedInput(_message.Message):
     __slots__ = ("ids", "tokens", "truncated")
@@ -122,11 +128,27 @@ class TokenizeResponse(_message.Message):
     def __init__(self, inputs: _Optional[_Iterable[_Union[TokenizedInput, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ModelDescription(_message.Message):
+    __slots__ = ("name", "task", "dimensions", "max_length", "precision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    task: str
+    dimensions: int
+    max_length: int
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., dimensions: _Optional[int] = ..., max_length: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dimensions", "min_dimensions", "max_length", "prompt_names", "pooling", "precision", "devices", "max_batch_tokens", "version", "max_inputs", "workers", "pooled_token", "pooled_token_id", "pooled_token_source")
+    __slots__ = ("model", "dimensions", "min_dimensions", "max_length", "prompt_names", "pooling", "precision", "devices", "max_batch_tokens", "version", "max_inputs", "workers", "pooled_token", "pooled_token_id", "pooled_token_source", "task", "models", "default_instruction")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     MIN_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +164,9 @@ class InfoResponse(_message.Message):
     POOLED_TOKEN_FIELD_NUMBER: _ClassVar[int]
     POOLED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     POOLED_TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     dimensions: int
     min_dimensions: int
@@ -157,4 +182,69 @@ class InfoResponse(_message.Message):
     pooled_token: str
     pooled_token_id: int
     pooled_token_source: str
-    def __init__(self, model: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_length: _Optional[int] = ..., prompt_names: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., precision: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., max_batch_tokens: _Optional[int] = ..., version: _Optional[str] = ..., max_inputs: _Optional[int] = ..., workers: _Optional[int] = ..., pooled_token: _Optional[str] = ..., pooled_token_id: _Optional[int] = ..., pooled_token_source: _Optional[str] = ...) -> None: ...
+    task: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelDescription]
+    default_instruction: str
+    def __init__(self, model: _Optional[str] = ..., dimensions: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_length: _Optional[int] = ..., prompt_names: _Optional[_Iterable[str]] = ..., pooling: _Optional[str] = ..., precision: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., max_batch_tokens: _Optional[int] = ..., version: _Optional[str] = ..., max_inputs: _Optional[int] = ..., workers: _Optional[int] = ..., pooled_token: _Optional[str] = ..., pooled_token_id: _Optional[int] = ..., pooled_token_source: _Optional[str] = ..., task: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelDescription, _Mapping]]] = ..., default_instruction: _Optional[str] = ...) -> None: ...
+
+class RerankRequest(_message.Message):
+    __slots__ = ("query", "documents", "instruction", "top_n", "return_documents", "truncate", "request_id", "model")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_N_FIELD_NUMBER: _ClassVar[int]
+    RETURN_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    documents: _containers.RepeatedScalarFieldContainer[str]
+    instruction: str
+    top_n: int
+    return_documents: bool
+    truncate: Truncate
+    request_id: str
+    model: str
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., truncate: _Optional[_Union[Truncate, str]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class RerankResult(_message.Message):
+    __slots__ = ("index", "score", "document")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    score: float
+    document: str
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., document: _Optional[str] = ...) -> None: ...
+
+class RerankResponse(_message.Message):
+    __slots__ = ("request_id", "results", "usage", "model")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    results: _containers.RepeatedCompositeFieldContainer[RerankResult]
+    usage: Usage
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class RerankBatchRequest(_message.Message):
+    __slots__ = ("requests", "request_id")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RerankRequest]
+    request_id: str
+    def __init__(self, requests: _Optional[_Iterable[_Union[RerankRequest, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RerankBatchResponse(_message.Message):
+    __slots__ = ("responses", "request_id", "usage", "model")
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[RerankResponse]
+    request_id: str
+    usage: Usage
+    model: str
+    def __init__(self, responses: _Optional[_Iterable[_Union[RerankResponse, _Mapping]]] = ..., request_id: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...

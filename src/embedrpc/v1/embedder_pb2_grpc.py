@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class EmbedderStub:
-    """Embedder turns texts into vectors with the model the server was started with.
+    """Embedder turns texts into vectors with an embedding model the server serves.
     """
 
     def __init__(self, channel):
@@ -58,7 +58,7 @@ class EmbedderStub:
 
 
 class EmbedderServicer:
-    """Embedder turns texts into vectors with the model the server was started with.
+    """Embedder turns texts into vectors with an embedding model the server serves.
     """
 
     def Embed(self, request, context):
@@ -89,7 +89,8 @@ class EmbedderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Info(self, request, context):
-        """What the server serves: model, dimensions, limits, devices.
+        """What the server serves: model, dimensions, limits, devices, and every
+        model it serves (InfoResponse.models).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -127,7 +128,7 @@ def add_EmbedderServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Embedder:
-    """Embedder turns texts into vectors with the model the server was started with.
+    """Embedder turns texts into vectors with an embedding model the server serves.
     """
 
     @staticmethod
@@ -228,6 +229,141 @@ class Embedder:
             '/embedrpc.v1.Embedder/Info',
             embedrpc_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
             embedrpc_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RerankerStub:
+    """Reranker scores (query, document) pairs with a Qwen3-Reranker model, exactly
+    as its model card does: the pair becomes
+    "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+    wrapped in the card's system prompt, and the score is the probability of
+    "yes" over "no" for the next token, in (0, 1).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Rerank = channel.unary_unary(
+                '/embedrpc.v1.Reranker/Rerank',
+                request_serializer=embedrpc_dot_v1_dot_embedder__pb2.RerankRequest.SerializeToString,
+                response_deserializer=embedrpc_dot_v1_dot_embedder__pb2.RerankResponse.FromString,
+                _registered_method=True)
+        self.RerankBatch = channel.unary_unary(
+                '/embedrpc.v1.Reranker/RerankBatch',
+                request_serializer=embedrpc_dot_v1_dot_embedder__pb2.RerankBatchRequest.SerializeToString,
+                response_deserializer=embedrpc_dot_v1_dot_embedder__pb2.RerankBatchResponse.FromString,
+                _registered_method=True)
+
+
+class RerankerServicer:
+    """Reranker scores (query, document) pairs with a Qwen3-Reranker model, exactly
+    as its model card does: the pair becomes
+    "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+    wrapped in the card's system prompt, and the score is the probability of
+    "yes" over "no" for the next token, in (0, 1).
+    """
+
+    def Rerank(self, request, context):
+        """One query against many documents: results sorted by score, highest
+        first (ties keep input order).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerankBatch(self, request, context):
+        """Many queries in one call: the pairs of every request are batched
+        together. One response per request, in request order. Every request must
+        take the same model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RerankerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=embedrpc_dot_v1_dot_embedder__pb2.RerankRequest.FromString,
+                    response_serializer=embedrpc_dot_v1_dot_embedder__pb2.RerankResponse.SerializeToString,
+            ),
+            'RerankBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerankBatch,
+                    request_deserializer=embedrpc_dot_v1_dot_embedder__pb2.RerankBatchRequest.FromString,
+                    response_serializer=embedrpc_dot_v1_dot_embedder__pb2.RerankBatchResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'embedrpc.v1.Reranker', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('embedrpc.v1.Reranker', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Reranker:
+    """Reranker scores (query, document) pairs with a Qwen3-Reranker model, exactly
+    as its model card does: the pair becomes
+    "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}",
+    wrapped in the card's system prompt, and the score is the probability of
+    "yes" over "no" for the next token, in (0, 1).
+    """
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedrpc.v1.Reranker/Rerank',
+            embedrpc_dot_v1_dot_embedder__pb2.RerankRequest.SerializeToString,
+            embedrpc_dot_v1_dot_embedder__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedrpc.v1.Reranker/RerankBatch',
+            embedrpc_dot_v1_dot_embedder__pb2.RerankBatchRequest.SerializeToString,
+            embedrpc_dot_v1_dot_embedder__pb2.RerankBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
