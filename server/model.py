@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent / "models" / "demo"
+# The bundled tiny Qwen3-Reranker (a prepared fp32 graph; scripts/make_demo_reranker.py).
+DEMO_RERANKER_DIR = Path(__file__).resolve().parent / "models" / "demo-reranker"
+# --model names of the bundled models.
+BUNDLED = {"demo": DEMO_DIR, "demo-reranker": DEMO_RERANKER_DIR}
 # The longest input we serve by default, whatever the model claims (the
 # real Qwen3-Embedding accepts 32k, but attention cost grows with length²).
 MAX_LENGTH_CAP = 8192
@@ -71,9 +76,10 @@ class ModelSpec:
 
 
 def resolve_model_path(model: str, onnx_file: str | None = None) -> tuple[str, Path]:
-    """Turn `--model` (demo, a directory, or a Hugging Face id) into (name, directory)."""
-    if model == "demo":
-        return "demo", DEMO_DIR
+    """Turn `--model` (demo, demo-reranker, a directory, or a Hugging Face id) into
+    (name, directory)."""
+    if model in BUNDLED:
+        return model, BUNDLED[model]
     path = Path(model).expanduser()
     if path.is_dir():
         return path.name, path
@@ -81,8 +87,8 @@ def resolve_model_path(model: str, onnx_file: str | None = None) -> tuple[str, P
         raise ModelError(f"--model {model!r} is a file; give the model's directory")
     if not _HF_ID.match(model):
         raise ModelError(
-            f"--model {model!r}: no such directory (give 'demo', a model directory, "
-            "or a Hugging Face id such as 'Qwen/Qwen3-Embedding-0.6B')"
+            f"--model {model!r}: no such directory (give 'demo', 'demo-reranker', a model "
+            "directory, or a Hugging Face id such as 'Qwen/Qwen3-Embedding-0.6B')"
         )
     return model, _download(model, onnx_file)
 
@@ -105,10 +111,16 @@ def _download(repo_id: str, onnx_file: str | None = None) -> Path:
     onnx = list(_ONNX_FILES)
     if onnx_file:
         onnx += [onnx_file, f"{onnx_file}_data*", f"onnx/{onnx_file}", f"onnx/{onnx_file}_data*"]
-    try:
-        files = HfApi().list_repo_files(repo_id)
-    except Exception:  # offline (HF_HUB_OFFLINE) or unreachable: take what is cached
-        files = None
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1", "true", "yes", "on")
+    files = None
+    if not offline:  # offline: what is cached, no waiting on the network
+        try:
+            files = HfApi().list_repo_files(repo_id)
+        except Exception:  # unreachable, unknown repo: snapshot_download says which
+            files = None
     if files is None:
         kind, patterns = "the hub's file list is unreachable", _SIDE_FILES + onnx + \
             _CHECKPOINT_FILES
