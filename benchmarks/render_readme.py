@@ -1,10 +1,10 @@
-"""Regenerate README.md's Performance section from the suite's JSON.
+"""Regenerate docs/performance.md's tables from the suite's JSON.
 
-    python benchmarks/render_readme.py [bench-out/suite.json] [--readme README.md]
+    python benchmarks/render_readme.py [bench-out/suite.json] [--readme docs/performance.md]
     python benchmarks/suite.py --readme          # runs the suite, then this
 
-Everything between the two marker comments below is replaced; the rest of the
-README is left alone.
+Everything between the two marker comments below is replaced; the rest of the page is
+left alone. The suite's checks against the project's goals stay in its JSON.
 """
 
 from __future__ import annotations
@@ -120,10 +120,6 @@ def render(data: dict[str, Any]) -> str:
                          f"{lat['p99_ms']:.2f} ms ({lat['requests']:,} requests).")
         if model.get("latency"):
             lines.append("")
-    if data.get("targets"):
-        lines += ["Targets (issue 3):", ""]
-        lines += [f"- {line.removeprefix('target ')}" for line in data["targets"]]
-        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -141,7 +137,7 @@ def update_readme(path: Path, data: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("json", type=Path, nargs="?", default=ROOT / "bench-out" / "suite.json")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "performance.md")
     parser.add_argument("--print", action="store_true", help="print the section, write nothing")
     ns = parser.parse_args(argv)
     data = json.loads(ns.json.read_text(encoding="utf-8"))

@@ -22,7 +22,7 @@ and the figures are medians over rounds, so a burst of load from elsewhere on a 
 machine hits every setup alike. Each side runs in its own process; the gRPC load generator
 runs at `--client-nice` so that on few cores it yields the CPU to the server it measures
 (its own CPU use is reported). Writes JSON (`--json`) and, with `--readme`, regenerates the
-README's Performance section from it (benchmarks/render_readme.py).
+docs/performance.md from it (benchmarks/render_readme.py).
 
 Models: `demo` is regenerated with its weights by scripts/make_demo_model.py (its
 model.onnx is checked byte-identical to the bundled one) because sentence-transformers
@@ -562,7 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models-dir", type=Path, default=ROOT / "bench-out" / "models")
     p.add_argument("--json", type=Path, default=ROOT / "bench-out" / "suite.json")
     p.add_argument("--readme", action="store_true",
-                   help="regenerate README.md's Performance section from the JSON")
+                   help="regenerate docs/performance.md from the JSON")
     ns = p.parse_args(argv)
     if ns.quick:
         ns.rounds, ns.seconds, ns.qwen_seconds, ns.warmup = 1, 2.0, 4.0, 0.5
@@ -605,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.readme:
         from render_readme import update_readme
 
-        update_readme(ROOT / "README.md", result)
-        log("updated the Performance section of README.md")
+        update_readme(ROOT / "docs" / "performance.md", result)
+        log("updated docs/performance.md")
     return 0
 
 

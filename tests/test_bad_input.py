@@ -52,7 +52,7 @@ LINE = "-" * 63 + "\n"  # 2 tokens: long tokens keep tokenizing 10 MB quick (~1 
 TEN_MB = LINE * 156_250  # 10,000,000 bytes
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
-# The request ids the server keeps (README, "Observability"): 1..128 of these characters.
+# The request ids the server keeps (docs/observability.md): 1..128 of these characters.
 PLAIN_ID = re.compile(r"[A-Za-z0-9\-_.:/+=@]{1,128}")
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -14,7 +14,7 @@ from embedrpc.cli import build_parser, parse_args
 from embedrpc.cli.options import config_from_namespace, config_options
 from embedrpc.server.config import GROUPS, OPTION_GROUPS, ServeConfig
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+FLAG_TABLE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 # A value for each kind of option, as text (flag, variable, file) and as parsed.
 SAMPLES = {"int": ("4096", 4096), "float": ("2.5", 2.5), "bool": ("true", True),
            "keys": ("k" * 20, ("k" * 20,))}
@@ -160,8 +160,8 @@ def test_ports_zero_means_any_free_port_and_unset_means_off(
     assert config_from_namespace(ServeConfig, parse_args(["serve"])).network.http_port is None
 
 
-def test_readme_flag_table_lists_every_serve_option() -> None:
-    text = README.read_text(encoding="utf-8")
+def test_the_documented_flag_table_lists_every_serve_option() -> None:
+    text = FLAG_TABLE.read_text(encoding="utf-8")
     table = text.split("`embedrpc serve` flags", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
     listed = set()
     for row in table.splitlines()[2:]:
