@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from embedrpc.server.errors import (
 )
 from embedrpc.server.frontends.http import error_from_embed
 
-from .conftest import running_server
+from .conftest import running_server, wait_until
 
 LIMIT = 64 << 10  # --max-message-bytes of the server under test
 
@@ -446,10 +445,8 @@ def test_listening_during_warm_up_answers_503(fake_model_dir: Path) -> None:
                                   metrics_port=0, fake_delay_ms=3000))
     started = asyncio.run_coroutine_threadsafe(srv.start(), loop)
     try:
-        deadline = time.monotonic() + 60
-        while srv.http_port is None:
-            assert time.monotonic() < deadline and not started.done(), started
-            time.sleep(0.01)
+        wait_until(lambda: srv.http_port is not None or started.done(), 60,
+                   lambda: f"HTTP not listening: {started}")
         assert not started.done()
         assert call(srv, "GET", "/health")[::2] == (503, {"status": "NOT_SERVING"})
         status, _, out = call(srv, "POST", "/v1/embeddings", {"input": "early"})

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,11 +248,12 @@ def test_spans_when_opentelemetry_is_installed(server, monkeypatch: pytest.Monke
             stub.Embed(pb.EmbedRequest(inputs=[]), timeout=10)
     # A call's status reaches the client as soon as the servicer aborts; its span ends a
     # moment later.
-    deadline = time.monotonic() + 5
-    while len(spans := [s for s in exporter.get_finished_spans()
-                        if s.name == "embedrpc.v1.Embedder/Embed"]) < 2:
-        assert time.monotonic() < deadline, spans
-        time.sleep(0.01)
+    def spans_now() -> list:
+        return [s for s in exporter.get_finished_spans()
+                if s.name == "embedrpc.v1.Embedder/Embed"]
+
+    wait_until(lambda: len(spans_now()) >= 2, 5, lambda: str(spans_now()))
+    spans = spans_now()
     [ok] = [s for s in spans if s.attributes["rpc.grpc.status_code"] == 0]
     assert ok.attributes["embedrpc.inputs"] == 2
     assert ok.attributes["embedrpc.tokens"] == reply.usage.prompt_tokens
@@ -305,13 +305,15 @@ def test_serve_with_json_logs_from_a_config_file(tmp_path: Path) -> None:
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 90
-        port = None
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
+        def serving_port() -> int | None:
             for line in list(lines):
                 if match := re.search(r"serving demo on 127\.0\.0\.1:(\d+)", line):
-                    port = int(match.group(1))
-            time.sleep(0.05)
+                    return int(match.group(1))
+            return None
+
+        wait_until(lambda: serving_port() is not None or proc.poll() is not None, 90,
+                   lambda: "server did not start:\n" + "".join(lines))
+        port = serving_port()
         assert port, "server did not start:\n" + "".join(lines)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             reply = pb_grpc.EmbedderStub(channel).Embed(

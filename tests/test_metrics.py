@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import socket
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -81,12 +80,16 @@ def test_requests_embeddings_tokens_and_batches_move_as_sent(server) -> None:
         sent_tokens += sum(r.usage.prompt_tokens for r in replies)
     # A call's status reaches the client as soon as the servicer aborts; it is counted a
     # moment later.
-    deadline = time.monotonic() + 5
-    while value(after := scrape(srv), "embedrpc_requests_total", method=EMBED,
-                code="INVALID_ARGUMENT") == value(before, "embedrpc_requests_total",
-                                                  method=EMBED, code="INVALID_ARGUMENT"):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    scraped = [before]
+
+    def counted() -> bool:
+        scraped[0] = scrape(srv)
+        return value(scraped[0], "embedrpc_requests_total", method=EMBED,
+                     code="INVALID_ARGUMENT") > value(before, "embedrpc_requests_total",
+                                                      method=EMBED, code="INVALID_ARGUMENT")
+
+    wait_until(counted, 5, lambda: "the refused call was not counted")
+    after = scraped[0]
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -146,15 +149,14 @@ def test_restarts_counted_after_a_worker_is_killed(server) -> None:
     before = value(scrape(srv), "embedrpc_worker_restarts_total", worker=victim.name)
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        after = scrape(srv)
-        if (value(after, "embedrpc_worker_restarts_total", worker=victim.name) == before + 1
-                and value(after, "embedrpc_workers_alive") == 2):
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError(f"restart not seen in metrics: {after}")
+    scraped: list[dict] = [{}]
+
+    def restarted() -> bool:
+        scraped[0] = after = scrape(srv)
+        return (value(after, "embedrpc_worker_restarts_total", worker=victim.name)
+                == before + 1 and value(after, "embedrpc_workers_alive") == 2)
+
+    wait_until(restarted, 20, lambda: f"restart not seen in metrics: {scraped[0]}")
     with EmbedClient(target) as client:
         assert client.embed(["still serving"]).shape[0] == 1
 
@@ -174,12 +176,14 @@ def test_queue_depth_gauges(slow_server) -> None:
         with ThreadPoolExecutor(1) as pool:
             # Ten texts at once: two batches of two go to the worker, six wait.
             future = pool.submit(client.embed, ["same length text"] * 10)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                now = scrape(srv)
-                if value(now, "embedrpc_queue_texts") == 6:
-                    break
-                time.sleep(0.02)
+            scraped: list[dict] = [{}]
+
+            def six_queued() -> bool:
+                scraped[0] = scrape(srv)
+                return value(scraped[0], "embedrpc_queue_texts") == 6
+
+            wait_until(six_queued, 5, lambda: f"queue: {scraped[0]}")
+            now = scraped[0]
             assert value(now, "embedrpc_queue_texts") == 6  # 10 sent, 4 at the worker
             assert value(now, "embedrpc_queue_tokens") == 6 * tokens
             assert future.result(30).shape[0] == 10
@@ -216,11 +220,9 @@ def test_http_client_gone_drops_its_texts(slow_server) -> None:
             wait_active(7)
             sent = srv.router.batches
         # The client closed its socket: its request is cancelled, its texts leave the queue.
-        deadline = time.monotonic() + 5
-        while value(scrape(srv), "embedrpc_requests_total", method="POST /v1/embeddings",
-                    code="CANCELLED") < 1:
-            assert time.monotonic() < deadline, "the abandoned request was not cancelled"
-            time.sleep(0.02)
+        wait_until(lambda: value(scrape(srv), "embedrpc_requests_total",
+                                 method="POST /v1/embeddings", code="CANCELLED") >= 1,
+                   5, lambda: "the abandoned request was not cancelled")
         cut_while_open = srv.router.batches - sent
         for future in busy:
             future.result(20)

@@ -281,15 +281,17 @@ def test_health_follows_worker_liveness(fake_model_dir) -> None:
 
         assert status() == health_pb2.HealthCheckResponse.SERVING
         os.kill(server.workers[0].pid, signal.SIGKILL)
-        seen = set()
-        deadline = time.monotonic() + 30
-        now = status()
-        while time.monotonic() < deadline and not (
-                health_pb2.HealthCheckResponse.NOT_SERVING in seen
-                and now == health_pb2.HealthCheckResponse.SERVING):
-            seen.add(now)
-            time.sleep(0.005)
-            now = status()
+        seen: set[int] = set()
+        last = [status()]
+
+        def back_after_not_serving() -> bool:
+            seen.add(last[0])
+            last[0] = status()
+            return (health_pb2.HealthCheckResponse.NOT_SERVING in seen
+                    and last[0] == health_pb2.HealthCheckResponse.SERVING)
+
+        wait_until(back_after_not_serving, 30, lambda: f"health went {sorted(seen)}")
+        now = last[0]
         # The only worker died: NOT_SERVING until it is back, then SERVING again.
         assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
         assert now == health_pb2.HealthCheckResponse.SERVING

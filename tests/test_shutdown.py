@@ -189,7 +189,9 @@ def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:
         call = pool.submit(client.embed, ["slow"] * 8)  # ~6 s of fake work
         server.wait_in_progress(1)
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        # Draining has begun (health says so), and the process waits for the call.
+        wait_until(lambda: any("shutting down" in line for line in server.lines), 10,
+                   lambda: "the first signal was not seen")
         assert server.proc.poll() is None, "the first signal must wait for the call"
         started = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
@@ -198,11 +200,9 @@ def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:
         assert code != 0
         with pytest.raises(grpc.RpcError):
             call.result(30)
-        time.sleep(0.5)  # the orphaned workers see their pipe close and exit
-        deadline = time.monotonic() + 10
-        while not all(process_gone(p) for p in server.worker_pids):
-            assert time.monotonic() < deadline, "workers outlived a hard stop"
-            time.sleep(0.1)
+        # The orphaned workers see their pipe close and exit.
+        wait_until(lambda: all(process_gone(p) for p in server.worker_pids), 10,
+                   lambda: "workers outlived a hard stop")
 
 
 def test_refuses_to_start_on_a_port_in_use(fake_model_dir: Path) -> None:

@@ -73,10 +73,8 @@ def test_killed_workers_lose_no_request() -> None:
             want = np.array([TEXTS[i][1] for i in idx], dtype=np.float32)
             assert_close(got, want, "after worker kills")
         # The restarted workers serve again.
-        deadline = started + 60
-        while not all(w.alive for w in server.workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert all(w.alive for w in server.workers)
+        wait_until(lambda: all(w.alive for w in server.workers), 60 - (time.monotonic() - started),
+                   lambda: "the restarted workers are not back")
         assert_close(client.embed([TEXTS[0][0]]), np.array([TEXTS[0][1]], dtype=np.float32),
                      "after restart")
 

@@ -92,6 +92,11 @@ class WorkerHandle:
         return PIPELINE_DEPTH - len(self._inflight) if self._alive else 0
 
     @property
+    def in_flight(self) -> int:
+        """Batches sent to the worker and not answered yet."""
+        return len(self._inflight)
+
+    @property
     def free_priority_slot(self) -> bool:
         """One more batch may go in, if it is a priority batch (the router's light
         clients): the worker runs it before the ones waiting."""
