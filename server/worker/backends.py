@@ -3,6 +3,9 @@
 A backend embeds one batch: `embed(ids, lengths) -> [B, H]`, `warmup()` and
 `describe()`. `OrtBackend` runs the ONNX graph through IOBinding on its device;
 `FakeBackend` is deterministic and fast, for tests of everything above the worker.
+A reranker's graph (Qwen3-Reranker, prepared by `embedrpc prepare`) outputs one score
+per row, `score` [B]; it comes back as [B, 1], a vector of width 1, so the router and
+the IPC treat it like any other.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 _PAST = re.compile(r"^past_key_values\.\d+\.(key|value)$|^past_(key|value)s?\.\d+$")
 _HIDDEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
 _POOLED_OUTPUT = "sentence_embedding"
+_SCORE_OUTPUT = "score"
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _PRECISION = {"tensor(float)": "float32", "tensor(float16)": "float16",
@@ -151,16 +155,31 @@ class OrtBackend:
                 raise ModelError(f"{self.spec.onnx_path}: unknown graph input {name!r}; embedrpc "
                             f"feeds {', '.join(sorted(known))} and past_key_values.*")
         self.inputs = inputs
-        name = _POOLED_OUTPUT if _POOLED_OUTPUT in outputs else next(
-            (n for n in _HIDDEN_OUTPUTS if n in outputs), None)
+        self.scores = self.spec.task == "rerank"
+        if self.scores:
+            if _SCORE_OUTPUT not in outputs:
+                raise ModelError(f"{self.spec.onnx_path}: served as a reranker, but the graph "
+                                 f"has no {_SCORE_OUTPUT!r} output (it has "
+                                 f"{', '.join(outputs)}); make a reranker graph with "
+                                 "`embedrpc prepare --task rerank`")
+            name: str | None = _SCORE_OUTPUT
+        elif _SCORE_OUTPUT in outputs and not any(
+                n in outputs for n in (*_HIDDEN_OUTPUTS, _POOLED_OUTPUT)):
+            raise ModelError(f"{self.spec.onnx_path}: the graph outputs reranker scores "
+                             f"({_SCORE_OUTPUT}), not vectors; serve it as a reranker "
+                             "(--task rerank, or auto)")
+        else:
+            name = _POOLED_OUTPUT if _POOLED_OUTPUT in outputs else next(
+                (n for n in _HIDDEN_OUTPUTS if n in outputs), None)
         if name is None:
             raise ModelError(f"{self.spec.onnx_path}: no usable output (need one of "
                         f"{', '.join((*_HIDDEN_OUTPUTS, _POOLED_OUTPUT))}; the graph has "
                         f"{', '.join(outputs)}). Export the feature-extraction task, not "
                         "text-generation.")
         self.output = name
-        self.pooled_by_graph = name == _POOLED_OUTPUT
-        dim = outputs[name].shape[-1]
+        # A score is computed whole by the graph, as a pooled vector is.
+        self.pooled_by_graph = name in (_POOLED_OUTPUT, _SCORE_OUTPUT)
+        dim = 1 if self.scores else outputs[name].shape[-1]
         self.hidden_size = dim if isinstance(dim, int) else self.spec.hidden_size
         # A prepared graph says what it computes in (its output is float32 whatever it is).
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -169,7 +188,7 @@ class OrtBackend:
 
     def describe(self) -> dict[str, Any]:
         info = {"hidden_size": self.hidden_size, "precision": self.precision,
-                "output": self.output, "inputs": sorted(self.inputs),
+                "task": self.spec.task, "output": self.output, "inputs": sorted(self.inputs),
                 "providers": self.session.get_providers(), "device": self.spec.device}
         if self.device_type == "cuda":
             info["attention_kernel"] = self.spec.options.attention_kernel
@@ -226,7 +245,7 @@ class OrtBackend:
         self.run(binding, self.run_options)
         out = binding.copy_outputs_to_cpu()[0]
         if self.pooled_by_graph:
-            return np.ascontiguousarray(out, dtype=np.float32)
+            return np.ascontiguousarray(out, dtype=np.float32).reshape(len(lengths), -1)
         return pool(out, lengths.astype(np.int64), self.spec.pooling)
 
     def warmup(self) -> None:
@@ -245,11 +264,13 @@ class FakeBackend:
 
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.hidden_size = spec.hidden_size
+        self.scores = spec.task == "rerank"
+        self.hidden_size = 1 if self.scores else spec.hidden_size
 
     def describe(self) -> dict[str, Any]:
         return {"hidden_size": self.hidden_size, "precision": "float32", "output": "fake",
-                "inputs": ["input_ids"], "providers": ["fake"], "device": self.spec.device}
+                "task": self.spec.task, "inputs": ["input_ids"], "providers": ["fake"],
+                "device": self.spec.device}
 
     def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         hooks = self.spec.hooks
@@ -260,8 +281,11 @@ class FakeBackend:
                 time.sleep(3600)
         if self.spec.options.fake_delay_ms:
             time.sleep(self.spec.options.fake_delay_ms / 1000)
-        return np.stack([fake_vector(row, self.hidden_size)
-                         for row in np.split(ids, np.cumsum(lengths)[:-1])])
+        vectors = np.stack([fake_vector(row, self.hidden_size)
+                            for row in np.split(ids, np.cumsum(lengths)[:-1])])
+        if self.scores:  # a reranker's score is in (0, 1)
+            return (1 / (1 + np.exp(-vectors))).astype(np.float32)
+        return vectors
 
     def warmup(self) -> None:
         if self.spec.hooks.fake_warmup_ms:

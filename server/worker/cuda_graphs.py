@@ -11,7 +11,8 @@ up to a (rows, length) bucket, and each bucket owns its buffers, bound once:
 - extra rows are one pad token each (attention sees a real token, so no row is
   all-masked); their outputs are dropped;
 - only graphs that pool inside (prepared models) qualify, so a replay leaves
-  [rows, H] on the device and nothing else is copied back;
+  [rows, H] on the device and nothing else is copied back (a reranker's graph leaves
+  its scores, [rows]);
 - batches over `max_tokens` padded tokens run with their exact shape: there the
   kernels are long and launch overhead is small beside them.
 
@@ -19,13 +20,13 @@ Every bucket is checked once, when it is first used: it runs once ordinarily (th
 memory arena grows to the shape), then on pad rows (the capture), then on the real
 batch (a replay), and the replay must agree with the ordinary path on that batch
 (cosine, not equality: on a GPU a padded shape may pick other kernels, and fp16
-rounds differently). A replay that reads stale inputs, or any other disagreement,
-turns graphs off for this worker with a warning; the batch is answered by the
-ordinary path. A capture or replay that fails also turns them off, and the session
-is rebuilt without CUDA graphs first: a kernel that fails during a capture can leave
-the session's stream unusable. With `capture` off (the CPU provider has no graphs)
-the same bucketed path runs with fixed bindings, which is what the CPU tests check
-against the reference.
+rounds differently; a reranker's scores by their difference, AGREE_SCORE_DIFF). A
+replay that reads stale inputs, or any other disagreement, turns graphs off for this
+worker with a warning; the batch is answered by the ordinary path. A capture or
+replay that fails also turns them off, and the session is rebuilt without CUDA
+graphs first: a kernel that fails during a capture can leave the session's stream
+unusable. With `capture` off (the CPU provider has no graphs) the same bucketed path
+runs with fixed bindings, which is what the CPU tests check against the reference.
 
 The common buckets (WARMUP_ROWS × every length within the limits) are made at the
 worker's warm-up, before it takes traffic, so their captures cost no client any
@@ -57,6 +58,7 @@ class SessionBackend(Protocol):
     hidden_size: int
     output: str
     pooled_by_graph: bool
+    scores: bool
     ids_dtype: type
     run_options: Any
 
@@ -77,6 +79,9 @@ LENGTH_BUCKETS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # reads another batch's inputs gives cosines far below either. describe() reports the
 # smallest cosine seen, so a GPU run shows the margin.
 AGREE_COSINE = 0.9995
+# A reranker's scores (in (0, 1)): replay and ordinary path at most this far apart, well
+# inside prepare's 2e-3 for fp16 against float32.
+AGREE_SCORE_DIFF = 1e-3
 CAPTURE_RUNS = 3  # ONNX Runtime may run a graph id normally a few times before capturing
 # Buckets made at warm-up: these row counts at every length bucket the limits allow.
 # Light traffic (where graphs pay) gives small batches; larger ones are made on first use.
@@ -112,6 +117,16 @@ def min_cosine(got: np.ndarray, want: np.ndarray) -> float:
         return float(np.min(np.sum(got64 * want64, 1) / np.maximum(norms, 1e-30)))
 
 
+def agreement(got: np.ndarray, want: np.ndarray, scores: bool) -> float:
+    """How well a replay agrees with the ordinary path: the smallest cosine between rows
+    (min_cosine), or for a reranker's scores 1 − the largest score difference (NaN
+    when any value is not finite)."""
+    if not scores:
+        return min_cosine(got, want)
+    with np.errstate(invalid="ignore"):
+        return 1.0 - float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+
+
 def warmup_batch(rows: int, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A batch that fills bucket (rows, width): the first row `width` tokens, the others
     shorter, ids spread over 0..pad_id (all valid: the pad token is in the vocabulary).
@@ -135,7 +150,8 @@ class _Slot:
         self.values = {name: ort.OrtValue.ortvalue_from_numpy(array, device, index)
                        for name, array in backend.feeds(ids, mask).items()}
         self.output = ort.OrtValue.ortvalue_from_shape_and_type(
-            [rows, backend.hidden_size], np.float32, device, index)
+            [rows] if backend.scores else [rows, backend.hidden_size], np.float32, device,
+            index)
         self.binding = backend.session.io_binding()
         for name, value in self.values.items():
             self.binding.bind_ortvalue_input(name, value)
@@ -162,7 +178,8 @@ class _Slot:
                 mask.astype(self.backend.int_type("attention_mask"), copy=False))
         options = self.backend.run_options if eager else self.run_options
         self.backend.run(self.binding, options)
-        return self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
+        out = self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
+        return out[:, None] if out.ndim == 1 else out  # a reranker's scores: [B, 1]
 
 
 class StaticShapes:
@@ -181,7 +198,10 @@ class StaticShapes:
         self._graph_ids = itertools.count(1)
         self.warmup_s: float | None = None
         self.warmup_buckets = 0  # made and checked at warm-up
-        self.min_agreement: float | None = None  # smallest replay-vs-ordinary cosine seen
+        # Smallest replay-vs-ordinary agreement seen (agreement(): a cosine, or for a
+        # reranker 1 − its largest score difference).
+        self.min_agreement: float | None = None
+        self.least_agreement = 1.0 - AGREE_SCORE_DIFF if backend.scores else AGREE_COSINE
 
     @property
     def what(self) -> str:
@@ -261,14 +281,14 @@ class StaticShapes:
                            f"{exc}", failed=True)
             return None
         want = self.backend.embed_exact(ids, lengths)
-        cosine = min_cosine(got, want)
-        if cosine == cosine:  # not NaN
-            self.min_agreement = min(cosine, self.min_agreement or 1.0)
-        if not np.isfinite(got).all() or not cosine >= AGREE_COSINE:
+        agree = agreement(got, want, self.backend.scores)
+        if agree == agree:  # not NaN
+            self.min_agreement = min(agree, self.min_agreement or 1.0)
+        if not np.isfinite(got).all() or not agree >= self.least_agreement:
             self._turn_off(f"bucket {shape[0]}x{shape[1]} disagreed with the ordinary path "
-                           f"(min cosine {cosine:.6f})", failed=False)
+                           f"(agreement {agree:.6f})", failed=False)
             return want
         self.slots[shape] = slot
-        log.debug("bucket %dx%d ready (min cosine to the ordinary path %.7f)",
-                  *shape, cosine)
+        log.debug("bucket %dx%d ready (agreement with the ordinary path %.7f)",
+                  *shape, agree)
         return got

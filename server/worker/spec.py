@@ -30,6 +30,9 @@ class WorkerSpec:
     # the server: its main process and the other workers share these cores, and threads
     # spinning while a batch waits on them took up to 3x the CPU per text under load.
     spin: bool = False
+    # "embed": the graph outputs vectors [B, H]; "rerank": a Qwen3-Reranker graph that
+    # outputs one score per row (`score` [B]), returned as [B, 1].
+    task: str = "embed"
     pooling: str = "lasttoken"
     pad_id: int = 0
     hidden_size: int = 0
