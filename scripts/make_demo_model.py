@@ -151,8 +151,13 @@ def corpus_lines() -> list[str]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer(bpe_vocab_size: int) -> Any:
-    """Train a Qwen2-style byte-level BPE tokenizer and return a `tokenizers.Tokenizer`."""
+def build_tokenizer(bpe_vocab_size: int, *, lines: Sequence[str] | None = None,
+                    append_eos: bool = True) -> Any:
+    """Train a Qwen2-style byte-level BPE tokenizer and return a `tokenizers.Tokenizer`.
+
+    lines: the training text (default: the demo corpus); append_eos: the post-processor
+    Qwen3-Embedding publishes (appends <|endoftext|>), else the base Qwen3 tokenizer's
+    (ByteLevel, appends nothing), which Qwen3-Reranker publishes."""
     from tokenizers import (
         AddedToken,
         Regex,
@@ -182,7 +187,7 @@ def build_tokenizer(bpe_vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(corpus_lines() if lines is None else lines, trainer=trainer)
     # Added after training so that, as in Qwen, the added tokens get the ids right after the
     # BPE vocabulary, in Qwen's order and with its special flags, and are not in model.vocab.
     for entry in qwen_added_tokens():
@@ -192,11 +197,15 @@ def build_tokenizer(bpe_vocab_size: int) -> Any:
         else:
             tok.add_tokens([token])
     eos_id = tok.token_to_id(EOS_TOKEN)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"$A:0 {EOS_TOKEN}:0",
-        pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
-        special_tokens=[(EOS_TOKEN, eos_id)],
-    )
+    if append_eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A:0 {EOS_TOKEN}:0",
+            pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
+            special_tokens=[(EOS_TOKEN, eos_id)],
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                                  use_regex=False)
     # The trainer resets a few model/decoder fields; set them to the values Qwen's file has.
     data = json.loads(tok.to_str())
     data["model"].update(continuing_subword_prefix="", end_of_word_suffix="")

@@ -156,7 +156,12 @@ def cases() -> list[dict[str, Any]]:
     ]
 
 
-def main() -> int:
+def card_reference(directory: Path, case_list: list[dict[str, Any]]) -> dict[str, Any]:
+    """The model card's procedure with transformers on the checkpoint in `directory`, for
+    every case of `case_list` (shaped like cases(); a case named "exact_limit" gets the
+    max_length that puts its exact_document at the limit). Returns the reference's
+    fields: prefix/suffix/yes/no ids, versions, and per case its groups with token ids,
+    truncation flags and scores."""
     import numpy as np
     import torch
     import transformers
@@ -165,97 +170,109 @@ def main() -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == \
+        model.model.embed_tokens.weight.data_ptr()
+    token_false_id = tokenizer.convert_tokens_to_ids("no")
+    token_true_id = tokenizer.convert_tokens_to_ids("yes")
+    prefix_tokens = tokenizer.encode(CARD_PREFIX, add_special_tokens=False)
+    suffix_tokens = tokenizer.encode(CARD_SUFFIX, add_special_tokens=False)
+    wrap = len(prefix_tokens) + len(suffix_tokens)
+
+    def format_instruction(instruction: str | None, query: str, doc: str) -> str:
+        if instruction is None:
+            instruction = CARD_INSTRUCTION
+        return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
+
+    def process_inputs(pairs: list[str], max_length: int) -> Any:
+        inputs = tokenizer(pairs, padding=False, truncation="longest_first",
+                           return_attention_mask=False, max_length=max_length - wrap)
+        for i, ele in enumerate(inputs["input_ids"]):
+            inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
+        return tokenizer.pad(inputs, padding=True, return_tensors="pt",
+                             max_length=max_length)
+
+    @torch.no_grad()
+    def compute_logits(inputs: Any) -> list[float]:
+        batch_scores = model(**inputs).logits[:, -1, :]
+        true_vector = batch_scores[:, token_true_id]
+        false_vector = batch_scores[:, token_false_id]
+        batch_scores = torch.stack([false_vector, true_vector], dim=1)
+        batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
+        return batch_scores[:, 1].exp().tolist()
+
+    out_cases = []
+    for case in case_list:
+        instruction = case["instruction"]
+        if case["name"] == "exact_limit":
+            text = format_instruction(instruction, case["groups"][0][0],
+                                      case["exact_document"])
+            case = {**case, "max_length": len(tokenizer(text)["input_ids"]) + wrap}
+        max_length = case["max_length"]
+        texts = [format_instruction(instruction, q, d) for q, docs in case["groups"]
+                 for d in docs]
+        inputs = process_inputs(texts, max_length)
+        scores = compute_logits(inputs)
+        ids = [[int(t) for t, m in zip(row, mask, strict=True) if m]
+               for row, mask in zip(inputs["input_ids"].tolist(),
+                                    inputs["attention_mask"].tolist(), strict=True)]
+        # Left padding as the card pads: the real tokens end every row.
+        assert all(row[-1] == 1 for row in inputs["attention_mask"].tolist())
+        whole = [len(tokenizer(t)["input_ids"]) for t in texts]
+        cut = [n > max_length - wrap for n in whole]
+        assert all(len(r) <= max_length for r in ids)
+        groups, start = [], 0
+        for query, docs in case["groups"]:
+            stop = start + len(docs)
+            groups.append({"query": query, "documents": docs,
+                           "token_ids": ids[start:stop], "truncated": cut[start:stop],
+                           "scores": scores[start:stop]})
+            start = stop
+        out_cases.append({"name": case["name"], "instruction": instruction,
+                          "max_length": max_length, "groups": groups})
+        gaps = [float(np.diff(np.sort(g["scores"])).min()) for g in groups]
+        say(f"{case['name']}: {len(texts)} pairs, max_length {max_length}, "
+            f"{sum(cut)} cut, scores {min(scores):.3f}..{max(scores):.3f}, smallest "
+            f"gap within a query {min(gaps):.3f}")
+    return {
+        "procedure": "Qwen3-Reranker-0.6B model card, transformers, float32",
+        "card_max_length": CARD_MAX_LENGTH,
+        "default_instruction": CARD_INSTRUCTION,
+        "prefix_ids": prefix_tokens, "suffix_ids": suffix_tokens,
+        "yes_id": token_true_id, "no_id": token_false_id,
+        "made_with": {"torch": torch.__version__,
+                      "transformers": transformers.__version__},
+        "cases": out_cases,
+    }
+
+
+def main() -> int:
     with tempfile.TemporaryDirectory(prefix="embedrpc-reranker-") as tmp:
         directory = fx.write_reranker_checkpoint(Path(tmp) / "Qwen3-Reranker-tiny")
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(str(directory),
-                                                     dtype=torch.float32).eval()
-        assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == \
-            model.model.embed_tokens.weight.data_ptr()
-        token_false_id = tokenizer.convert_tokens_to_ids("no")
-        token_true_id = tokenizer.convert_tokens_to_ids("yes")
-        prefix_tokens = tokenizer.encode(CARD_PREFIX, add_special_tokens=False)
-        suffix_tokens = tokenizer.encode(CARD_SUFFIX, add_special_tokens=False)
-        wrap = len(prefix_tokens) + len(suffix_tokens)
-
-        def format_instruction(instruction: str | None, query: str, doc: str) -> str:
-            if instruction is None:
-                instruction = CARD_INSTRUCTION
-            return f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {doc}"
-
-        def process_inputs(pairs: list[str], max_length: int) -> Any:
-            inputs = tokenizer(pairs, padding=False, truncation="longest_first",
-                               return_attention_mask=False, max_length=max_length - wrap)
-            for i, ele in enumerate(inputs["input_ids"]):
-                inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
-            return tokenizer.pad(inputs, padding=True, return_tensors="pt",
-                                 max_length=max_length)
-
-        @torch.no_grad()
-        def compute_logits(inputs: Any) -> list[float]:
-            batch_scores = model(**inputs).logits[:, -1, :]
-            true_vector = batch_scores[:, token_true_id]
-            false_vector = batch_scores[:, token_false_id]
-            batch_scores = torch.stack([false_vector, true_vector], dim=1)
-            batch_scores = torch.nn.functional.log_softmax(batch_scores, dim=1)
-            return batch_scores[:, 1].exp().tolist()
-
-        out_cases = []
-        for case in cases():
-            instruction = case["instruction"]
-            if case["name"] == "exact_limit":
-                text = format_instruction(instruction, case["groups"][0][0],
-                                          case["exact_document"])
-                case["max_length"] = len(tokenizer(text)["input_ids"]) + wrap
-            max_length = case["max_length"]
-            texts = [format_instruction(instruction, q, d) for q, docs in case["groups"]
-                     for d in docs]
-            inputs = process_inputs(texts, max_length)
-            scores = compute_logits(inputs)
-            ids = [[int(t) for t, m in zip(row, mask, strict=True) if m]
-                   for row, mask in zip(inputs["input_ids"].tolist(),
-                                        inputs["attention_mask"].tolist(), strict=True)]
-            # Left padding as the card pads: the real tokens end every row.
-            assert all(row[-1] == 1 for row in inputs["attention_mask"].tolist())
-            whole = [len(tokenizer(t)["input_ids"]) for t in texts]
-            cut = [n > max_length - wrap for n in whole]
-            assert all(len(r) <= max_length for r in ids)
-            groups, start = [], 0
-            for query, docs in case["groups"]:
-                stop = start + len(docs)
-                groups.append({"query": query, "documents": docs,
-                               "token_ids": ids[start:stop], "truncated": cut[start:stop],
-                               "scores": scores[start:stop]})
-                start = stop
-            out_cases.append({"name": case["name"], "instruction": instruction,
-                              "max_length": max_length, "groups": groups})
-            gaps = [float(np.diff(np.sort(g["scores"])).min()) for g in groups]
-            say(f"{case['name']}: {len(texts)} pairs, max_length {max_length}, "
-                f"{sum(cut)} cut, scores {min(scores):.3f}..{max(scores):.3f}, smallest "
-                f"gap within a query {min(gaps):.3f}")
-
-        by_name = {c["name"]: c for c in out_cases}
-        exact = by_name["exact_limit"]["groups"][0]
-        assert exact["truncated"] == [False, True, False], exact["truncated"]
-        assert len(exact["token_ids"][0]) == len(exact["token_ids"][1]) == \
-            by_name["exact_limit"]["max_length"]
-        long_cut = [c for g in by_name["long_documents"]["groups"] for c in g["truncated"]]
-        assert long_cut == [True, True, False, True, True, True], long_cut
-        every = [s for c in out_cases for g in c["groups"] for s in g["scores"]]
-        # Random weights, yet scores spread over (0, 1), not bunched near 0.5.
-        assert min(every) < 0.1 and max(every) > 0.9, (min(every), max(every))
-        reference = {
-            "model": "Qwen3-Reranker (tiny, random weights)",
-            "checkpoint": fx.describe_reranker(),
-            "procedure": "Qwen3-Reranker-0.6B model card, transformers, float32",
-            "card_max_length": CARD_MAX_LENGTH,
-            "default_instruction": CARD_INSTRUCTION,
-            "prefix_ids": prefix_tokens, "suffix_ids": suffix_tokens,
-            "yes_id": token_true_id, "no_id": token_false_id,
-            "made_with": {"torch": torch.__version__,
-                          "transformers": transformers.__version__},
-            "cases": out_cases,
-        }
+        card = card_reference(directory, cases())
+    out_cases = card.pop("cases")
+    by_name = {c["name"]: c for c in out_cases}
+    exact = by_name["exact_limit"]["groups"][0]
+    assert exact["truncated"] == [False, True, False], exact["truncated"]
+    assert len(exact["token_ids"][0]) == len(exact["token_ids"][1]) == \
+        by_name["exact_limit"]["max_length"]
+    long_cut = [c for g in by_name["long_documents"]["groups"] for c in g["truncated"]]
+    assert long_cut == [True, True, False, True, True, True], long_cut
+    every = [s for c in out_cases for g in c["groups"] for s in g["scores"]]
+    # Random weights, yet scores spread over (0, 1), not bunched near 0.5.
+    assert min(every) < 0.1 and max(every) > 0.9, (min(every), max(every))
+    reference = {
+        "model": "Qwen3-Reranker (tiny, random weights)",
+        "checkpoint": fx.describe_reranker(),
+        "procedure": card["procedure"],
+        "card_max_length": card["card_max_length"],
+        "default_instruction": card["default_instruction"],
+        "prefix_ids": card["prefix_ids"], "suffix_ids": card["suffix_ids"],
+        "yes_id": card["yes_id"], "no_id": card["no_id"],
+        "made_with": card["made_with"],
+        "cases": out_cases,
+    }
     OUT.write_text(json.dumps(reference, ensure_ascii=False, indent=1) + "\n",
                    encoding="utf-8")
     say(f"wrote {OUT.relative_to(ROOT)} ({len(every)} pairs, scores {min(every):.3f}.."
