@@ -1,9 +1,11 @@
-"""Assemble the server and run its lifecycle: model → workers → router → front ends
-(gRPC: Embedder, health, reflection; the OpenAI-compatible HTTP routes; /metrics).
+"""Assemble the server and run its lifecycle: models → workers → routers → front ends
+(gRPC: Embedder, Reranker, health, reflection; the HTTP routes; /metrics).
 
-`start()` spawns the workers, opens the ports (health NOT_SERVING) and turns SERVING
-once every worker answered its warm-up; `stop()` drains. Options: server/config.py;
-signals: server/signals.py.
+Each model (--model, given once or more) gets its own tokenizer, core, router and
+workers on every device (ServedModel); the front ends ask `Cores` which model serves a
+request. `start()` spawns every model's workers, opens the ports (health NOT_SERVING)
+and turns SERVING once every worker answered its warm-up; `stop()` drains. Options:
+server/config.py; signals: server/signals.py.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import asyncio
 import dataclasses
 import logging
 import ssl
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,17 +25,24 @@ from embedrpc import __version__
 from embedrpc.v1 import embedder_pb2 as pb
 
 from .checkpoints import serving_directory
-from .config import DebugHooks, ServeConfig
-from .core import EmbeddingCore, ModelInfo
+from .config import BatchConfig, DebugHooks, ServeConfig
+from .core import Calls, Cores, EmbeddingCore, ModelInfo, RerankCore
 from .devices import available_cores, resolve_devices
-from .errors import ModelError
+from .errors import EmbedError, ModelError
 from .frontends.grpc_observing import ObservingInterceptor
-from .frontends.grpc_service import EmbedderService, add_embedder_to_server
+from .frontends.grpc_service import (
+    EmbedderService,
+    RerankerService,
+    add_embedder_to_server,
+    add_reranker_to_server,
+)
 from .frontends.http import HttpServer, tls_context
 from .metrics import Metrics
-from .model import ModelSpec, load_model_spec
+from .model import ModelSpec, find_onnx, load_model_spec
+from .rerank import PairEncoder, model_max_length
 from .router import Router
 from .security import ServerSecurity
+from .tasks import RERANK
 from .tokenizer import TextEncoder
 from .worker.handle import WorkerHandle
 from .worker.spec import WorkerSpec
@@ -39,6 +50,30 @@ from .worker.spec import WorkerSpec
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
+RERANKER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
+
+
+@dataclasses.dataclass(eq=False)
+class ServedModel:
+    """One model of the server: its directory, tokenizer, core, workers and router."""
+
+    name: str
+    task: str  # "embed" or "rerank"
+    path: Path
+    onnx_path: Path
+    max_length: int
+    hidden_size: int  # the width of what its workers return (1: a reranker's score)
+    spec: ModelSpec | None  # embedding models
+    encoder: TextEncoder | PairEncoder
+    core: EmbeddingCore | RerankCore
+    batch_config: BatchConfig
+    workers: list[WorkerHandle] = dataclasses.field(default_factory=list)
+    router: Router | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Some worker of this model can take batches."""
+        return any(w.alive for w in self.workers)
 
 
 class EmbedServer:
@@ -53,47 +88,58 @@ class EmbedServer:
         self.security = ServerSecurity.from_config(config.security, host=config.network.host)
         self.devices = resolve_devices(options.device) if options.backend == "onnx" \
             else ["cpu"]
-        # A checkpoint (no ONNX graph) is prepared into the cache first, or found there.
-        name, directory = serving_directory(
-            config.model.model, onnx_file=config.model.onnx_file,
-            precision=config.model.precision, device=self.devices[0],
-            cache_dir=config.model.cache_dir)
-        self.spec: ModelSpec = load_model_spec(str(directory), onnx_file=config.model.onnx_file,
-                                               max_length=config.model.max_length, name=name)
-        self.encoder = TextEncoder(self.spec)
-        # Serves both front ends; UNAVAILABLE ("still loading") until the warm-up is done.
-        self.core = EmbeddingCore(spec=self.spec, encoder=self.encoder, limits=config.limits,
-                                  keyed=self.security.keys is not None)
         kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"
-        self.batch_config = config.batching.for_device(kind, self.spec.max_length)
-        if self.batch_config.max_batch_tokens < self.spec.max_length:  # type: ignore[operator]
-            raise ModelError(f"--max-batch-tokens {self.batch_config.max_batch_tokens} is "
-                             f"below max_length {self.spec.max_length}: the longest input "
-                             "would never fit")
         if options.cuda_graphs and options.backend == "onnx" and kind == "cpu":
             if options.device != "auto":
                 raise ModelError(f"--cuda-graphs needs a CUDA device, not --device "
                                  f"{options.device}")
             log.warning("--cuda-graphs: no GPU, so no CUDA graphs")
             options = dataclasses.replace(options, cuda_graphs=False)
-        cpu_workers = options.workers if kind == "cpu" else 0
+        # Serves every front end's calls; UNAVAILABLE ("still loading") until the warm-up.
+        self.calls = Calls()
+        self.models: list[ServedModel] = []
+        for model in config.model.model:
+            # A checkpoint (no ONNX graph) is prepared into the cache first, or found there.
+            name, directory, task = serving_directory(
+                model, onnx_file=config.model.onnx_file, precision=config.model.precision,
+                device=self.devices[0], cache_dir=config.model.cache_dir,
+                task=config.model.task)
+            if any(m.name == name for m in self.models):
+                raise ModelError(f"two --model are named {name!r}: requests could not tell "
+                                 "them apart; serve them from directories of other names")
+            self.models.append(self._load(name, directory, task, kind))
+        # The CPU's cores are shared by every model's workers.
+        cpu_workers = options.workers * len(self.models) if kind == "cpu" else 0
         threads = max(1, available_cores() // max(cpu_workers, 1))
-        self.workers: list[WorkerHandle] = []
-        for device in self.devices:
-            spec = WorkerSpec(
-                options=options, logging=config.logging, hooks=hooks,
-                onnx_path=str(self.spec.onnx_path), device=device, threads=threads,
-                pooling=self.spec.pooling, pad_id=self.encoder.pad_id,
-                hidden_size=self.spec.hidden_size, max_length=self.spec.max_length)
-            for i in range(options.workers):
-                self.workers.append(WorkerHandle(spec, name=f"worker-{device}-{i}",
-                                                 on_change=self._on_worker_change))
-        self.router: Router | None = None
+        several = len(self.models) > 1
+        for m in self.models:
+            for device in self.devices:
+                spec = WorkerSpec(
+                    options=options, logging=config.logging, hooks=hooks,
+                    onnx_path=str(m.onnx_path), device=device, threads=threads, task=m.task,
+                    pooling=m.spec.pooling if m.spec else "lasttoken",
+                    pad_id=m.encoder.pad_id, hidden_size=m.hidden_size,
+                    max_length=m.max_length)
+                for i in range(options.workers):
+                    m.workers.append(WorkerHandle(
+                        spec, name=f"{m.name}:worker-{device}-{i}" if several
+                        else f"worker-{device}-{i}",
+                        on_change=lambda m=m: self._on_worker_change(m)))
+        self.cores = Cores([m.core for m in self.models], calls=self.calls)
+        # The first model's pieces, and the first embedding model's spec, by their old
+        # names (one model: the model's).
+        first = self.models[0]
+        self.core = first.core
+        self.encoder = first.encoder
+        self.batch_config = first.batch_config
+        self.spec: ModelSpec | None = next((m.spec for m in self.models if m.spec), None)
+        self.workers: list[WorkerHandle] = [w for m in self.models for w in m.workers]
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.service: EmbedderService | None = None
+        self.reranker: RerankerService | None = None
         self.port = 0
-        self.metrics = Metrics(model=self.spec.name)
+        self.metrics = Metrics(models=[m.name for m in self.models])
         self.metrics_port: int | None = None  # where /metrics listens, when it does
         self.http: HttpServer | None = None
         self.http_port: int | None = None
@@ -101,13 +147,65 @@ class EmbedServer:
         self._serving: bool | None = None  # None outside normal operation
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _on_worker_change(self) -> None:
-        """A worker became ready, freed a slot, died or failed (runs on the loop)."""
-        if self.router is not None:
-            self.router.wake()
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def router(self) -> Router | None:
+        """The first model's router (one model: its router)."""
+        return self.models[0].router
+
+    def _load(self, name: str, directory: Path, task: str, kind: str) -> ServedModel:
+        """A model's tokenizer, core and batch settings (its workers come later)."""
+        config = self.config
+        keyed = self.security.keys is not None
+        max_length = config.model.max_length
+        if task == RERANK:
+            missing = [f for f in ("tokenizer.json", "config.json")
+                       if not (directory / f).is_file()]
+            if missing:
+                raise ModelError(f"{directory}: missing {', '.join(missing)} (a reranker "
+                                 "directory needs model.onnx, tokenizer.json and "
+                                 "config.json; `embedrpc prepare` writes them)")
+            onnx_path = find_onnx(directory, config.model.onnx_file)
+            if max_length is not None and max_length > model_max_length(directory):
+                log.warning("--max-length %d is above %s's own limit %d", max_length, name,
+                            model_max_length(directory))
+            pairs = PairEncoder(directory, max_length=max_length)
+            served = ServedModel(
+                name=name, task=task, path=directory, onnx_path=onnx_path,
+                max_length=pairs.max_length, hidden_size=1, spec=None, encoder=pairs,
+                core=RerankCore(name=name, encoder=pairs, limits=config.limits, keyed=keyed,
+                                calls=self.calls),
+                batch_config=config.batching.for_device(kind, pairs.max_length))
+        else:
+            spec = load_model_spec(str(directory), onnx_file=config.model.onnx_file,
+                                   max_length=max_length, name=name)
+            encoder = TextEncoder(spec)
+            served = ServedModel(
+                name=spec.name, task=task, path=directory, onnx_path=spec.onnx_path,
+                max_length=spec.max_length, hidden_size=spec.hidden_size, spec=spec,
+                encoder=encoder,
+                core=EmbeddingCore(spec=spec, encoder=encoder, limits=config.limits,
+                                   keyed=keyed, calls=self.calls),
+                batch_config=config.batching.for_device(kind, spec.max_length))
+        budget = served.batch_config.max_batch_tokens
+        if budget < served.max_length:  # type: ignore[operator]
+            raise ModelError(f"--max-batch-tokens {budget} is below max_length "
+                             f"{served.max_length}{f' of {name}' if task == RERANK else ''}: "
+                             "the longest input would never fit")
+        return served
+
+    def _on_worker_change(self, model: ServedModel) -> None:
+        """A worker of `model` became ready, freed a slot, died or failed (runs on the
+        loop)."""
+        if model.router is not None:
+            model.router.wake()
         if self._serving is None:
             return  # still starting, or shutting down: start() and stop() own health
-        serving = any(w.alive for w in self.workers)
+        # Serving while every model has a live worker.
+        serving = all(m.serving for m in self.models)
         if serving != self._serving:
             # With no live worker, requests wait for a restart: let balancers go elsewhere.
             self._serving = serving
@@ -119,22 +217,52 @@ class EmbedServer:
             task.add_done_callback(self._tasks.discard)
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SERVICE_NAME):
+        services = ["", SERVICE_NAME]
+        if any(m.task == RERANK for m in self.models):
+            services.append(RERANKER_SERVICE_NAME)
+        for service in services:
             await self.health.set(service, status)
 
-    def _info(self) -> ModelInfo:
-        precision = {w.info.get("precision", "float32") for w in self.workers}
+    def _info(self, m: ServedModel) -> ModelInfo:
+        precision = {w.info.get("precision", "float32") for w in m.workers}
+        common: dict[str, Any] = dict(
+            model=m.name, max_length=m.max_length, precision=",".join(sorted(precision)),
+            devices=tuple(self.devices), max_batch_tokens=m.batch_config.max_batch_tokens,
+            version=__version__, max_inputs=self.config.limits.max_inputs,
+            workers=len(m.workers), task=m.task)
+        if isinstance(m.encoder, PairEncoder):
+            return ModelInfo(**common, dimensions=0, min_dimensions=0, prompt_names=(),
+                             pooling="", pooled_token="", pooled_token_id=0,
+                             pooled_token_source="",
+                             default_instruction=m.encoder.default_instruction)
+        assert m.spec is not None
         return ModelInfo(
-            model=self.spec.name, dimensions=self.spec.hidden_size,
-            min_dimensions=self.spec.min_dimensions, max_length=self.spec.max_length,
-            prompt_names=tuple(sorted(self.spec.prompts)), pooling=self.spec.pooling,
-            precision=",".join(sorted(precision)), devices=tuple(self.devices),
-            max_batch_tokens=self.batch_config.max_batch_tokens, version=__version__,
-            max_inputs=self.config.limits.max_inputs, workers=len(self.workers),
-            pooled_token=self.encoder.pooled.token,
-            pooled_token_id=max(self.encoder.pooled.id, 0),
-            pooled_token_source=self.encoder.pooled.source,
-        )
+            **common, dimensions=m.spec.hidden_size, min_dimensions=m.spec.min_dimensions,
+            prompt_names=tuple(sorted(m.spec.prompts)), pooling=m.spec.pooling,
+            pooled_token=m.encoder.pooled.token,
+            pooled_token_id=max(m.encoder.pooled.id, 0),
+            pooled_token_source=m.encoder.pooled.source)
+
+    def _model_of(self, method: str, request: Any) -> str:
+        """The model a gRPC call is about (its span, its metrics' model label): the one
+        it names or takes by default; "" for none (or one this server does not serve)."""
+        if len(self.models) == 1:
+            return self.models[0].name  # every call is about the one model
+        try:
+            if isinstance(request, pb.EmbedRequest | pb.TokenizeRequest):
+                return self.cores.embedder(request.model).name
+            if isinstance(request, pb.RerankRequest):
+                return self.cores.reranker(request.model).name
+            if isinstance(request, pb.RerankBatchRequest):
+                return self.cores.reranker(
+                    request.requests[0].model if request.requests else "").name
+            if isinstance(request, pb.InfoRequest):
+                return self.cores.named(request.model).name
+            if method.endswith("/EmbedStream"):  # its requests' default model
+                return self.cores.embedder("").name
+        except EmbedError:
+            pass
+        return ""
 
     async def start(self) -> int:
         """Start workers, then the gRPC server (NOT_SERVING until warm-up); return the port."""
@@ -146,31 +274,44 @@ class EmbedServer:
             await asyncio.to_thread(self.metrics.close)
             raise
 
+    def _log_model(self, m: ServedModel) -> None:
+        workers = f"on {','.join(self.devices)} × {self.config.devices.workers} workers"
+        if m.spec is None:
+            assert isinstance(m.encoder, PairEncoder)
+            log.info("model %s (reranker, max_length %d: the model card's pairs, yes/no "
+                     "tokens %d/%d) %s", m.name, m.max_length, m.encoder.yes_id,
+                     m.encoder.no_id, workers)
+            return
+        spec = m.spec
+        log.info("model %s (%s pooling, %d dimensions, max_length %d) %s", spec.name,
+                 spec.pooling, spec.hidden_size, spec.max_length, workers)
+        for assumption in spec.assumed:
+            log.info("model directory: %s", assumption)
+        if spec.pooling == "lasttoken":
+            assert isinstance(m.encoder, TextEncoder)
+            log.info("pooled token: %s", m.encoder.pooled.describe())
+        if not spec.normalize:
+            log.warning("the model's sentence-transformers pipeline has no Normalize module; "
+                        "vectors are still L2-normalised unless a request sets normalize=false")
+
     async def _start(self) -> int:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        log.info("model %s (%s pooling, %d dimensions, max_length %d) on %s × %d workers",
-                 self.spec.name, self.spec.pooling, self.spec.hidden_size,
-                 self.spec.max_length, ",".join(self.devices), cfg.devices.workers)
-        for assumption in self.spec.assumed:
-            log.info("model directory: %s", assumption)
-        if self.spec.pooling == "lasttoken":
-            log.info("pooled token: %s", self.encoder.pooled.describe())
-        if not self.spec.normalize:
-            log.warning("the model's sentence-transformers pipeline has no Normalize module; "
-                        "vectors are still L2-normalised unless a request sets normalize=false")
+        for m in self.models:
+            self._log_model(m)
         # Spawn workers before the gRPC server exists (grpc and fork do not mix).
         ready = [w.start(loop) for w in self.workers]
-        self.router = Router(self.workers, self.batch_config, self.spec.hidden_size,
-                             metrics=self.metrics)
-        self.metrics.watch(self.router, self.workers)
+        for m in self.models:
+            m.router = Router(m.workers, m.batch_config, m.hidden_size,
+                              metrics=self.metrics.for_model(m.name))
+            self.metrics.watch(m.router, m.workers, model=m.name)
         options = [
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on the same port fails loudly
         ]
         self.server = grpc.aio.server(
-            options=options, interceptors=[ObservingInterceptor(self.metrics, self.spec.name),
+            options=options, interceptors=[ObservingInterceptor(self.metrics, self._model_of),
                                            *self.security.interceptors()])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -189,20 +330,32 @@ class EmbedServer:
         except BaseException:
             await self._stop_workers()
             raise
-        for w, info in zip(self.workers, infos, strict=True):
-            if info["hidden_size"] != self.spec.hidden_size:
-                await self._stop_workers()
-                raise ModelError(f"the graph's output has {info['hidden_size']} dimensions; "
-                                 f"config says {self.spec.hidden_size}")
-            extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
-                            if info.get(key))
-            log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"), extra)
-        self.core.open(self.router, self._info())
-        self.service = service = EmbedderService(self.core)
+        by_worker = dict(zip(self.workers, infos, strict=True))
+        for m in self.models:
+            for w in m.workers:
+                info = by_worker[w]
+                if info["hidden_size"] != m.hidden_size:
+                    await self._stop_workers()
+                    what = "scores" if m.task == RERANK else "vectors"
+                    raise ModelError(f"{m.name}: the graph's output has {info['hidden_size']} "
+                                     f"dimensions; {m.hidden_size} expected ({what})")
+                extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
+                                if info.get(key))
+                log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"),
+                         extra)
+        for m in self.models:
+            assert m.router is not None
+            m.core.open(m.router, self._info(m))
+        self.service = service = EmbedderService(self.cores)
         add_embedder_to_server(service, self.server)
+        self.reranker = RerankerService(self.cores)
+        add_reranker_to_server(self.reranker, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.router.start()
+            (SERVICE_NAME, RERANKER_SERVICE_NAME, health.SERVICE_NAME,
+             reflection.SERVICE_NAME), self.server)
+        for m in self.models:
+            assert m.router is not None
+            m.router.start()
         await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
@@ -219,8 +372,7 @@ class EmbedServer:
                 log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
             if net.http_port is not None:
                 what = "HTTP"
-                self.http = HttpServer(core=self.core, model=self.spec.name,
-                                       metrics=self.metrics,
+                self.http = HttpServer(cores=self.cores, metrics=self.metrics,
                                        serving=lambda: self._serving is True,
                                        max_body_bytes=cfg.limits.max_message_bytes,
                                        max_connections=net.max_http_connections,
@@ -266,7 +418,7 @@ class EmbedServer:
             # Calls in flight finish within the grace period; once none is left, streams
             # that never end by themselves (health watchers, idle EmbedStreams) are closed
             # instead of holding the process for the whole grace period.
-            while not stopping.done() and self.core.active:
+            while not stopping.done() and self.calls.active:
                 await asyncio.wait([stopping], timeout=0.05)
             if not stopping.done():  # let the last responses leave first
                 await asyncio.wait([stopping], timeout=0.5)
@@ -274,8 +426,9 @@ class EmbedServer:
                 await self.server.stop(0)
             await stopping
         await http_stopping
-        if self.router is not None:
-            await self.router.close()
+        for m in self.models:
+            if m.router is not None:
+                await m.router.close()
         await asyncio.gather(self._stop_workers(), asyncio.to_thread(self.metrics.close))
 
 

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from .errors import ModelError
-from .model import find_onnx, resolve_model_path
+from .model import BUNDLED, find_onnx, resolve_model_path
+from .tasks import model_task
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +28,22 @@ def has_graph(path: Path) -> bool:
 
 
 def serving_directory(model: str, *, onnx_file: str | None, precision: str, device: str,
-                      cache_dir: str | None) -> tuple[str, Path]:
-    """(name, directory to serve) for `--model`: checkpoints are prepared (or taken from
-    the cache) with `precision` (auto: fp16 on a GPU, fp32 on the CPU); `device` is the
-    first device the server runs on, where validation runs."""
+                      cache_dir: str | None, task: str = "auto") -> tuple[str, Path, str]:
+    """(name, directory to serve, task) for one `--model`: checkpoints are prepared (or
+    taken from the cache) with `precision` (auto: fp16 on a GPU, fp32 on the CPU) for
+    `task` (auto: embedrpc.server.tasks decides, a hub id's "reranker" included);
+    `device` is the first device the server runs on, where validation runs. The task is
+    what the served directory is: a prepared one records it."""
     name, path = resolve_model_path(model, onnx_file)
+    # The hub id, when `model` is one: a hub snapshot's own directory is a commit hash.
+    hub_id = None if model in BUNDLED or Path(model).expanduser().is_dir() else model
     from embedrpc.prepare.cache import is_checkpoint
 
     if onnx_file or has_graph(path) or not is_checkpoint(path):
         if precision != "auto":
             log.warning("--precision %s applies to checkpoints only; %s has an ONNX graph, "
                         "served as it is", precision, path)
-        return name, path
+        return name, path, model_task(path, name=hub_id, task=task)
     from embedrpc.prepare import PrepareError
     from embedrpc.prepare.cache import default_cache_dir, prepared_checkpoint
 
@@ -46,10 +51,11 @@ def serving_directory(model: str, *, onnx_file: str | None, precision: str, devi
         precision = "fp32" if device == "cpu" else "fp16"
     where = "cpu" if precision == "int8" or device == "cpu" else device
     try:
-        return name, prepared_checkpoint(
+        directory = prepared_checkpoint(
             path, precision=precision, device=where,
             cache_dir=Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
-            say=lambda message: log.info("prepare: %s", message))
+            say=lambda message: log.info("prepare: %s", message), task=task, name=hub_id)
     except PrepareError as exc:
         raise ModelError(f"{model}: a checkpoint, which must be prepared before it can be "
                          f"served, and preparing it failed: {exc}") from exc
+    return name, directory, model_task(directory)

@@ -7,7 +7,7 @@ where the type does not say it, its choices and how to parse it. From these fiel
 alone come the `embedrpc serve` flags (`--max-batch-tokens`), the environment
 variables (`EMBEDRPC_MAX_BATCH_TOKENS`) and the `--config` file keys
 (`max-batch-tokens = 16384`): embedrpc.cli.options.add_config_options reads them,
-and tests/test_config.py checks that the README's flag table lists the same flags.
+and tests/test_config.py checks that docs/configuration.md's flag table lists the same flags.
 
 Knobs that exist only for tests (fault injection, the bucketed path without a GPU)
 are in DebugHooks, which has no flags and is not part of ServeConfig.
@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from .logs import LOG_FORMATS
+from .tasks import TASK_CHOICES
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 BACKENDS = ("onnx", "fake")
@@ -34,6 +35,9 @@ DEFAULT_BATCH_TOKENS = {"cpu": 8192, "cuda": 32768}
 # run has kernel launches and copies worth many tokens.
 DEFAULT_BATCH_OVERHEAD = {"cpu": 64, "cuda": 2048}
 QUEUE_BATCHES = 64  # --max-queue-tokens by default: this many full batches
+# Models one server serves at most (--model given several times): each has its own
+# workers on every device, so this also bounds the processes and the device memory.
+MAX_MODELS = 8
 
 
 def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
@@ -41,7 +45,7 @@ def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
            flag: str | None = None, secret: bool = False, cli: bool = True) -> Any:
     """A config field with what the command line needs to know about it.
 
-    shown: the default as --help and the README say it, where the value alone does not
+    shown: the default as --help and docs/configuration.md say it, where the value alone does not
     (None meaning "chosen by device"); flag: the flag's name when it is not the field's;
     secret: never echoed (API keys); cli: False for fields that are not options."""
     metadata = {"help": help, "choices": choices, "shown": shown, "flag": flag,
@@ -82,8 +86,17 @@ def _port(owner: Any, *names: str) -> None:
 class ModelOptions:
     """What to serve and how to load it (server/model.py, server/checkpoints.py)."""
 
-    model: str = option("demo", help="'demo' (bundled tiny model), a model directory (ONNX "
-                        "export or Hugging Face checkpoint), or a Hugging Face id")
+    model: tuple[str, ...] = option(
+        default_factory=lambda: ("demo",), shown="demo",
+        help="'demo' (bundled tiny embedding model), 'demo-reranker' (bundled tiny "
+        "Qwen3-Reranker), a model directory (ONNX export or Hugging Face checkpoint), or a "
+        "Hugging Face id; repeat or comma-separate to serve several models (e.g. an "
+        f"embedding model and a reranker; at most {MAX_MODELS}), each with its own workers")
+    task: str = option("auto", choices=TASK_CHOICES, help="what --model is: embed "
+                       "(vectors), rerank (Qwen3-Reranker scores), or auto (a prepared "
+                       "directory says; sentence-transformers files or an embedding graph "
+                       "mean embed; a 'score' graph, or 'reranker' in the directory name or "
+                       "hub id, mean rerank); with several --model, applies to each")
     onnx_file: str | None = option(None, shown="model.onnx", help="ONNX file name in the "
                                    "model directory (at the top or under onnx/)")
     precision: str = option("auto", choices=PRECISIONS, help="for a checkpoint (safetensors, "
@@ -97,9 +110,24 @@ class ModelOptions:
                                     help="longest input in tokens")
 
     def __post_init__(self) -> None:
+        models = self.model
+        if isinstance(models, str):  # ServeConfig.of(model="demo"), as before lists
+            models = tuple(part.strip() for part in models.split(","))
+        object.__setattr__(self, "model", tuple(models))
+        if not self.model or any(not m for m in self.model):
+            raise ValueError("--model: give a model (demo, a directory or a Hugging Face "
+                             "id); an empty name is not one")
+        if len(self.model) > MAX_MODELS:
+            raise ValueError(f"--model given {len(self.model)} times; one server serves at "
+                             f"most {MAX_MODELS} models")
+        if len(set(self.model)) != len(self.model):
+            twice = sorted({m for m in self.model if self.model.count(m) > 1})
+            raise ValueError(f"--model {', '.join(twice)} given more than once")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision {self.precision!r}: use one of "
                              f"{', '.join(PRECISIONS)}")
+        if self.task not in TASK_CHOICES:
+            raise ValueError(f"--task {self.task!r}: use one of {', '.join(TASK_CHOICES)}")
         _at_least(self, 2, "max_length")
 
 

@@ -12,7 +12,12 @@ servers in one process never share or clash. What is measured where:
   workers alive, worker restarts.
 
 The router and worker code hold no metric logic: the router makes one call per
-batch, to a `BatchMetrics` that does nothing by default.
+batch, to a `BatchMetrics` that does nothing by default (`Metrics.for_model(name)` gives
+each model's router its own).
+
+Several models (--model given more than once): every series about one model carries a
+`model` label (calls: the model that served them, "" for calls about none, such as
+health checks). With one model the series are as they always were, without it.
 """
 
 from __future__ import annotations
@@ -83,14 +88,48 @@ class _BulkHistogram:
             self._counts += counts
             self._sum += float(values.sum())
 
-    def collect(self) -> Iterator[Metric]:
+    def snapshot(self) -> tuple[list[tuple[str, float]], float]:
+        """(cumulative buckets as (le, count), sum)."""
         with self._lock:
             cumulative = np.cumsum(self._counts).tolist()
             total = self._sum
         labels = [*(repr(float(b)) for b in self._bounds), "+Inf"]
-        yield HistogramMetricFamily(self.name, self.documentation,
-                                    buckets=list(zip(labels, cumulative, strict=True)),
+        return list(zip(labels, cumulative, strict=True)), total
+
+    def collect(self) -> Iterator[Metric]:
+        buckets, total = self.snapshot()
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
                                     sum_value=total)
+
+    describe = collect
+
+
+class _LabelledBulkHistogram:
+    """_BulkHistogram per model (`models`), or one without labels (None)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 models: Sequence[str] | None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._labelled = models is not None
+        self._by_model = {m: _BulkHistogram(name, documentation, buckets)
+                          for m in (models if models is not None else [""])}
+
+    def observe_many(self, values: np.ndarray, model: str = "") -> None:
+        key = model if self._labelled else ""
+        histogram = self._by_model.get(key)
+        if histogram is not None:
+            histogram.observe_many(values)
+
+    def collect(self) -> Iterator[Metric]:
+        if not self._labelled:
+            yield from self._by_model[""].collect()
+            return
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
+        for model, histogram in self._by_model.items():
+            counts, total = histogram.snapshot()
+            family.add_metric([model], buckets=counts, sum_value=total)
+        yield family
 
     describe = collect
 
@@ -98,84 +137,121 @@ class _BulkHistogram:
 class _StateCollector:
     """Queue depth, workers alive and worker restarts, read when Prometheus scrapes."""
 
-    def __init__(self) -> None:
-        self.router: Any = None
-        self.workers: Sequence[Any] = ()
+    def __init__(self, labelled: bool) -> None:
+        self.labelled = labelled  # a `model` label on every series
+        # model → (router, workers)
+        self.watched: dict[str, tuple[Any, Sequence[Any]]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        router, workers = self.router, list(self.workers)
-        texts = GaugeMetricFamily("embedrpc_queue_texts", "Texts waiting in the queue.")
+        m = ["model"] if self.labelled else []
+        texts = GaugeMetricFamily("embedrpc_queue_texts", "Texts waiting in the queue.",
+                                  labels=m)
         tokens = GaugeMetricFamily("embedrpc_queue_tokens", "Tokens of the texts waiting "
-                                   "in the queue.")
-        texts.add_metric([], getattr(router, "queued_entries", 0) if router else 0)
-        tokens.add_metric([], router.queued_tokens if router else 0)
-        yield texts
-        yield tokens
-        alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to serve.")
-        alive.add_metric([], sum(1 for w in workers if w.alive))
-        yield alive
-        configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.")
-        configured.add_metric([], len(workers))
-        yield configured
+                                   "in the queue.", labels=m)
+        alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to "
+                                  "serve.", labels=m)
+        configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.",
+                                       labels=m)
         restarts = CounterMetricFamily("embedrpc_worker_restarts", "Times a worker process "
-                                       "died and was restarted.", labels=["worker"])
-        for w in workers:
-            restarts.add_metric([w.name], w.restarts)
-        yield restarts
+                                       "died and was restarted.", labels=["worker", *m])
+        for model, (router, workers) in (self.watched or {"": (None, ())}).items():
+            label = [model] if self.labelled else []
+            texts.add_metric(label, getattr(router, "queued_entries", 0) if router else 0)
+            tokens.add_metric(label, router.queued_tokens if router else 0)
+            alive.add_metric(label, sum(1 for w in workers if w.alive))
+            configured.add_metric(label, len(workers))
+            for w in workers:
+                restarts.add_metric([w.name, *label], w.restarts)
+        yield from (texts, tokens, alive, configured, restarts)
 
     describe = collect
 
 
-class Metrics(BatchMetrics):
-    """All metrics of one server, in `self.registry`."""
+class _ModelBatches(BatchMetrics):
+    """One model's router reports here (Metrics.for_model)."""
 
-    def __init__(self, *, model: str = "") -> None:
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+
+    def batch_sent(self, worker: Any, lengths: np.ndarray, enqueued: Sequence[float],
+                   future: asyncio.Future[Any]) -> None:
+        self.metrics.record_batch(self.model, worker, lengths, enqueued, future)
+
+
+class Metrics(BatchMetrics):
+    """All metrics of one server, in `self.registry`. `models`: the names of the models
+    served (several: series about one model get a `model` label); `model`: the one model
+    (the same as models=[model])."""
+
+    def __init__(self, *, model: str = "", models: Sequence[str] = ()) -> None:
+        self.models = list(models) or [model]
+        self.labelled = len(self.models) > 1
+        m = ["model"] if self.labelled else []
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("embedrpc_requests", "Calls finished, by method and gRPC "
-                                "status code.", ["method", "code"], registry=r)
+                                "status code.", ["method", "code", *m], registry=r)
         self.in_progress = Gauge("embedrpc_requests_in_progress", "Calls being served now, "
                                  "by method.", ["method"], registry=r)
         self.request_seconds = Histogram("embedrpc_request_duration_seconds", "Time from a "
-                                         "call's arrival to its end.", ["method"],
+                                         "call's arrival to its end.", ["method", *m],
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.embeddings = Counter("embedrpc_embeddings", "Embeddings returned.", registry=r)
-        self.tokens = Counter("embedrpc_tokens", "Tokens embedded (prompt tokens of the "
-                              "returned embeddings, after prompts and truncation).", registry=r)
+        self.embeddings = Counter("embedrpc_embeddings", "Embeddings returned.", m,
+                                  registry=r)
+        self.tokens = Counter("embedrpc_tokens", "Tokens embedded or scored (prompt tokens "
+                              "of the returned embeddings, after prompts and truncation; of "
+                              "the scored pairs).", m, registry=r)
+        self.pairs = Counter("embedrpc_rerank_pairs", "Query-document pairs scored.", m,
+                             registry=r)
         self.batch_texts = Histogram("embedrpc_batch_texts", "Texts per batch sent to a "
-                                     "worker.", buckets=BATCH_TEXT_BUCKETS, registry=r)
+                                     "worker.", m, buckets=BATCH_TEXT_BUCKETS, registry=r)
         self.batch_padded_tokens = Histogram("embedrpc_batch_padded_tokens", "Padded tokens "
-                                             "per batch (texts × longest text).",
+                                             "per batch (texts × longest text).", m,
                                              buckets=BATCH_TOKEN_BUCKETS, registry=r)
         self.batch_tokens = Counter("embedrpc_batch_tokens", "Real tokens sent to workers.",
-                                    registry=r)
+                                    m, registry=r)
         self.batch_padding = Counter("embedrpc_batch_padding_tokens", "Padding tokens sent to "
-                                     "workers (padded minus real: the waste).", registry=r)
+                                     "workers (padded minus real: the waste).", m, registry=r)
         self.inference_seconds = Histogram("embedrpc_inference_duration_seconds", "Time a "
-                                           "worker spent on one batch.",
+                                           "worker spent on one batch.", m,
                                            buckets=LATENCY_BUCKETS, registry=r)
         self.busy_seconds = Counter("embedrpc_worker_busy_seconds", "Time each worker spent "
-                                    "running batches.", ["worker"], registry=r)
-        self.queue_seconds = _BulkHistogram("embedrpc_queue_wait_seconds", "Time each text "
-                                            "waited in the queue before its batch was sent.",
-                                            LATENCY_BUCKETS)
+                                    "running batches.", ["worker", *m], registry=r)
+        self.queue_seconds = _LabelledBulkHistogram(
+            "embedrpc_queue_wait_seconds", "Time each text waited in the queue before its "
+            "batch was sent.", LATENCY_BUCKETS, self.models if self.labelled else None)
         r.register(self.queue_seconds)
-        self._state = _StateCollector()
+        self._state = _StateCollector(self.labelled)
         r.register(self._state)
         ProcessCollector(registry=r)
-        Info("embedrpc_build", "Version and model served.", registry=r).info(
-            {"version": __version__, "model": model})
+        build = Info("embedrpc_build", "Version and model served.",
+                     ["model"] if self.labelled else [], registry=r)
+        for name in self.models:
+            (build.labels(name) if self.labelled else build).info(
+                {"version": __version__} | ({} if self.labelled else {"model": name}))
         self._last_done: dict[str, float] = {}  # per worker: when its last batch ended
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 
+    def _of(self, metric: Any, *labels: str, model: str = "") -> Any:
+        """`metric`'s series for `labels` (and the model, when series carry one)."""
+        values = [*labels, model] if self.labelled else list(labels)
+        return metric.labels(*values) if values else metric
+
     # -- wiring --------------------------------------------------------------
 
-    def watch(self, router: Any, workers: Sequence[Any]) -> None:
-        """Read queue depth from `router` and liveness and restarts from `workers`."""
-        self._state.router, self._state.workers = router, list(workers)
+    def watch(self, router: Any, workers: Sequence[Any], model: str = "") -> None:
+        """Read queue depth from `router` and liveness and restarts from `workers` (the
+        workers of `model`, one of `models`; the first by default)."""
+        model = model or self.models[0]
+        self._state.watched[model] = (router, list(workers))
         for w in workers:  # every worker's series exists from the start, at 0
-            self.busy_seconds.labels(w.name)
+            self._of(self.busy_seconds, w.name, model=model)
+
+    def for_model(self, model: str) -> BatchMetrics:
+        """What `model`'s router reports its batches to."""
+        return _ModelBatches(self, model)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a thread; return the port (port 0: any free one)."""
@@ -197,35 +273,46 @@ class Metrics(BatchMetrics):
         self.in_progress.labels(method).inc()
 
     def call_done(self, method: str, code: str, seconds: float, *, embeddings: int = 0,
-                  tokens: int = 0) -> None:
-        """A call that `call_started` announced has ended with `code`."""
+                  tokens: int = 0, pairs: int = 0, model: str = "") -> None:
+        """A call that `call_started` announced has ended with `code`; `model`: the model
+        that served it ("" for none; only series with a model label show it)."""
         self.in_progress.labels(method).dec()
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+        self._of(self.requests, method, code, model=model).inc()
+        self._of(self.request_seconds, method, model=model).observe(seconds)
         if embeddings:
-            self.embeddings.inc(embeddings)
-            self.tokens.inc(tokens)
+            self._of(self.embeddings, model=model).inc(embeddings)
+        if pairs:
+            self._of(self.pairs, model=model).inc(pairs)
+        if embeddings or pairs:
+            self._of(self.tokens, model=model).inc(tokens)
 
     def batch_sent(self, worker: Any, lengths: np.ndarray, enqueued: Sequence[float],
                    future: asyncio.Future[Any]) -> None:
+        """A batch of the first model (for_model gives the others theirs)."""
+        self.record_batch(self.models[0], worker, lengths, enqueued, future)
+
+    def record_batch(self, model: str, worker: Any, lengths: np.ndarray,
+                     enqueued: Sequence[float], future: asyncio.Future[Any]) -> None:
         sent = time.monotonic()
         name = worker.name
         n = len(lengths)
         real = int(lengths.sum())
         padded = int(lengths.max()) * n if n else 0
-        self.batch_texts.observe(n)
-        self.batch_padded_tokens.observe(padded)
-        self.batch_tokens.inc(real)
-        self.batch_padding.inc(padded - real)
-        self.queue_seconds.observe_many(sent - np.fromiter(enqueued, np.float64, count=n))
-        future.add_done_callback(lambda f: self._batch_done(name, sent, f))
+        self._of(self.batch_texts, model=model).observe(n)
+        self._of(self.batch_padded_tokens, model=model).observe(padded)
+        self._of(self.batch_tokens, model=model).inc(real)
+        self._of(self.batch_padding, model=model).inc(padded - real)
+        self.queue_seconds.observe_many(sent - np.fromiter(enqueued, np.float64, count=n),
+                                        model)
+        future.add_done_callback(lambda f: self._batch_done(model, name, sent, f))
 
-    def _batch_done(self, worker: str, sent: float, future: asyncio.Future[Any]) -> None:
+    def _batch_done(self, model: str, worker: str, sent: float,
+                    future: asyncio.Future[Any]) -> None:
         # A worker runs its batches in the order sent: a batch starts when it was
         # sent or when the one before it ended, whichever is later.
         done = time.monotonic()
         started = max(sent, self._last_done.get(worker, 0.0))
         self._last_done[worker] = done
-        self.busy_seconds.labels(worker).inc(done - started)
+        self._of(self.busy_seconds, worker, model=model).inc(done - started)
         if not future.cancelled() and future.exception() is None:
-            self.inference_seconds.observe(done - started)
+            self._of(self.inference_seconds, model=model).observe(done - started)

@@ -70,7 +70,7 @@ async def serve(config: ServeConfig) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, _reload, server)
     port = await server.start()
-    log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, server.spec.name,
+    log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, ",".join(server.names),
              config.network.host, port, server.security.describe())
     await stop.wait()
     await server.stop()

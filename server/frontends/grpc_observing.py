@@ -32,39 +32,58 @@ def _code_name(code: Any) -> str:
     return "UNKNOWN"
 
 
+# Requests whose own request_id names the call (else x-request-id, else a new one).
+_OWN_REQUEST_ID = (pb.EmbedRequest, pb.RerankRequest, pb.RerankBatchRequest)
+
+
 class _Call:
-    """One RPC being observed: its request id, span, and outcome."""
+    """One RPC being observed: its request id, span, model, and outcome."""
 
-    __slots__ = ("_span_cm", "embeddings", "method", "metrics", "request_id", "span",
-                 "started", "tokens")
+    __slots__ = ("_span_cm", "documents", "embeddings", "method", "metrics", "model",
+                 "pairs", "request_id", "span", "started", "tokens")
 
-    def __init__(self, metrics: Metrics, model: str, method: str,
-                 metadata: dict[str, str]) -> None:
+    def __init__(self, metrics: Metrics, method: str, metadata: dict[str, str]) -> None:
         self.metrics = metrics
         self.method = method
         self.started = time.monotonic()
         self.request_id = clean_request_id(metadata.get("x-request-id", "")) or new_request_id()
+        self.model = ""
         self.embeddings = 0
         self.tokens = 0
+        self.pairs = 0
+        self.documents = 0  # of a Rerank or RerankBatch request: the pairs it scores
         service, _, name = method.lstrip("/").rpartition("/")
         self._span_cm = tracing.call_span(method.lstrip("/"), metadata, {
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-            "embedrpc.model": model})
+            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
         self.span = self._span_cm.__enter__()
         metrics.call_started(method)  # last: `end` will run only once this returns
 
-    def begin(self, request: Any) -> None:
-        if isinstance(request, pb.EmbedRequest) and (own := clean_request_id(request.request_id)):
+    def begin(self, request: Any, model: str) -> None:
+        """The call's request (a message, or a stream's iterator) and the model it is
+        about ("" for none)."""
+        if isinstance(request, _OWN_REQUEST_ID) and \
+                (own := clean_request_id(request.request_id)):
             self.request_id = own
         set_request_id(self.request_id)
-        self.span.set_attribute("embedrpc.request_id", self.request_id)
+        self.model = model
+        self.span.set_attributes({"embedrpc.request_id": self.request_id,
+                                  "embedrpc.model": model})
+        if isinstance(request, pb.RerankRequest):
+            self.documents = len(request.documents)
+        elif isinstance(request, pb.RerankBatchRequest):
+            self.documents = sum(len(r.documents) for r in request.requests)
         inputs = getattr(request, "inputs", None)
         if inputs is not None:
             self.span.set_attribute("embedrpc.inputs", len(inputs))
+        elif self.documents:
+            self.span.set_attribute("embedrpc.inputs", self.documents)
 
     def response(self, response: Any) -> None:
         if isinstance(response, pb.EmbedResponse) and not response.HasField("error"):
             self.embeddings += response.count
+            self.tokens += response.usage.prompt_tokens
+        elif isinstance(response, pb.RerankResponse | pb.RerankBatchResponse):
+            self.pairs += self.documents
             self.tokens += response.usage.prompt_tokens
 
     def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
@@ -77,10 +96,13 @@ class _Call:
         else:  # returned, or aborted: the code the servicer set, if any
             code = "OK" if context.code() is None else _code_name(context.code())
         self.metrics.call_done(self.method, code, time.monotonic() - self.started,
-                               embeddings=self.embeddings, tokens=self.tokens)
+                               embeddings=self.embeddings, tokens=self.tokens,
+                               pairs=self.pairs, model=self.model)
         self.span.set_attributes({"rpc.grpc.status_code": grpc.StatusCode[code].value[0],
                                   "embedrpc.embeddings": self.embeddings,
                                   "embedrpc.tokens": self.tokens})
+        if self.pairs:
+            self.span.set_attribute("embedrpc.pairs", self.pairs)
         if code != "OK":
             self.span.set_error(code, str(context.details() or exc or ""))
         self._span_cm.__exit__(None, None, None)
@@ -89,13 +111,15 @@ class _Call:
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every RPC: request id in the logging context, span, request metrics.
 
-    The request id is the EmbedRequest's `request_id`, else the `x-request-id`
-    metadata, else a generated one; the servicer puts it in the response.
+    The request id is the EmbedRequest's (or RerankRequest's) `request_id`, else the
+    `x-request-id` metadata, else a generated one; the servicer puts it in the response.
+    `model_of(method, request)` names the model a call is about (for the span and the
+    metrics' model label): a model this server serves, or "".
     """
 
-    def __init__(self, metrics: Metrics, model: str) -> None:
+    def __init__(self, metrics: Metrics, model_of: Callable[[str, Any], str]) -> None:
         self.metrics = metrics
-        self.model = model
+        self.model_of = model_of
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -126,8 +150,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     def _unary_reply(self, behavior: Callable[..., Any], method: str,
                      metadata: dict[str, str]) -> Callable[..., Any]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self.metrics, self.model, method, metadata)
-            call.begin(request)
+            call = _Call(self.metrics, method, metadata)
+            call.begin(request, self.model_of(method, request))
             exc: BaseException | None = None
             try:
                 response = await behavior(request, context)
@@ -148,8 +172,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[Any]:
-            call = _Call(self.metrics, self.model, method, metadata)
-            call.begin(request)
+            call = _Call(self.metrics, method, metadata)
+            call.begin(request, self.model_of(method, request))
             exc: BaseException | None = None
             try:
                 async for response in behavior(request, context):

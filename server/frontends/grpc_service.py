@@ -1,5 +1,6 @@
-"""The Embedder servicer: protobuf requests to the embedding core (server/core.py), its
-answers and errors back to protobuf and gRPC status codes."""
+"""The Embedder and Reranker servicers: protobuf requests to the cores (server/core.py),
+their answers and errors back to protobuf and gRPC status codes. `Cores` says which
+model's core serves a request (its `model` field, or the only model of its kind)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from ..core import EmbeddingCore, ModelInfo
+from ..core import Cores, ModelInfo, Ranking, RerankQuery
 from ..errors import EmbedError, InvalidInput, TooLarge
 from ..logs import clean_request_id, current_request_id, set_request_id
 
@@ -101,7 +102,8 @@ def encode_vectors(vectors: np.ndarray, encoding: int, response: pb.EmbedRespons
         response.data = np.packbits(vectors > 0, axis=1).tobytes()
 
 
-Reply = TypeVar("Reply", pb.EmbedResponse, pb.TokenizeResponse)
+Reply = TypeVar("Reply", pb.EmbedResponse, pb.TokenizeResponse, pb.RerankResponse,
+                pb.RerankBatchResponse)
 
 
 def call_over(context: grpc.aio.ServicerContext) -> bool:
@@ -127,45 +129,74 @@ async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode,
     raise AssertionError("unreachable")  # abort() raises
 
 
-def info_message(info: ModelInfo) -> pb.InfoResponse:
-    """The core's ModelInfo as the Info RPC's reply."""
-    return pb.InfoResponse(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+def describe_model(info: ModelInfo) -> pb.ModelDescription:
+    """One model of InfoResponse.models."""
+    description = pb.ModelDescription(name=info.model, task=info.task,
+                                      max_length=info.max_length, precision=info.precision)
+    if info.task == "embed":
+        description.dimensions = info.dimensions
+    return description
+
+
+def info_message(info: ModelInfo, models: list[ModelInfo] | None = None) -> pb.InfoResponse:
+    """A core's ModelInfo as the Info RPC's reply; `models`: every model served."""
+    reply = pb.InfoResponse(**{f.name: getattr(info, f.name)
+                               for f in dataclasses.fields(info)})
+    reply.models.extend(describe_model(m) for m in (models or [info]))
+    return reply
+
+
+def _client(cores: Cores, context: grpc.aio.ServicerContext) -> str:
+    """Who calls (core.client_of): the API key, else the connection."""
+    authorization = next((m.value for m in context.invocation_metadata() or ()
+                          if m.key == "authorization" and isinstance(m.value, str)), None)
+    return cores.client_of(authorization, context.peer())
+
+
+def _fits(response: Reply, limit: int, advice: str) -> Reply:
+    """gRPC fails a call whose response is over its limit (and with it a whole
+    EmbedStream) with a bare "Sent message larger than max"; say so for this one
+    request instead, and what would fit."""
+    if (size := response.ByteSize()) > limit:
+        raise TooLarge(f"the response would be {size} bytes, over the server's "
+                       f"--max-message-bytes {limit}; send fewer inputs per request, "
+                       f"{advice}")
+    return response
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    """The Embedder RPCs: each maps its protobuf request to the core and back."""
+    """The Embedder RPCs: each maps its protobuf request to a model's core and back."""
 
-    def __init__(self, core: EmbeddingCore) -> None:
-        self.core = core
-        self.limits = core.limits
-        self.info = info_message(core.info)
+    def __init__(self, cores: Cores) -> None:
+        self.cores = cores
+        self.limits = cores.first.limits
+        models = [c.info for c in cores.cores]
+        self.infos = {c.name: info_message(c.info, models) for c in cores.cores}
 
     @property
     def active(self) -> int:
-        """Calls in flight in the core (this front end's and HTTP's)."""
-        return self.core.active
+        """Calls in flight in the cores (this front end's and HTTP's)."""
+        return self.cores.active
 
     def client(self, context: grpc.aio.ServicerContext) -> str:
-        """Who calls (EmbeddingCore.client_of): the API key, else the connection."""
-        authorization = next((m.value for m in context.invocation_metadata() or ()
-                              if m.key == "authorization" and isinstance(m.value, str)), None)
-        return self.core.client_of(authorization, context.peer())
+        return _client(self.cores, context)
 
     async def embed(self, request: pb.EmbedRequest | Undecodable,
                     time_remaining: float | None, client: str = "") -> pb.EmbedResponse:
         """One EmbedRequest → EmbedResponse; raises EmbedError."""
         if isinstance(request, Undecodable):
             raise InvalidInput(request.message)
-        with self.core.call():
+        with self.cores.call():
             # The request's own id if it is plain (like the x-request-id header: it goes
             # into logs), else the call's (x-request-id metadata, or generated).
             request_id = clean_request_id(request.request_id) or current_request_id()
             set_request_id(request_id)  # for every log record of this request
+            core = self.cores.embedder(request.model)
             if request.encoding not in ENCODINGS:
                 raise InvalidInput(f"encoding={request.encoding} is unknown; use one of "
                                    f"{', '.join(f'{v} ({k})' for k, v in ENCODINGS.items())}")
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
-            result = await self.core.embed(
+            result = await core.embed(
                 request.inputs, dimensions=request.dimensions or None,  # proto3: 0 is unset
                 normalize=request.normalize if request.HasField("normalize") else True,
                 prompt_name=request.prompt_name, instruction=request.instruction,
@@ -174,20 +205,13 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 request_id=request_id, dimensions=result.vectors.shape[1],
                 encoding=request.encoding, count=len(result.vectors),
                 usage=pb.Usage(prompt_tokens=result.prompt_tokens,
-                               truncated_inputs=result.truncated_inputs))
+                               truncated_inputs=result.truncated_inputs), model=core.name)
             encode_vectors(result.vectors, request.encoding, response)
             return response
 
     def _fits(self, response: Reply, advice: str = "ask for fewer dimensions, or use a "
               "byte encoding") -> Reply:
-        """gRPC fails a call whose response is over its limit (and with it a whole
-        EmbedStream) with a bare "Sent message larger than max"; say so for this one
-        request instead, and what would fit."""
-        if (size := response.ByteSize()) > self.limits.max_message_bytes:
-            raise TooLarge(f"the response would be {size} bytes, over the server's "
-                           f"--max-message-bytes {self.limits.max_message_bytes}; send fewer "
-                           f"inputs per request, {advice}")
-        return response
+        return _fits(response, self.limits.max_message_bytes, advice)
 
     # -- RPCs --------------------------------------------------------------
 
@@ -253,11 +277,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest,
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        with self.core.call():  # in flight until its reply is built: a stop waits for it
+        with self.cores.call():  # in flight until its reply is built: a stop waits for it
             try:
                 if isinstance(request, Undecodable):
                     raise InvalidInput(request.message)
-                encoded = await self.core.tokenize(
+                core = self.cores.embedder(request.model)
+                encoded = await core.tokenize(
                     request.inputs, prompt_name=request.prompt_name,
                     instruction=request.instruction, truncate=request.truncate)
                 response = pb.TokenizeResponse(usage=pb.Usage(
@@ -266,7 +291,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 for ids, truncated in zip(encoded.ids, encoded.truncated, strict=True):
                     item = response.inputs.add(ids=ids.tolist(), truncated=truncated)
                     if request.return_tokens:
-                        item.tokens.extend(self.core.encoder.tokens(ids))
+                        item.tokens.extend(core.encoder.tokens(ids))
                 return self._fits(response, "or leave return_tokens off")
             except EmbedError as exc:
                 await abort(context, exc.grpc_code, str(exc))
@@ -276,7 +301,11 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                    context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         if isinstance(request, Undecodable):
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        return self.info
+        try:
+            return self.infos[self.cores.named(request.model).name]
+        except EmbedError as exc:
+            await abort(context, exc.grpc_code, str(exc))
+            raise AssertionError("unreachable") from exc
 
 
 def add_embedder_to_server(service: EmbedderService, server: grpc.aio.Server) -> None:
@@ -298,6 +327,123 @@ def add_embedder_to_server(service: EmbedderService, server: grpc.aio.Server) ->
     descriptor = pb.DESCRIPTOR.services_by_name["Embedder"]
     if set(handlers) != set(descriptor.methods_by_name):  # the proto gained an RPC
         raise RuntimeError(f"add_embedder_to_server serves {sorted(handlers)}; "
+                           f"the proto has {sorted(descriptor.methods_by_name)}")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
+    server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+
+# -- Reranker -----------------------------------------------------------------------
+
+
+def ranking_message(ranking: Ranking, documents: Any, *, return_documents: bool,
+                    request_id: str, model: str) -> pb.RerankResponse:
+    """A core's Ranking as a RerankResponse: results best first."""
+    response = pb.RerankResponse(request_id=request_id, model=model, usage=pb.Usage(
+        prompt_tokens=ranking.prompt_tokens, truncated_inputs=ranking.truncated_inputs))
+    order = ranking.order.tolist()
+    scores = ranking.scores[ranking.order].tolist()
+    if return_documents:
+        response.results.extend(pb.RerankResult(index=i, score=s, document=documents[i])
+                                for i, s in zip(order, scores, strict=True))
+    else:
+        response.results.extend(pb.RerankResult(index=i, score=s)
+                                for i, s in zip(order, scores, strict=True))
+    return response
+
+
+def rerank_query(request: pb.RerankRequest) -> RerankQuery:
+    return RerankQuery(query=request.query, documents=request.documents,
+                       instruction=request.instruction, top_n=request.top_n,
+                       truncate=request.truncate)
+
+
+class RerankerService(pb_grpc.RerankerServicer):
+    """The Reranker RPCs: each maps its protobuf request to a reranker's core and back."""
+
+    def __init__(self, cores: Cores) -> None:
+        self.cores = cores
+        self.limits = cores.first.limits
+
+    async def Rerank(self, request: pb.RerankRequest | Undecodable,
+                     context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        try:
+            if isinstance(request, Undecodable):
+                raise InvalidInput(request.message)
+            with self.cores.call():
+                request_id = clean_request_id(request.request_id) or current_request_id()
+                set_request_id(request_id)
+                core = self.cores.reranker(request.model)
+                remaining = context.time_remaining()
+                ranking = await core.rerank(
+                    request.query, request.documents, instruction=request.instruction,
+                    top_n=request.top_n, truncate=request.truncate,
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                    client=_client(self.cores, context))
+                return _fits(ranking_message(ranking, request.documents,
+                                             return_documents=request.return_documents,
+                                             request_id=request_id, model=core.name),
+                             self.limits.max_message_bytes, "or leave return_documents off")
+        except EmbedError as exc:
+            await abort(context, exc.grpc_code, str(exc))
+        except Exception as exc:
+            log.exception("Rerank failed")
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        raise AssertionError("unreachable")  # abort() raises
+
+    async def RerankBatch(self, request: pb.RerankBatchRequest | Undecodable,
+                          context: grpc.aio.ServicerContext) -> pb.RerankBatchResponse:
+        try:
+            if isinstance(request, Undecodable):
+                raise InvalidInput(request.message)
+            with self.cores.call():
+                request_id = clean_request_id(request.request_id) or current_request_id()
+                set_request_id(request_id)
+                names = {r.model for r in request.requests}
+                if len(names) > 1:
+                    raise InvalidInput(
+                        "the requests of one RerankBatch name different models ("
+                        f"{', '.join(repr(n[:100]) for n in sorted(names))}); give them all "
+                        "the same model, or send one batch per model", field="model")
+                core = self.cores.reranker(names.pop() if names else "")
+                remaining = context.time_remaining()
+                rankings = await core.rerank_many(
+                    [rerank_query(r) for r in request.requests],
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                    client=_client(self.cores, context))
+                response = pb.RerankBatchResponse(request_id=request_id, model=core.name,
+                                                  usage=pb.Usage(
+                    prompt_tokens=sum(r.prompt_tokens for r in rankings),
+                    truncated_inputs=sum(r.truncated_inputs for r in rankings)))
+                response.responses.extend(
+                    ranking_message(ranking, r.documents, return_documents=r.return_documents,
+                                    request_id=clean_request_id(r.request_id),
+                                    model=core.name)
+                    for r, ranking in zip(request.requests, rankings, strict=True))
+                return _fits(response, self.limits.max_message_bytes,
+                             "or leave return_documents off")
+        except EmbedError as exc:
+            await abort(context, exc.grpc_code, str(exc))
+        except Exception as exc:
+            log.exception("RerankBatch failed")
+            await abort(context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+        raise AssertionError("unreachable")  # abort() raises
+
+
+def add_reranker_to_server(service: RerankerService, server: grpc.aio.Server) -> None:
+    """Register the servicer as the generated add_RerankerServicer_to_server does, with
+    lenient_parser (an undecodable request gets INVALID_ARGUMENT, not UNKNOWN)."""
+    handlers = {
+        "Rerank": grpc.unary_unary_rpc_method_handler(
+            service.Rerank, request_deserializer=lenient_parser(pb.RerankRequest),
+            response_serializer=pb.RerankResponse.SerializeToString),
+        "RerankBatch": grpc.unary_unary_rpc_method_handler(
+            service.RerankBatch, request_deserializer=lenient_parser(pb.RerankBatchRequest),
+            response_serializer=pb.RerankBatchResponse.SerializeToString),
+    }
+    descriptor = pb.DESCRIPTOR.services_by_name["Reranker"]
+    if set(handlers) != set(descriptor.methods_by_name):  # the proto gained an RPC
+        raise RuntimeError(f"add_reranker_to_server serves {sorted(handlers)}; "
                            f"the proto has {sorted(descriptor.methods_by_name)}")
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))

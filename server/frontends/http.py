@@ -1,12 +1,16 @@
-"""OpenAI-compatible HTTP: POST /v1/embeddings, GET /v1/models, GET /health.
+"""HTTP: POST /v1/embeddings (OpenAI's shape), POST /v1/rerank (Cohere's and Jina's
+shape), GET /v1/models, GET /health.
 
-aiohttp's web server on the gRPC server's event loop, so both protocols share one
-embedding core, one router, one queue and one set of workers. HTTP/1.1 framing
+aiohttp's web server on the gRPC server's event loop, so both protocols share the
+cores, routers, queues and workers of every model. HTTP/1.1 framing
 (Content-Length and chunked bodies, keep-alive, pipelining) and TLS are aiohttp's and
 the ssl module's; this module starts at the request object: routes, API keys, the
 body limit, the OpenAI JSON shapes, request ids, metrics and spans.
 
-- POST /v1/embeddings needs `Content-Type: application/json` (415 otherwise).
+- The POST routes need `Content-Type: application/json` (415 otherwise).
+- A request's "model" names a served model of the route's kind; a name this server
+  does not serve means the only model of that kind, when there is one (OpenAI and
+  Cohere clients always send some name), else 400 listing the models.
 - A body over --max-message-bytes gets 413 before it is read (from Content-Length,
   or as soon as a chunked body passes the limit), and `Expect: 100-continue` is
   answered 413 instead of 100; the connection then closes.
@@ -36,7 +40,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from embedrpc import __version__
 
 from .. import tracing
-from ..core import EmbeddingCore
+from ..core import Cores, Ranking
 from ..errors import STATUS, EmbedError, http_status
 from ..logs import clean_request_id, new_request_id, set_request_id
 from ..metrics import Metrics
@@ -54,8 +58,8 @@ JSON = "application/json"
 # HTTP status → the gRPC code name recorded in metrics for it.
 _CODE_OF_STATUS = {status: code for code, (status, _) in STATUS.items()} | {
     408: "DEADLINE_EXCEEDED", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT"}
-ROUTES = {"/v1/embeddings": ("POST",), "/v1/models": ("GET", "HEAD"),
-          "/health": ("GET", "HEAD")}
+ROUTES = {"/v1/embeddings": ("POST",), "/v1/rerank": ("POST",),
+          "/v1/models": ("GET", "HEAD"), "/health": ("GET", "HEAD")}
 # The proto's field names (in the core's errors) → the OpenAI request's.
 PARAMS = {"inputs": "input"}
 
@@ -206,14 +210,14 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 class HttpServer:
-    """Serves the OpenAI-compatible routes from the embedding core."""
+    """Serves the HTTP routes from the cores of the models served."""
 
-    def __init__(self, *, core: EmbeddingCore, model: str, metrics: Metrics,
+    def __init__(self, *, cores: Cores, metrics: Metrics,
                  serving: Callable[[], bool], max_body_bytes: int,
                  max_connections: int = 512, idle_timeout: float = 75.0,
                  authorize: Callable[[str | None], None] | None = None,
                  auth_health: bool = False) -> None:
-        self.core = core
+        self.cores = cores
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.metrics = metrics
@@ -223,7 +227,6 @@ class HttpServer:
         # refuse. It guards every route; /health only with auth_health (probes need none).
         self.authorize = authorize
         self.auth_health = auth_health
-        self.model = model
         self.created = int(time.time())
         self._web: web.Server | None = None
         self._gate: _ConnectionGate | None = None
@@ -281,15 +284,19 @@ class HttpServer:
         set_request_id(request_id)
         started = time.monotonic()
         self.metrics.call_started(route)
-        counts = [0, 0]  # embeddings, tokens
-        with self.core.call(), tracing.call_span(route, headers, {
+        # The call's model (one model: every call is about it), and what it returned.
+        one = self.cores.cores[0].name if len(self.cores.cores) == 1 else ""
+        counts = _Counts(model=one)
+        with self.cores.call(), tracing.call_span(route, headers, {
                 "http.request.method": method, "url.path": path,
-                "embedrpc.model": self.model, "embedrpc.request_id": request_id}) as span:
+                "embedrpc.model": one, "embedrpc.request_id": request_id}) as span:
             try:
                 if self.authorize is not None and (path != "/health" or self.auth_health):
                     self.authorize(headers.get("authorization"))
                 if path == "/v1/embeddings":
                     response = await self._embeddings(request, counts, span)
+                elif path == "/v1/rerank":
+                    response = await self._rerank(request, counts, span)
                 elif path == "/health":
                     response = self._health()
                 else:
@@ -314,7 +321,8 @@ class HttpServer:
         if path == "/health" and response.status == 503:
             code = "OK"  # the probe was answered; NOT_SERVING is its content
         self.metrics.call_done(route, code, time.monotonic() - started,
-                               embeddings=counts[0], tokens=counts[1])
+                               embeddings=counts.embeddings, tokens=counts.tokens,
+                               pairs=counts.pairs, model=counts.model)
         response.headers["x-request-id"] = request_id
         return response
 
@@ -324,13 +332,15 @@ class HttpServer:
         return json_response(503, {"status": "NOT_SERVING"})
 
     def _models(self) -> web.Response:
-        return json_response(200, {"object": "list", "data": [self._model_card()]})
+        return json_response(200, {"object": "list", "data": [
+            self._model_card(core.info) for core in self.cores.cores]})
 
-    def _model_card(self) -> dict[str, Any]:
-        info = self.core.info
-        return {"id": self.model, "object": "model", "created": self.created,
-                "owned_by": "embedrpc", "dimensions": info.dimensions,
-                "min_dimensions": info.min_dimensions, "max_length": info.max_length}
+    def _model_card(self, info: Any) -> dict[str, Any]:
+        card = {"id": info.model, "object": "model", "created": self.created,
+                "owned_by": "embedrpc", "task": info.task}
+        if info.task == "embed":
+            card |= {"dimensions": info.dimensions, "min_dimensions": info.min_dimensions}
+        return card | {"max_length": info.max_length}
 
     # -- POST /v1/embeddings ------------------------------------------------------
 
@@ -354,28 +364,60 @@ class HttpServer:
                             "s", close=True) from None
         return bytes(body)
 
-    async def _embeddings(self, request: web.BaseRequest, counts: list[int],
+    def _client(self, request: web.BaseRequest) -> str:
+        """Who calls, for fair share (core.client_of): the API key, else the connection."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        connection = f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "http"
+        return self.cores.client_of(request.headers.get("authorization"), connection)
+
+    async def _embeddings(self, request: web.BaseRequest, counts: _Counts,
                           span: Any) -> web.Response:
         check_content_type(request.headers.get("content-type"))
         payload = await parse_json(await self._body(request))
         texts, options, encoding_format = parse_embeddings(payload)
-        span.set_attribute("embedrpc.inputs", len(texts))
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        connection = f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "http"
-        client = self.core.client_of(request.headers.get("authorization"), connection)
-        result = await self.core.embed(texts, **options, client=client)
+        core = self.cores.embedder(payload.get("model") or "", lenient=True)
+        counts.model = core.name
+        span.set_attributes({"embedrpc.inputs": len(texts), "embedrpc.model": core.name})
+        result = await core.embed(texts, **options, client=self._client(request))
         vectors = result.vectors
-        counts[:] = [len(vectors), result.prompt_tokens]
+        counts.embeddings, counts.tokens = len(vectors), result.prompt_tokens
         span.set_attributes({"embedrpc.embeddings": len(vectors),
                              "embedrpc.tokens": result.prompt_tokens})
-        build = embeddings_body(vectors, result.prompt_tokens, self.model, encoding_format)
+        build = embeddings_body(vectors, result.prompt_tokens, core.name, encoding_format)
         body = (await asyncio.to_thread(build)
                 if encoding_format == "float" and vectors.size > _INLINE_JSON_FLOATS
                 else build())
         return web.Response(body=body, content_type=JSON, headers={"Server": SERVER})
 
+    # -- POST /v1/rerank ------------------------------------------------------------
 
-# -- the OpenAI request and response bodies -------------------------------------------
+    async def _rerank(self, request: web.BaseRequest, counts: _Counts,
+                      span: Any) -> web.Response:
+        check_content_type(request.headers.get("content-type"))
+        payload = await parse_json(await self._body(request))
+        query, documents, options, return_documents = parse_rerank(payload)
+        core = self.cores.reranker(payload.get("model") or "", lenient=True)
+        counts.model = core.name
+        span.set_attributes({"embedrpc.inputs": len(documents), "embedrpc.model": core.name})
+        ranking = await core.rerank(query, documents, **options, client=self._client(request))
+        counts.pairs, counts.tokens = len(documents), ranking.prompt_tokens
+        span.set_attributes({"embedrpc.pairs": len(documents),
+                             "embedrpc.tokens": ranking.prompt_tokens})
+        body = rerank_body(ranking, documents if return_documents else None, core.name)
+        return web.Response(body=body, content_type=JSON, headers={"Server": SERVER})
+
+
+class _Counts:
+    """What one HTTP call was about and returned, for its metrics."""
+
+    __slots__ = ("embeddings", "model", "pairs", "tokens")
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.embeddings = self.pairs = self.tokens = 0
+
+
+# -- the request and response bodies ---------------------------------------------------
 
 
 def check_content_type(value: str | None) -> None:
@@ -491,3 +533,56 @@ def embeddings_body(vectors: np.ndarray, tokens: int, model: str,
                           separators=(",", ":")).encode()
 
     return build
+
+
+def parse_rerank(payload: Any) -> tuple[str, list[str], dict[str, Any], bool]:
+    """A rerank request in Cohere's and Jina's shape → (query, documents, the core's
+    options, return_documents). Documents are strings (or {"text": ...} objects, as Jina
+    and Cohere's older API take). Only the JSON shapes are checked here; counts and
+    ranges are the core's."""
+    if not isinstance(payload, dict):
+        raise HttpError(400, "the body must be a JSON object such as "
+                        '{"query": "text", "documents": ["text", ...]}')
+    query = payload.get("query")
+    if not isinstance(query, str):
+        raise HttpError(400, "'query' is required: a string", param="query")
+    documents = payload.get("documents")
+    if not isinstance(documents, list):
+        raise HttpError(400, "'documents' is required: a list of strings", param="documents")
+    texts = []
+    for i, document in enumerate(documents):
+        if isinstance(document, dict) and isinstance(document.get("text"), str):
+            document = document["text"]
+        if not isinstance(document, str):
+            raise HttpError(400, f"'documents[{i}]' must be a string (or an object with a "
+                            "string 'text')", param="documents")
+        texts.append(document)
+    top_n = payload.get("top_n")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool)):
+        raise HttpError(400, "'top_n' must be an integer", param="top_n")
+    return_documents = payload.get("return_documents", False)
+    if return_documents is None:
+        return_documents = False
+    if not isinstance(return_documents, bool):
+        raise HttpError(400, "'return_documents' must be true or false",
+                        param="return_documents")
+    for key in ("model", "instruction"):
+        if payload.get(key) is not None and not isinstance(payload[key], str):
+            raise HttpError(400, f"'{key}' must be a string", param=key)
+    return query, texts, {"top_n": top_n or 0,
+                          "instruction": payload.get("instruction") or ""}, return_documents
+
+
+def rerank_body(ranking: Ranking, documents: list[str] | None, model: str) -> bytes:
+    """The reply's JSON: results best first, with the document text when asked for."""
+    order = ranking.order.tolist()
+    scores = ranking.scores[ranking.order].tolist()
+    if documents is None:
+        results = [{"index": i, "relevance_score": s}
+                   for i, s in zip(order, scores, strict=True)]
+    else:
+        results = [{"index": i, "relevance_score": s, "document": {"text": documents[i]}}
+                   for i, s in zip(order, scores, strict=True)]
+    return json.dumps({"model": model, "results": results,
+                       "usage": {"total_tokens": ranking.prompt_tokens}},
+                      separators=(",", ":")).encode()

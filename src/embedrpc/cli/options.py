@@ -92,6 +92,9 @@ class EnvParser(argparse.ArgumentParser):
             source, text = env, os.environ[env]
         elif from_file is not None:
             source = f"{self.config.name}: {dest.replace('_', '-')}"
+            if (type is key_list or getattr(type, "__name__", "") == "key_list") and \
+                    isinstance(from_file, list) and all(isinstance(v, str) for v in from_file):
+                from_file = ",".join(from_file)  # a TOML array of strings, for list options
             if isinstance(from_file, dict | list) or (isinstance(from_file, bool)
                                                        and type is not parse_bool):
                 shown_value = "" if secret else f" = {from_file!r}"
