@@ -10,20 +10,30 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client import AsyncEmbedClient, EmbedClient, StreamResult
-    from .messages import ENCODINGS, TRUNCATES, decode, make_request
+    from .messages import (
+        ENCODINGS,
+        TRUNCATES,
+        RerankResult,
+        decode,
+        make_request,
+        make_rerank_request,
+    )
 
 __all__ = [
     "ENCODINGS",
     "TRUNCATES",
     "AsyncEmbedClient",
     "EmbedClient",
+    "RerankResult",
     "StreamResult",
     "decode",
     "make_request",
+    "make_rerank_request",
 ]
 _WHERE = {"AsyncEmbedClient": "client", "EmbedClient": "client", "StreamResult": "client",
           "ENCODINGS": "messages", "TRUNCATES": "messages", "decode": "messages",
-          "make_request": "messages"}
+          "make_request": "messages", "make_rerank_request": "messages",
+          "RerankResult": "messages"}
 
 
 def __getattr__(name: str) -> Any:

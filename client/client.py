@@ -1,4 +1,5 @@
-"""Python clients for the Embedder service: blocking and asyncio, returning numpy arrays."""
+"""Python clients for the Embedder and Reranker services: blocking and asyncio, returning
+numpy arrays (embeddings) and RerankResult lists (reranking)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from .channel import DEFAULT_ATTEMPTS, channel_args
 from .credentials import Pem, auth_metadata, channel_credentials
-from .messages import decode, make_request, make_tokenize_request
+from .messages import (
+    RerankResult,
+    decode,
+    make_request,
+    make_rerank_request,
+    make_tokenize_request,
+    rerank_results,
+)
 
 # Large requests and responses: 1000 texts × 4096 floats is 16 MB.
 DEFAULT_OPTIONS = (
@@ -94,6 +102,7 @@ class EmbedClient:
         self.channel = _open_channel(grpc, target, credentials, options, balance, retries,
                                      tls, root_certificates, client_cert, client_key)
         self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.reranker = pb_grpc.RerankerStub(self.channel)
         self.timeout = timeout
         self.metadata = (*metadata, *auth_metadata(api_key))
 
@@ -128,14 +137,44 @@ class EmbedClient:
 
     def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                  instruction: str = "", truncate: str = "end",
-                 return_tokens: bool = False) -> pb.TokenizeResponse:
+                 return_tokens: bool = False, model: str = "") -> pb.TokenizeResponse:
         request = make_tokenize_request(inputs, prompt_name=prompt_name,
                                         instruction=instruction, truncate=truncate,
-                                        return_tokens=return_tokens)
+                                        return_tokens=return_tokens, model=model)
         return self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
 
-    def info(self) -> pb.InfoResponse:
-        return self.stub.Info(pb.InfoRequest(), timeout=self.timeout, metadata=self.metadata)
+    def info(self, model: str = "") -> pb.InfoResponse:
+        """What the server serves; `model`: the model to describe (default: its first)."""
+        return self.stub.Info(pb.InfoRequest(model=model), timeout=self.timeout,
+                              metadata=self.metadata)
+
+    def rerank_response(self, query: str, documents: Sequence[str],
+                        **kwargs: Any) -> pb.RerankResponse:
+        return self.reranker.Rerank(make_rerank_request(query, documents, **kwargs),
+                                    timeout=self.timeout, metadata=self.metadata)
+
+    def rerank(self, query: str, documents: Sequence[str], *, instruction: str = "",
+               top_n: int = 0, return_documents: bool = False, truncate: str = "end",
+               model: str = "") -> list[RerankResult]:
+        """`documents` scored against `query` by a reranker, best first: RerankResult
+        (index, score in (0, 1), document with return_documents). instruction: empty for
+        the model's default; top_n: 0 for all; truncate: "end" or "none"; model: empty
+        for the server's only reranker."""
+        return rerank_results(self.rerank_response(
+            query, documents, instruction=instruction, top_n=top_n,
+            return_documents=return_documents, truncate=truncate, model=model))
+
+    def rerank_batch(self, queries: Sequence[tuple[str, Sequence[str]]], *,
+                     instruction: str = "", top_n: int = 0, return_documents: bool = False,
+                     truncate: str = "end", model: str = "") -> list[list[RerankResult]]:
+        """Several (query, documents) in one call (RerankBatch, their pairs batched
+        together): one result list per query, in order. Options as for rerank()."""
+        request = _batch_request(queries, instruction=instruction, top_n=top_n,
+                                 return_documents=return_documents, truncate=truncate,
+                                 model=model)
+        response = self.reranker.RerankBatch(request, timeout=self.timeout,
+                                             metadata=self.metadata)
+        return [rerank_results(r) for r in response.responses]
 
 
 class AsyncEmbedClient:
@@ -152,6 +191,7 @@ class AsyncEmbedClient:
         self.channel = _open_channel(grpc.aio, target, credentials, options, balance,
                                      retries, tls, root_certificates, client_cert, client_key)
         self.stub = pb_grpc.EmbedderStub(self.channel)
+        self.reranker = pb_grpc.RerankerStub(self.channel)
         self.timeout = timeout
         self.metadata = (*metadata, *auth_metadata(api_key))
 
@@ -191,12 +231,44 @@ class AsyncEmbedClient:
 
     async def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                        instruction: str = "", truncate: str = "end",
-                       return_tokens: bool = False) -> pb.TokenizeResponse:
+                       return_tokens: bool = False, model: str = "") -> pb.TokenizeResponse:
         request = make_tokenize_request(inputs, prompt_name=prompt_name,
                                         instruction=instruction, truncate=truncate,
-                                        return_tokens=return_tokens)
+                                        return_tokens=return_tokens, model=model)
         return await self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
 
-    async def info(self) -> pb.InfoResponse:
-        return await self.stub.Info(pb.InfoRequest(), timeout=self.timeout,
+    async def info(self, model: str = "") -> pb.InfoResponse:
+        return await self.stub.Info(pb.InfoRequest(model=model), timeout=self.timeout,
                                     metadata=self.metadata)
+
+    async def rerank_response(self, query: str, documents: Sequence[str],
+                              **kwargs: Any) -> pb.RerankResponse:
+        return await self.reranker.Rerank(make_rerank_request(query, documents, **kwargs),
+                                          timeout=self.timeout, metadata=self.metadata)
+
+    async def rerank(self, query: str, documents: Sequence[str], *, instruction: str = "",
+                     top_n: int = 0, return_documents: bool = False, truncate: str = "end",
+                     model: str = "") -> list[RerankResult]:
+        """As EmbedClient.rerank."""
+        return rerank_results(await self.rerank_response(
+            query, documents, instruction=instruction, top_n=top_n,
+            return_documents=return_documents, truncate=truncate, model=model))
+
+    async def rerank_batch(self, queries: Sequence[tuple[str, Sequence[str]]], *,
+                           instruction: str = "", top_n: int = 0,
+                           return_documents: bool = False, truncate: str = "end",
+                           model: str = "") -> list[list[RerankResult]]:
+        """As EmbedClient.rerank_batch."""
+        request = _batch_request(queries, instruction=instruction, top_n=top_n,
+                                 return_documents=return_documents, truncate=truncate,
+                                 model=model)
+        response = await self.reranker.RerankBatch(request, timeout=self.timeout,
+                                                   metadata=self.metadata)
+        return [rerank_results(r) for r in response.responses]
+
+
+def _batch_request(queries: Sequence[tuple[str, Sequence[str]]],
+                   **options: Any) -> pb.RerankBatchRequest:
+    return pb.RerankBatchRequest(requests=[
+        make_rerank_request(query, documents, request_id=str(i), **options)
+        for i, (query, documents) in enumerate(queries)])

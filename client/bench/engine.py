@@ -36,6 +36,7 @@ from .stream import CallFailed, StreamCaller
 from .workload import Pool, Workload, request_pool
 
 EMBED_METHOD = "/embedrpc.v1.Embedder/Embed"
+RERANK_METHOD = "/embedrpc.v1.Reranker/Rerank"
 CONNECT_TIMEOUT_S = 10.0
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -55,7 +56,7 @@ class WorkerResult:
     timeline: dict[int, Histogram] = field(default_factory=dict)  # by second of completion
     timeline_errors: dict[int, int] = field(default_factory=dict)
     ok: int = 0
-    embeddings: int = 0
+    embeddings: int = 0  # or, with --rerank, pairs scored
     tokens: int = 0
     sent: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -136,6 +137,11 @@ class _Load:
             self.callers: list[Callable[[bytes], Any]] = [
                 StreamCaller(channel, config.timeout, config.metadata)
                 for _ in range(config.streams)]
+        elif config.rerank:
+            unary = channel.unary_unary(RERANK_METHOD, request_serializer=None,
+                                        response_deserializer=pb.RerankResponse.FromString)
+            self.callers = [functools.partial(unary, timeout=config.timeout,
+                                              metadata=config.metadata)]
         else:
             unary = channel.unary_unary(EMBED_METHOD, request_serializer=None,
                                         response_deserializer=pb.EmbedResponse.FromString)
@@ -165,7 +171,10 @@ class _Load:
         self.in_flight += 1
         try:
             response = await caller(body)
-            if response.HasField("error"):
+            if isinstance(response, pb.RerankResponse):
+                if len(response.results) != count:  # top_n is 0: every document
+                    code = "BAD_RESPONSE"
+            elif response.HasField("error"):
                 code = STATUS_NAMES.get(response.error.code, str(response.error.code))
             elif response.count != count:
                 code = "BAD_RESPONSE"
@@ -198,7 +207,7 @@ class _Load:
             return
         r = self.result
         r.ok += 1
-        r.embeddings += response.count
+        r.embeddings += count
         r.tokens += response.usage.prompt_tokens
         r.latency.record(latency)
         second = int(done - self.m0)
@@ -332,16 +341,32 @@ async def connect(config: BenchConfig) -> grpc.aio.Channel:
 
 
 async def server_info(channel: grpc.aio.Channel, config: BenchConfig) -> dict[str, Any] | None:
-    """The server's Info, and a check that it accepts what the workload sends."""
+    """The server's Info (of the model the run loads), and a check that it accepts what
+    the workload sends."""
     stub = pb_grpc.EmbedderStub(channel)
     try:
-        info = await stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S,
+        info = await stub.Info(pb.InfoRequest(model=config.model), timeout=CONNECT_TIMEOUT_S,
                                metadata=config.metadata)
+        task = "rerank" if config.rerank else "embed"
+        if info.task and info.task != task:  # another model of the server, if it has one
+            kind = [m.name for m in info.models if m.task == task]
+            what = "reranker" if config.rerank else "embedding model"
+            if config.model or len(kind) != 1:
+                served = ", ".join(f"{m.name} ({m.task})" for m in info.models)
+                fix = (f"--model {config.model} is not a {what}" if config.model
+                       else f"no {what}" if not kind else f"name its {what} with --model")
+                raise BenchError(f"{config.target} serves {served}; {fix}")
+            info = await stub.Info(pb.InfoRequest(model=kind[0]), timeout=CONNECT_TIMEOUT_S,
+                                   metadata=config.metadata)
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             return None
         raise BenchError(f"Info on {config.target} failed: {exc.code().name}: "
                          f"{exc.details()}") from None
+    if config.rerank:
+        return {"model": info.model, "task": "rerank", "version": info.version,
+                "devices": list(info.devices), "workers": info.workers,
+                "max_length": info.max_length, "precision": info.precision}
     if config.query_fraction > 0 and "query" not in info.prompt_names:
         raise BenchError(f"the server's model has no \"query\" prompt (it has: "
                          f"{', '.join(info.prompt_names) or 'none'}); use --query-fraction 0")

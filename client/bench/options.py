@@ -32,6 +32,9 @@ class BenchConfig:
     rate: float | None = None  # open loop: requests/s, Poisson arrivals
     batch: int = 1
     stream: bool = False
+    rerank: bool = False  # unary Rerank calls: a query and `documents` documents each
+    documents: int = 16
+    model: str = ""  # the served model to load (default: the only one of its kind)
     streams: int = 1  # EmbedStream calls per process
     processes: int = 1
     corpus: str | None = None
@@ -77,6 +80,11 @@ class BenchConfig:
         need(self.processes <= self.in_flight, f"--processes ({self.processes}) must not "
              f"exceed --concurrency ({self.in_flight}): each process needs a client")
         need(self.stream or self.streams == 1, "--streams needs --stream")
+        need(self.documents >= 1, "--documents must be >= 1 per query")
+        need(not (self.rerank and self.stream), "--rerank sends unary Rerank calls; "
+             "--stream is for EmbedStream")
+        need(not self.rerank or self.batch == 1, "--batch is texts per Embed; with --rerank, "
+             "--documents sets the documents per query")
         need(0.0 <= self.query_fraction <= 1.0, "--query-fraction must be in 0..1")
         need(self.texts >= 1, "--texts must be >= 1")
         need(self.warmup >= 0, "--warmup must be >= 0 seconds")
@@ -123,6 +131,14 @@ def add_bench_arguments(p: Any) -> None:
     opt("--rate", type=float, help="open loop: send this many requests/s (Poisson arrivals); "
         "latency counts from each request's intended send time")
     opt("--batch", type=int, default=1, help="texts per request")
+    opt("--rerank", type=parse_bool, default=False, nargs="?", const=True, metavar="BOOL",
+        help="load the server's reranker: unary Rerank calls, each a query and --documents "
+             "documents (queries as long as --query-lengths, documents as --lengths); "
+             "reports pairs/s")
+    opt("--documents", type=int, default=16, help="with --rerank: documents per query")
+    # Its own variable: EMBEDRPC_MODEL is the server's --model.
+    opt("--model", dest="client_model", default="", help="which served model to load "
+        "(default: the only embedding model, or with --rerank the only reranker)")
     opt("--stream", type=parse_bool, default=False, nargs="?", const=True, metavar="BOOL",
         help="send requests over EmbedStream instead of unary Embed")
     opt("--streams", type=int, default=1, help="with --stream: EmbedStream calls per process")
@@ -170,6 +186,7 @@ def config_from_namespace(ns: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         target=ns.target, concurrency=ns.concurrency, duration=ns.duration,
         requests=ns.requests, rate=ns.rate, batch=ns.batch, stream=ns.stream,
+        rerank=ns.rerank, documents=ns.documents, model=ns.client_model,
         streams=ns.streams, processes=ns.processes, corpus=ns.corpus, lengths=ns.lengths,
         query_lengths=ns.query_lengths, query_fraction=ns.query_fraction, texts=ns.texts,
         locales=locales, seed=ns.seed, warmup=ns.warmup, encoding=ns.encoding,

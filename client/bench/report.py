@@ -39,15 +39,17 @@ def build_report(config: BenchConfig, result: WorkerResult, *, elapsed: float | 
         else:
             elapsed = config.measure_seconds or 0.0
     elapsed = max(elapsed, 1e-9)
+    # What the answers hold: embeddings, or (--rerank) scored query-document pairs.
+    item = "pairs" if config.rerank else "embeddings"
     report: dict[str, Any] = {
         "requests_per_s": round(result.ok / elapsed, 3),
-        "embeddings_per_s": round(result.embeddings / elapsed, 3),
+        f"{item}_per_s": round(result.embeddings / elapsed, 3),
         "tokens_per_s": round(result.tokens / elapsed, 3),
         "latency_ms": _latency_ms(result.latency),
         "errors": dict(sorted(result.errors.items())),
         "requests": result.ok,
         "failed": sum(result.errors.values()),
-        "embeddings": result.embeddings,
+        item: result.embeddings,
         "tokens": result.tokens,
         "sent": result.sent,
         "elapsed_s": round(elapsed, 4),
@@ -64,7 +66,8 @@ def build_report(config: BenchConfig, result: WorkerResult, *, elapsed: float | 
         for s in sorted(set(result.timeline) | set(result.timeline_errors))]
     report["config"] = {
         "target": config.target, "mode": "open" if config.open_loop else "closed",
-        "call": "EmbedStream" if config.stream else "Embed",
+        "call": "EmbedStream" if config.stream else "Rerank" if config.rerank else "Embed",
+        "documents": config.documents if config.rerank else None, "model": config.model,
         "concurrency": config.in_flight, "rate": config.rate, "batch": config.batch,
         "streams": config.streams if config.stream else None,
         "processes": config.processes, "duration_s": config.measure_seconds,
@@ -85,23 +88,33 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     c = report["config"]
     s = report.get("server") or {}
-    model = f" · model {s['model']} ({s['dimensions']} dims)" if s else ""
+    if s:
+        model = (f" · model {s['model']} (reranker)" if s.get("task") == "rerank"
+                 else f" · model {s['model']} ({s['dimensions']} dims)")
+    else:
+        model = ""
+    item = "pairs" if c["call"] == "Rerank" else "embeddings"
     if c["mode"] == "open":
         load = f"open loop {c['rate']:,.0f} req/s (Poisson), ≤{c['concurrency']} in flight"
     else:
         load = f"closed loop, {_n(c['concurrency'], 'client')}"
-    call = (f"EmbedStream ({_n(c['streams'], 'stream')} per process)"
-            if c["call"] == "EmbedStream" else "unary Embed")
+    if c["call"] == "EmbedStream":
+        call = f"EmbedStream ({_n(c['streams'], 'stream')} per process)"
+    elif c["call"] == "Rerank":
+        call = "unary Rerank"
+    else:
+        call = "unary Embed"
+    per = (f"a query and {_n(c['documents'], 'document')} per request" if c["call"] == "Rerank"
+           else f"{_n(c['batch'], 'text')} per request · {c['encoding']}")
     measured = (f"{report['elapsed_s']:.2f} s" if c["requests"] is None
                 else f"{c['requests']:,d} requests in {report['elapsed_s']:.2f} s")
     lat = report["latency_ms"]
     lines = [
         f"target {c['target']}{model}",
-        f"{load}, {_n(c['processes'], 'process', 'es')} · {call}, "
-        f"{_n(c['batch'], 'text')} per request · {c['encoding']}",
+        f"{load}, {_n(c['processes'], 'process', 'es')} · {call}, {per}",
         f"measured {measured} after {c['warmup_s']:g} s warm-up",
         f"  requests    {report['requests']:>12,d}   {report['requests_per_s']:>12,.1f} /s",
-        f"  embeddings  {report['embeddings']:>12,d}   {report['embeddings_per_s']:>12,.1f} /s",
+        f"  {item:<10}  {report[item]:>12,d}   {report[item + '_per_s']:>12,.1f} /s",
         f"  tokens      {report['tokens']:>12,d}   {report['tokens_per_s']:>12,.1f} /s",
         "  latency ms  " + "  ".join(
             f"{name} {fmt_ms(lat[key])}" for name, key in

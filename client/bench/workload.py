@@ -1,6 +1,6 @@
 """The requests a run sends: its texts (a corpus file or generated), and those texts
-serialised into EmbedRequests before the run starts, so the load engine spends its time
-on gRPC only."""
+serialised into EmbedRequests (or RerankRequests, --rerank) before the run starts, so the
+load engine spends its time on gRPC only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..client import make_request
+from ..messages import make_request, make_rerank_request
 from .options import BenchConfig
 from .texts import LengthSpec, TextGenerator, load_corpus
 
@@ -39,6 +39,9 @@ def make_workload(config: BenchConfig) -> Workload:
     n_docs = config.texts - n_queries if config.query_fraction < 1 else 0
     if config.query_fraction < 1:
         n_docs = max(1, n_docs)
+    if config.rerank:  # a query against several documents: both are needed
+        n_queries = max(1, config.texts // 4)
+        n_docs = max(1, config.texts - n_queries)
     docs = generator.texts(n_docs, LengthSpec.parse(config.lengths))
     queries = generator.texts(n_queries, LengthSpec.parse(config.query_lengths), query=True)
     words = "Faker" if generator.faker else "built-in word lists"
@@ -49,9 +52,18 @@ def make_workload(config: BenchConfig) -> Workload:
 
 def request_pool(config: BenchConfig, workload: Workload, seed: int | Sequence[int],
                  size: int = REQUEST_POOL) -> list[tuple[bytes, int]]:
-    """Serialised EmbedRequests and their input counts; queries with the given share."""
+    """Serialised EmbedRequests and their input counts; queries with the given share.
+    With --rerank: RerankRequests of a query and --documents documents (the count)."""
     rng = np.random.default_rng(seed)
     pool = []
+    if config.rerank:
+        for _ in range(size):
+            query = workload.queries[int(rng.integers(0, len(workload.queries)))]
+            picks = rng.integers(0, len(workload.documents), size=config.documents)
+            request = make_rerank_request(query, [workload.documents[i] for i in
+                                                  picks.tolist()], model=config.model)
+            pool.append((request.SerializeToString(), config.documents))
+        return pool
     for _ in range(size):
         query = bool(workload.queries) and (not workload.documents
                                             or rng.random() < config.query_fraction)
@@ -59,7 +71,8 @@ def request_pool(config: BenchConfig, workload: Workload, seed: int | Sequence[i
         picks = rng.integers(0, len(texts), size=config.batch)
         request = make_request([texts[i] for i in picks.tolist()],
                                prompt_name="query" if query else "",
-                               dimensions=config.dimensions, encoding=config.encoding)
+                               dimensions=config.dimensions, encoding=config.encoding,
+                               model=config.model)
         pool.append((request.SerializeToString(), config.batch))
     return pool
 

@@ -1,4 +1,4 @@
-"""The `embedrpc` command: serve, embed, tokenize, info, bench.
+"""The `embedrpc` command: serve, embed, rerank, tokenize, info, bench.
 
 Every flag can also be set by an environment variable EMBEDRPC_<FLAG>
 (e.g. EMBEDRPC_MODEL, EMBEDRPC_MAX_BATCH_TOKENS), and every serve flag in a
@@ -15,7 +15,13 @@ from collections.abc import Sequence
 
 from embedrpc import __version__
 
-from .client_commands import client_options, request_options, run_client
+from .client_commands import (
+    client_options,
+    model_option,
+    request_options,
+    rerank_options,
+    run_client,
+)
 from .options import ConfigFile, EnvParser, config_path, load_config, parse_bool
 from .serve import add_serve_parser, run_serve
 
@@ -37,12 +43,18 @@ def build_parser(config: ConfigFile | None = None) -> argparse.ArgumentParser:
     embed.add_option("--encoding", default="float32",
                      choices=("float", "float32", "float16", "ubinary"), help="wire encoding")
 
+    rerank = sub.add_parser("rerank", help="score documents against a query with a "
+                            "running server's reranker, best first; prints JSON")
+    client_options(rerank)
+    rerank_options(rerank)
+
     tok = sub.add_parser("tokenize", help="token ids the model would see; prints JSON")
     client_options(tok)
     request_options(tok)
 
     info = sub.add_parser("info", help="what a running server serves; prints JSON")
     client_options(info)
+    model_option(info, "the model to describe (default: the server's first)")
 
     from embedrpc.client.health import add_health_arguments
 

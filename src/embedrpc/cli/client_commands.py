@@ -1,5 +1,5 @@
-"""The client commands: `embedrpc embed`, `tokenize`, `info` (and the options `health`
-shares). Each prints JSON."""
+"""The client commands: `embedrpc embed`, `rerank`, `tokenize`, `info` (and the options
+`health` shares). Each prints JSON."""
 
 from __future__ import annotations
 
@@ -26,12 +26,35 @@ def client_options(p: EnvParser) -> None:
                  help="PEM private key of --tls-cert")
 
 
+def model_option(p: EnvParser, help: str = "which served model (default: the only one "
+                 "of its kind)") -> None:
+    # Its own variable: EMBEDRPC_MODEL is the server's --model.
+    p.add_option("--model", dest="client_model", default="", help=help)
+
+
 def request_options(p: EnvParser) -> None:
     p.add_argument("texts", nargs="*", help="texts (none or '-': one per line from stdin)")
     p.add_option("--prompt-name", default="", help="a named prompt of the model, e.g. query")
     p.add_option("--instruction", default="", help="a task instruction for queries")
     p.add_option("--truncate", default="end", choices=("end", "start", "none"),
                  help="how to cut inputs longer than max_length")
+    model_option(p, "which served embedding model (default: the only one)")
+
+
+def rerank_options(p: EnvParser) -> None:
+    p.add_argument("texts", nargs="*", metavar="DOCUMENT",
+                   help="documents (none or '-': one per line from stdin)")
+    p.add_option("--query", help="the query the documents are scored against; required")
+    p.add_option("--instruction", default="", help="the task instruction in each pair "
+                 "(default: the model's, the card's web-search one)")
+    p.add_option("--top-n", type=int, default=0, help="return only the best N (0: all)")
+    # A value is required (--return-documents true), as for --tls.
+    p.add_option("--return-documents", type=parse_bool, default=False, metavar="BOOL",
+                 help="true: put each document's text in its result")
+    p.add_option("--truncate", default="end", choices=("end", "none"),
+                 help="pairs longer than max_length: cut at the end (the model card's) or "
+                      "refuse")
+    model_option(p, "which served reranker (default: the only one)")
 
 
 def _texts(given: Sequence[str]) -> list[str]:
@@ -53,9 +76,9 @@ def run_client(ns: argparse.Namespace) -> int:
                          client_cert=ns.client_tls_cert or None,
                          client_key=ns.client_tls_key or None) as client:
             if ns.command == "info":
-                r = client.info()
+                r = client.info(ns.client_model)
                 out: dict[str, Any] = {
-                    "model": r.model, "dimensions": r.dimensions,
+                    "model": r.model, "task": r.task, "dimensions": r.dimensions,
                     "min_dimensions": r.min_dimensions, "max_length": r.max_length,
                     "prompt_names": list(r.prompt_names), "pooling": r.pooling,
                     "pooled_token": r.pooled_token, "pooled_token_id": r.pooled_token_id,
@@ -63,11 +86,29 @@ def run_client(ns: argparse.Namespace) -> int:
                     "precision": r.precision, "devices": list(r.devices),
                     "max_batch_tokens": r.max_batch_tokens, "max_inputs": r.max_inputs,
                     "workers": r.workers, "version": r.version,
+                    "default_instruction": r.default_instruction,
+                    "models": [{"name": m.name, "task": m.task,
+                                "dimensions": m.dimensions if m.HasField("dimensions")
+                                else None, "max_length": m.max_length,
+                                "precision": m.precision} for m in r.models],
                 }
+            elif ns.command == "rerank":
+                if ns.query is None:
+                    raise ValueError("--query is required")
+                rr = client.rerank_response(
+                    ns.query, _texts(ns.texts), instruction=ns.instruction, top_n=ns.top_n,
+                    return_documents=ns.return_documents, truncate=ns.truncate,
+                    model=ns.client_model)
+                out = {"model": rr.model,
+                       "results": [{"index": x.index, "score": x.score,
+                                    **({"document": x.document} if x.HasField("document")
+                                       else {})} for x in rr.results],
+                       "usage": {"prompt_tokens": rr.usage.prompt_tokens,
+                                 "truncated_inputs": rr.usage.truncated_inputs}}
             elif ns.command == "tokenize":
                 t = client.tokenize(_texts(ns.texts), prompt_name=ns.prompt_name,
                                     instruction=ns.instruction, truncate=ns.truncate,
-                                    return_tokens=True)
+                                    return_tokens=True, model=ns.client_model)
                 out = {"inputs": [{"ids": list(i.ids), "tokens": list(i.tokens),
                                    "truncated": i.truncated} for i in t.inputs],
                        "usage": {"prompt_tokens": t.usage.prompt_tokens,
@@ -78,8 +119,9 @@ def run_client(ns: argparse.Namespace) -> int:
                 response = client.embed_response(
                     _texts(ns.texts), prompt_name=ns.prompt_name, instruction=ns.instruction,
                     dimensions=ns.dimensions, normalize=ns.normalize, truncate=ns.truncate,
-                    encoding=ns.encoding)
-                out = {"dimensions": response.dimensions, "encoding": ns.encoding,
+                    encoding=ns.encoding, model=ns.client_model)
+                out = {"model": response.model, "dimensions": response.dimensions,
+                       "encoding": ns.encoding,
                        "embeddings": decode(response).tolist(),
                        "usage": {"prompt_tokens": response.usage.prompt_tokens,
                                  "truncated_inputs": response.usage.truncated_inputs}}
