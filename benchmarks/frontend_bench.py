@@ -786,6 +786,7 @@ def ratios(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any
             values = [r[figure] / floor_of(load, f, t)[1] for r, f, t in
                       zip(rounds[(s.key, load.key)], floors, tok, strict=True)]
             out[f"{load.key}/{s.key}/vs_floor"] = median(values)
+            out[f"{load.key}/{s.key}/vs_floor_rounds"] = values
         one = rounds.get(("embedrpc", load.key))
         for s in measured:
             if s.frontends is None or s.frontends == 1 or one is None:
@@ -1002,12 +1003,18 @@ def targets(report: dict[str, Any]) -> list[str]:
     out = []
     single = r.get("single/embedrpc/vs_floor")
     batch = r.get("batch32/embedrpc/vs_floor")
+
+    def spread(key: str) -> str:  # the rounds' range, when there are several
+        values = r.get(key) or []
+        return f" (rounds {min(values):.2f}–{max(values):.2f}×)" if len(values) > 1 else ""
+
     out.append(f"{verdict(None if single is None else single <= TARGET_SINGLE)} single-text "
-               f"Embed: server CPU per request {ratio_text(single) or 'n/a'} the floor "
-               f"(target ≤ {TARGET_SINGLE}×)")
+               f"Embed: server CPU per request {ratio_text(single) or 'n/a'} the floor"
+               f"{spread('single/embedrpc/vs_floor_rounds')} (target ≤ {TARGET_SINGLE}×)")
     out.append(f"{verdict(None if batch is None else batch <= TARGET_BATCH)} 32-text Embed: "
                f"server CPU per text {ratio_text(batch) or 'n/a'} the floor, tokenizer "
-               f"included (target ≤ {TARGET_BATCH}×)")
+               f"included{spread('batch32/embedrpc/vs_floor_rounds')} "
+               f"(target ≤ {TARGET_BATCH}×)")
     split = r.get("single/embedrpc-f2/cpu_vs_1")
     out.append(f"{verdict(None if split is None else split <= TARGET_SPLIT)} --frontends 2: "
                f"server CPU per request {ratio_text(split) or 'not available'} one front end's"
