@@ -139,6 +139,7 @@ class EmbedServer:
         self.service: EmbedderService | None = None
         self.reranker: RerankerService | None = None
         self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs on, once started
         self.metrics = Metrics(models=[m.name for m in self.models])
         self.metrics_port: int | None = None  # where /metrics listens, when it does
         self.http: HttpServer | None = None
@@ -295,7 +296,7 @@ class EmbedServer:
                         "vectors are still L2-normalised unless a request sets normalize=false")
 
     async def _start(self) -> int:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         cfg = self.config
         for m in self.models:
             self._log_model(m)

@@ -43,9 +43,8 @@ POISON_ID = Tokenizer.from_file(str(qwen_tokenizer_file())).encode("☣☣☣").
 
 def on_loop(server: EmbedServer, make: Callable[[], Awaitable[T]]) -> T:
     """Run a coroutine on the server's own event loop (to inspect loop-side state)."""
-    assert server.router is not None
-    loop = server.router._task.get_loop()  # type: ignore[union-attr]
-    return asyncio.run_coroutine_threadsafe(_call(make), loop).result(30)
+    assert server.loop is not None
+    return asyncio.run_coroutine_threadsafe(_call(make), server.loop).result(30)
 
 
 async def _call(make: Callable[[], Awaitable[T]]) -> T:
@@ -74,7 +73,7 @@ def assert_drained(server: EmbedServer) -> None:
     router = server.router
     assert router is not None
     wait_until(lambda: router.queued_tokens == 0 and router.queued_entries == 0
-               and all(not w._inflight for w in server.workers))
+               and all(w.in_flight == 0 for w in server.workers))
 
 
 def expected_fake(client: EmbedClient, texts: list[str]) -> np.ndarray:
