@@ -15,7 +15,8 @@ Every channel gets a service config (gRPC's own mechanism, no client-side code p
   ``embedrpc.v1.Embedder`` health status, so a replica that is starting, draining
   (SIGTERM) or has no live worker gets no new calls — for several replicas and
   ``dns:`` targets, or when asked for with ``balance=True``;
-- a retry policy for the unary RPCs (Embed, Tokenize, Info; all idempotent):
+- a retry policy for the unary RPCs (Embed, Tokenize, Info, Rerank, RerankBatch; all
+  idempotent):
   ``UNAVAILABLE`` (a replica refusing calls while it stops, a connection reset by a
   crash) and ``CANCELLED`` (what calls still running get from a replica whose grace
   period ran out; the server never answers CANCELLED otherwise, and a call the caller
@@ -34,6 +35,8 @@ from typing import Any
 
 SERVICE = "embedrpc.v1.Embedder"
 RETRIED_METHODS = ("Embed", "Tokenize", "Info")
+RERANKER_SERVICE = "embedrpc.v1.Reranker"
+RETRIED_RERANKER_METHODS = ("Rerank", "RerankBatch")
 RETRIED_CODES = ("UNAVAILABLE", "CANCELLED")
 DEFAULT_ATTEMPTS = 5
 # A retried call must keep its request until it commits; gRPC's default buffer
@@ -109,7 +112,9 @@ def service_config(*, balance: bool, retries: int = DEFAULT_ATTEMPTS,
         config["healthCheckConfig"] = {"serviceName": SERVICE}
     if retries > 1:
         config["methodConfig"] = [{
-            "name": [{"service": SERVICE, "method": m} for m in RETRIED_METHODS],
+            "name": [*({"service": SERVICE, "method": m} for m in RETRIED_METHODS),
+                     *({"service": RERANKER_SERVICE, "method": m}
+                       for m in RETRIED_RERANKER_METHODS)],
             "retryPolicy": {
                 "maxAttempts": retries,
                 "initialBackoff": f"{initial_backoff_s}s",

@@ -76,7 +76,10 @@ def test_service_config_balances_and_retries_unavailable() -> None:
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert config["healthCheckConfig"] == {"serviceName": "embedrpc.v1.Embedder"}
     (method,) = config["methodConfig"]
-    assert {n["method"] for n in method["name"]} == {"Embed", "Tokenize", "Info"}
+    assert {(n["service"], n["method"]) for n in method["name"]} == {
+        ("embedrpc.v1.Embedder", "Embed"), ("embedrpc.v1.Embedder", "Tokenize"),
+        ("embedrpc.v1.Embedder", "Info"), ("embedrpc.v1.Reranker", "Rerank"),
+        ("embedrpc.v1.Reranker", "RerankBatch")}
     assert method["retryPolicy"] == {"maxAttempts": 5, "initialBackoff": "0.1s",
                                      "maxBackoff": "2.0s", "backoffMultiplier": 2,
                                      "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
