@@ -301,6 +301,18 @@ def test_http_rerank_checks_as_embeddings_do(served) -> None:
     assert status == 200 and out["model"] == "demo" and len(out["data"][0]["embedding"]) == 128
 
 
+def test_http_rerank_wants_the_api_key() -> None:
+    key = "rerank-key-" + "k" * 16
+    with running_server(model=("demo", "demo-reranker"), backend="fake", workers=1,
+                        http_port=0, api_keys=(key,)) as (srv, _):
+        body = {"query": "q", "documents": ["a", "b"]}
+        status, headers, out = http_call(srv, "POST", "/v1/rerank", body)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", out
+        status, _, out = http_call(srv, "POST", "/v1/rerank", body,
+                                   headers={"Authorization": f"Bearer {key}"})
+        assert status == 200 and len(out["results"]) == 2
+
+
 # -- metrics and health ---------------------------------------------------------------
 
 
