@@ -320,7 +320,7 @@ class RerankCore(_Core):
         model card's default; `top_n`: 0 for all; `deadline`, `client` as for embed."""
         q = RerankQuery(query, documents, instruction, top_n, truncate)
         self._check(q)
-        [ranking] = await self._score([q], deadline, client)
+        [ranking] = await self._score([q], deadline, client, batch=False)
         return ranking
 
     async def rerank_many(self, queries: Sequence[RerankQuery], *,
@@ -338,19 +338,20 @@ class RerankCore(_Core):
             raise InvalidInput(f"{total} documents in all {len(queries)} requests; at most "
                                f"{most} are allowed in one call (--max-inputs): split it",
                                field="documents")
-        return await self._score(queries, deadline, client)
+        return await self._score(queries, deadline, client, batch=True)
 
     async def _score(self, queries: Sequence[RerankQuery], deadline: float | None,
-                     client: str) -> list[Ranking]:
+                     client: str, *, batch: bool) -> list[Ranking]:
+        """batch: the queries are a RerankBatch's requests (errors name which one)."""
         router = self._routed()
         started = time.monotonic()
         self._check_size(queries)
         chars = sum(sum(map(len, q.documents)) + len(q.documents) * len(q.query)
                     for q in queries)
         if chars <= INLINE_TOKENIZE_CHARS:
-            encoded = self._encode(queries)
+            encoded = self._encode(queries, batch)
         else:
-            encoded = await asyncio.to_thread(self._encode, queries)
+            encoded = await asyncio.to_thread(self._encode, queries, batch)
         ids = [row for e in encoded for row in e.ids]
         pooled = await router.embed(ids, deadline=deadline, client=client)
         scores = np.ascontiguousarray(pooled[:, 0], dtype=np.float32)
@@ -369,11 +370,10 @@ class RerankCore(_Core):
                       (time.monotonic() - started) * 1000)
         return rankings
 
-    def _encode(self, queries: Sequence[RerankQuery]) -> list[Encoded]:
-        several = len(queries) > 1
+    def _encode(self, queries: Sequence[RerankQuery], batch: bool) -> list[Encoded]:
         out = []
         for i, q in enumerate(queries):
-            where = f"requests[{i}]: " if several else ""
+            where = f"requests[{i}]: " if batch else ""
             documents = q.documents if isinstance(q.documents, list) else list(q.documents)
             try:
                 out.append(self.encoder.encode(q.query, documents,

@@ -160,6 +160,9 @@ BAD = [
     ("a batch's bad request", _batch(pb.RerankRequest(query="q", documents=["d"]),
                                      pb.RerankRequest(query="q", top_n=-2)),
      "requests[1]: documents is empty"),
+    ("a batch's TRUNCATE_START", _batch(pb.RerankRequest(query="q", documents=["d"],
+                                                         truncate=pb.TRUNCATE_START)),
+     "requests[0]: truncate=TRUNCATE_START does not apply to reranking"),
     ("too many documents in a batch", _batch(*[pb.RerankRequest(query="q", documents=["d"] * 33)
                                                for _ in range(2)]),
      "66 documents in all 2 requests; at most 64 are allowed in one call (--max-inputs)"),
