@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -250,10 +251,13 @@ def requests_by_code(samples: Samples, method: str) -> dict[str, float]:
 
 def test_each_call_is_counted_once_with_the_code_its_client_saw(
         tight_server, caplog: pytest.LogCaptureFixture) -> None:
-    """60 calls whose deadlines (50..430 ms) pass while they wait behind each other (the
+    """60 calls whose deadlines (200..580 ms) pass while they wait behind each other (the
     router fails each one it finds expired, grpc cancels the others at their deadline),
     then 5 calls cancelled by their client long before theirs: each is counted once,
-    under the code the client got (issue 11 item 7). Before: most of the expired ones
+    under the code the client got (issue 11 item 7). On a loaded machine a client can
+    give up on a call before it reaches the server, which then cannot count it: so the
+    server's DEADLINE_EXCEEDED count may fall short of the clients' (most must still
+    arrive), and every other code must match exactly. Before: most of the expired ones
     counted CANCELLED, now and then one UNKNOWN (context.abort raising
     ExecuteBatchError on a call already ended, with an ERROR traceback)."""
     srv, target = tight_server
@@ -265,14 +269,18 @@ def test_each_call_is_counted_once_with_the_code_its_client_saw(
 
     def call(i: int) -> str:
         try:
-            stub.Embed(pb.EmbedRequest(inputs=[f"text {i}"]), timeout=0.05 + (i % 20) * 0.02)
+            stub.Embed(pb.EmbedRequest(inputs=[f"text {i}"]), timeout=0.2 + (i % 20) * 0.02)
         except grpc.RpcError as exc:
             return exc.code().name
         return "OK"
 
     with grpc.insecure_channel(target) as channel, ThreadPoolExecutor(60) as pool:
         stub = pb_grpc.EmbedderStub(channel)
-        seen = Counter(pool.map(call, range(60)))
+        # Connect first: a call whose deadline passes while the channel connects never
+        # reaches the server.
+        grpc.channel_ready_future(channel).result(timeout=10)
+        assert stub.Embed(pb.EmbedRequest(inputs=["connect"]), timeout=10).count == 1
+        seen = Counter(pool.map(call, range(60))) + Counter(OK=1)
         assert seen["DEADLINE_EXCEEDED"] >= 30, seen  # ~10 texts a second get through
         # A call of 20 texts keeps the worker busy for 2 s; five calls wait behind it, each
         # with 30 s to go, and their client cancels them.
@@ -291,8 +299,13 @@ def test_each_call_is_counted_once_with_the_code_its_client_saw(
         return Counter({code: int(n - before.get(code, 0)) for code, n in now.items()
                         if n > before.get(code, 0)})
 
-    wait_until(lambda: sum(counted().values()) >= 66, 10, lambda: f"counted {counted()}")
-    assert counted() == seen
+    wait_until(lambda: in_progress() == 0 and counted()["OK"] >= seen["OK"]
+               and counted()["CANCELLED"] >= 5, 10, lambda: f"counted {counted()}, seen {seen}")
+    time.sleep(0.2)  # let any late count land, so that a count too many shows
+    got = counted()
+    assert {c: n for c, n in got.items() if c != "DEADLINE_EXCEEDED"} == \
+        {c: n for c, n in seen.items() if c != "DEADLINE_EXCEEDED"}, (got, seen)
+    assert 30 <= got["DEADLINE_EXCEEDED"] <= seen["DEADLINE_EXCEEDED"], (got, seen)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
