@@ -41,7 +41,7 @@ from tokenizers import Tokenizer
 from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 
-from .conftest import QUERY_PROMPT, QWEN_EOS_ID, qwen_tokenizer_file, running_server
+from .helpers import QUERY_PROMPT, QWEN_EOS_ID, qwen_tokenizer_file, running_server
 
 HIDDEN, MIN_DIMS, MAX_LENGTH = 64, 32, 64  # write_model_dir's defaults
 MAX_INPUTS, MAX_MESSAGE = 4096, 1 << 20

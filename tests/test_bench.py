@@ -38,7 +38,7 @@ from embedrpc.client.bench import (
 )
 from embedrpc.v1 import embedder_pb2 as pb
 
-from .conftest import running_server
+from .helpers import running_server
 
 # -- histogram ---------------------------------------------------------------------------
 

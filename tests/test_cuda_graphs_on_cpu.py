@@ -34,8 +34,14 @@ from embedrpc.server.worker.backends import OrtBackend
 from embedrpc.server.worker.cuda_graphs import LENGTH_BUCKETS, ROW_BUCKETS, WARMUP_ROWS, bucket
 from embedrpc.server.worker.spec import WorkerSpec
 
-from .conftest import running_server
-from .test_prepare import CASES, REFERENCE, SOURCE, _cosines, _expected
+from .helpers import (
+    TINY_CASES,
+    TINY_REFERENCE,
+    TINY_SOURCE,
+    cosines,
+    running_server,
+    unit_reference,
+)
 
 BATCH_INVARIANCE = 1e-5
 COSINE, MAX_ABS = 0.9999, 1e-5
@@ -44,14 +50,14 @@ COSINE, MAX_ABS = 0.9999, 1e-5
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("static") / "fp32"
-    prepare(PrepareConfig(model=str(SOURCE), out=out, precision="fp32", device="cpu",
+    prepare(PrepareConfig(model=str(TINY_SOURCE), out=out, precision="fp32", device="cpu",
                           reference=False), say=lambda _: None)
     return out
 
 
 def _backend(directory: Path, **spec: object) -> OrtBackend:
     return OrtBackend(WorkerSpec.of(onnx_path=str(directory / "model.onnx"), static_shapes=True,
-                                 max_length=REFERENCE["max_length"], **spec))  # type: ignore[arg-type]
+                                 max_length=TINY_REFERENCE["max_length"], **spec))  # type: ignore[arg-type]
 
 
 def _batch(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +102,7 @@ def test_bucketed_batches_equal_exact_shapes(prepared: Path) -> None:
         lengths[rng.integers(rows)] = longest
         ids = rng.integers(1, vocab, int(lengths.sum())).astype(np.int32)
         got = backend.embed(ids, lengths)
-        assert got.shape == (rows, REFERENCE["dimensions"]) and got.dtype == np.float32
+        assert got.shape == (rows, TINY_REFERENCE["dimensions"]) and got.dtype == np.float32
         np.testing.assert_allclose(got, backend.embed_exact(ids, lengths), atol=BATCH_INVARIANCE)
         # Each row alone, at its own exact shape: batch-mates and padding change nothing.
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -110,13 +116,13 @@ def test_bucketed_batches_equal_exact_shapes(prepared: Path) -> None:
 
 def test_bucketed_path_matches_sentence_transformers(prepared: Path) -> None:
     backend = _backend(prepared)
-    for name, case in CASES.items():
+    for name, case in TINY_CASES.items():
         got = backend.embed(*_batch(case["token_ids"])).astype(np.float64)
-        want = _expected(case)
+        want = unit_reference(case)
         if case["dimensions"]:
             got = got[:, :case["dimensions"]]
             got /= np.linalg.norm(got, axis=1, keepdims=True)
-        assert _cosines(got, want).min() >= COSINE, name
+        assert cosines(got, want).min() >= COSINE, name
         assert np.abs(got - want).max() <= MAX_ABS, name
     assert backend.static is not None and backend.static.off is None
 
@@ -146,7 +152,7 @@ def test_a_bucket_that_disagrees_is_turned_off(prepared: Path, monkeypatch: pyte
         return self.binding.copy_outputs_to_cpu()[0][:len(lengths)]
 
     monkeypatch.setattr(graphs._Slot, "run", stale)
-    ids, lengths = _batch(CASES["documents"]["token_ids"][:3])
+    ids, lengths = _batch(TINY_CASES["documents"]["token_ids"][:3])
     with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker.cuda_graphs"):
         got = backend.embed(ids, lengths)
     np.testing.assert_allclose(got, backend.embed_exact(ids, lengths), atol=BATCH_INVARIANCE)
@@ -160,7 +166,7 @@ def test_a_bucket_that_disagrees_is_turned_off(prepared: Path, monkeypatch: pyte
 def test_warmup_makes_the_common_buckets_and_reports_the_time(
         prepared: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    max_tokens, max_length = 1024, REFERENCE["max_length"]
+    max_tokens, max_length = 1024, TINY_REFERENCE["max_length"]
     backend = _backend(prepared, cuda_graph_max_tokens=max_tokens)
     with caplog.at_level(logging.INFO, logger="embedrpc.server.worker.cuda_graphs"):
         backend.warmup()
@@ -178,7 +184,7 @@ def test_warmup_makes_the_common_buckets_and_reports_the_time(
     # Batches in warm buckets need no first use: they replay at once.
     monkeypatch.setattr(graphs.StaticShapes, "_first_use", None)
     for name in ("documents", "queries"):
-        ids, lengths = _batch(CASES[name]["token_ids"])
+        ids, lengths = _batch(TINY_CASES[name]["token_ids"])
         assert bucket(len(lengths), int(lengths.max()), max_tokens, max_length) in want
         got = backend.embed(ids, lengths)
         np.testing.assert_allclose(got, backend.embed_exact(ids, lengths),
@@ -212,7 +218,7 @@ def test_a_failed_capture_or_replay_rebuilds_the_session_without_graphs(
         prepared: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         when: str) -> None:
     backend = _capturing(prepared)
-    ids, lengths = _batch(CASES["documents"]["token_ids"][:3])
+    ids, lengths = _batch(TINY_CASES["documents"]["token_ids"][:3])
     if when == "replay":  # the bucket is made and checked first; a later replay fails
         backend.embed(ids, lengths)
         assert backend.static is not None and len(backend.static.slots) == 1
@@ -235,8 +241,8 @@ def test_a_failed_capture_or_replay_rebuilds_the_session_without_graphs(
     assert backend.cuda_graphs is False
     with pytest.raises(Exception, match="gpu_graph_id"):
         backend.run_options.get_run_config_entry("gpu_graph_id")
-    want = _expected(CASES["documents"])[:3]
-    assert _cosines(got.astype(np.float64), want).min() >= COSINE
+    want = unit_reference(TINY_CASES["documents"])[:3]
+    assert cosines(got.astype(np.float64), want).min() >= COSINE
     assert np.abs(got - want).max() <= MAX_ABS
     assert backend.static is not None and "failed" in (backend.static.off or "")
     assert not backend.static.slots
@@ -274,7 +280,7 @@ def test_a_worker_whose_session_cannot_be_rebuilt_exits(
     thread.start()
     try:
         assert parent.recv()[0] == "ready"
-        ids, lengths = _batch(CASES["documents"]["token_ids"][:2])
+        ids, lengths = _batch(TINY_CASES["documents"]["token_ids"][:2])
         parent.send(Batch(7, ids, lengths))
         kind, batch_id, message = parent.recv()
         assert (kind, batch_id) == ("fail", 7) and "CUDA failure 999" in message
@@ -298,11 +304,11 @@ def test_served_through_the_bucketed_path(prepared: Path) -> None:
     with running_server(model=str(prepared), workers=1, static_shapes=True) as (server, target), \
             EmbedClient(target, timeout=60) as client:
         assert server.workers[0].info["static_shapes"] is True
-        for name, case in CASES.items():
+        for name, case in TINY_CASES.items():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
                                instruction=case["instruction"], dimensions=case["dimensions"])
-            want = _expected(case)
-            assert _cosines(got.astype(np.float64), want).min() >= COSINE, name
+            want = unit_reference(case)
+            assert cosines(got.astype(np.float64), want).min() >= COSINE, name
             assert np.abs(got - want).max() <= MAX_ABS, name
 
 

@@ -33,7 +33,7 @@ from embedrpc.server.worker.cuda import (
 )
 from embedrpc.server.worker.spec import WorkerSpec
 
-from .test_prepare import SOURCE
+from .helpers import TINY_SOURCE
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for precision in ("fp32", "int8"):
         out[precision] = tmp / precision
-        prepare(PrepareConfig(model=str(SOURCE), out=out[precision], precision=precision,
+        prepare(PrepareConfig(model=str(TINY_SOURCE), out=out[precision], precision=precision,
                               device="cpu", reference=False), say=lambda _: None)
     return out
 

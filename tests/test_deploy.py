@@ -12,7 +12,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import numpy as np
 import pytest
 
 from embedrpc.client import EmbedClient
+
+from .helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -142,12 +143,6 @@ def test_image_build_inputs_make_a_complete_package(tmp_path: Path) -> None:
 
 
 # -- the entrypoint and health check, run outside Docker ---------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_entrypoint_serves_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from embedrpc.client import EmbedClient
 
-from .conftest import running_server, wait_until
+from .helpers import running_server, wait_until
 
 BATCH_MS = 20.0
 # The flooding client: another process (its load must not take this one's GIL), 16

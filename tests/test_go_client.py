@@ -22,7 +22,7 @@ import pytest
 from embedrpc.client import EmbedClient
 from embedrpc.server.worker.backends import fake_vector
 
-from .conftest import running_server
+from .helpers import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 GOCODE = Path("/usr/share/gocode")

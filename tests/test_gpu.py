@@ -24,15 +24,18 @@ import pytest
 from embedrpc.client import EmbedClient
 from embedrpc.server.worker.cuda_graphs import AGREE_COSINE, warmup_shapes
 
-from .conftest import running_server
-from .test_reference import CASES, assert_close
+from .helpers import (
+    DEMO_CASES,
+    TINY_CASES,
+    TINY_REFERENCE,
+    TINY_SOURCE,
+    assert_close,
+    cosines,
+    running_server,
+    unit_reference,
+)
 
 pytestmark = pytest.mark.gpu
-
-
-def _row_cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    got, want = got.astype(np.float64), want.astype(np.float64)
-    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +44,12 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     is short)."""
     from embedrpc.prepare import PrepareConfig, prepare
 
-    from .test_prepare import SOURCE
 
     tmp = tmp_path_factory.mktemp("gpu")
     out = {}
     for precision in ("fp16", "fp32"):
         out[precision] = tmp / precision
-        prepare(PrepareConfig(model=str(SOURCE), out=out[precision], precision=precision,
+        prepare(PrepareConfig(model=str(TINY_SOURCE), out=out[precision], precision=precision,
                               device="cuda:0", reference=False), say=lambda _: None)
     return out
 
@@ -57,7 +59,7 @@ def test_cuda_worker_matches_the_reference() -> None:
             EmbedClient(target, timeout=60) as client:
         assert client.info().devices == ["cuda:0"]
         assert server.workers[0].info["providers"][0] == "CUDAExecutionProvider"
-        for name, case in CASES.items():
+        for name, case in DEMO_CASES.items():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
                                instruction=case["instruction"], dimensions=case["dimensions"],
                                normalize=case["normalize"])
@@ -72,11 +74,9 @@ def test_cuda_graphs_agree_with_the_ordinary_path(prepared: dict[str, Path]) -> 
     from embedrpc.server.worker.backends import OrtBackend
     from embedrpc.server.worker.spec import WorkerSpec
 
-    from .test_prepare import CASES as TINY_CASES
-    from .test_prepare import REFERENCE, _cosines, _expected
 
     out = prepared["fp16"]
-    max_tokens, max_length = 1024, REFERENCE["max_length"]
+    max_tokens, max_length = 1024, TINY_REFERENCE["max_length"]
     backend = OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
                                     cuda_graphs=True, cuda_graph_max_tokens=max_tokens,
                                     max_length=max_length))
@@ -94,7 +94,7 @@ def test_cuda_graphs_agree_with_the_ordinary_path(prepared: dict[str, Path]) -> 
         got = backend.embed(ids, lengths)
         want = backend.embed_exact(ids, lengths)
         assert np.isfinite(got).all()
-        assert _row_cosines(got, want).min() >= AGREE_COSINE, (rows, longest)
+        assert cosines(got, want).min() >= AGREE_COSINE, (rows, longest)
     assert backend.static is not None and backend.static.off is None, backend.static.off
     assert backend.describe()["min_agreement"] >= AGREE_COSINE
     with running_server(model=str(out), device="cuda:0", cuda_graphs=True) as (server, target), \
@@ -103,7 +103,7 @@ def test_cuda_graphs_agree_with_the_ordinary_path(prepared: dict[str, Path]) -> 
         for name, case in TINY_CASES.items():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
                                instruction=case["instruction"], dimensions=case["dimensions"])
-            assert _cosines(got.astype(np.float64), _expected(case)).min() >= 0.999, name
+            assert cosines(got.astype(np.float64), unit_reference(case)).min() >= 0.999, name
 
 
 def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
@@ -115,24 +115,22 @@ def test_float32_prepared_graph_on_cuda_warns_and_stays_exact(
     from embedrpc.server.worker.backends import OrtBackend
     from embedrpc.server.worker.spec import WorkerSpec
 
-    from .test_prepare import CASES as TINY_CASES
-    from .test_prepare import REFERENCE, _cosines, _expected
 
     out = prepared["fp32"]
     with caplog.at_level(logging.WARNING, logger="embedrpc.server.worker.backends"):
         backend = OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
-                                        max_length=REFERENCE["max_length"]))
+                                        max_length=TINY_REFERENCE["max_length"]))
     assert "GroupQueryAttention runs on CUDA in fp16 and bf16 only" in caplog.text
     assert backend.describe()["warnings"]
     for name, case in TINY_CASES.items():
         rows = case["token_ids"]
         ids = np.concatenate([np.array(r, np.int32) for r in rows])
         got = backend.embed(ids, np.array([len(r) for r in rows], np.int32)).astype(np.float64)
-        want = _expected(case)
+        want = unit_reference(case)
         if case["dimensions"]:
             got = got[:, :case["dimensions"]]
             got /= np.linalg.norm(got, axis=1, keepdims=True)
-        assert _cosines(got, want).min() >= 0.9999, name
+        assert cosines(got, want).min() >= 0.9999, name
         assert np.abs(got - want).max() <= 1e-4, name
     with pytest.raises(ModelError, match="--cuda-graphs: a fp32 prepared graph"):
         OrtBackend(WorkerSpec.of(onnx_path=str(out / "model.onnx"), device="cuda:0",
@@ -147,7 +145,6 @@ def test_attention_kernel_switch(prepared: dict[str, Path], kernel: str) -> None
     from embedrpc.server.worker.backends import OrtBackend
     from embedrpc.server.worker.spec import WorkerSpec
 
-    from .test_prepare import CASES as TINY_CASES
 
     out = prepared["fp16"]
     spec = {"onnx_path": str(out / "model.onnx"), "device": "cuda:0"}
@@ -158,5 +155,5 @@ def test_attention_kernel_switch(prepared: dict[str, Path], kernel: str) -> None
     lengths = np.array([len(r) for r in rows], np.int32)
     got, want = chosen.embed(ids, lengths), default.embed(ids, lengths)
     assert np.isfinite(got).all()
-    assert _row_cosines(got, want).min() >= AGREE_COSINE
+    assert cosines(got, want).min() >= AGREE_COSINE
     assert chosen.describe()["attention_kernel"] == kernel

@@ -32,7 +32,7 @@ from embedrpc.server.errors import (
 )
 from embedrpc.server.frontends.http import error_from_embed
 
-from .conftest import running_server, wait_until
+from .helpers import running_server, wait_until
 
 LIMIT = 64 << 10  # --max-message-bytes of the server under test
 

@@ -18,7 +18,7 @@ import pytest
 
 from embedrpc.server import EmbedServer
 
-from .conftest import running_server, wait_until
+from .helpers import running_server, wait_until
 
 CAP = 6  # --max-http-connections of the server under test
 IDLE = 1.0  # --http-idle-seconds

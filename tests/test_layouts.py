@@ -38,7 +38,7 @@ from embedrpc.prepare.cache import checkpoint_key, prepared_checkpoint
 from embedrpc.server.model import load_model_spec
 
 from . import qwen3_fixtures as fx
-from .conftest import DATA, running_server
+from .helpers import DATA, running_server
 
 COSINE_MIN, MAX_ABS = 0.9999, 1e-4
 TINY = DATA / "tiny_qwen3"

@@ -20,8 +20,7 @@ import pytest
 
 from embedrpc.client import EmbedClient
 
-from .conftest import write_model_dir
-from .helpers import server_log, start_server
+from .helpers import server_log, start_server, write_model_dir
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB  # --max-message-bytes' default

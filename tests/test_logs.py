@@ -31,7 +31,7 @@ from embedrpc.server.logs import (
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import running_server, wait_until
+from .helpers import running_server, wait_until
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 

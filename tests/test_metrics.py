@@ -24,7 +24,7 @@ from embedrpc.server import EmbedServer
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import running_server, wait_until
+from .helpers import running_server, wait_until
 
 EMBED = "/embedrpc.v1.Embedder/Embed"
 STREAM = "/embedrpc.v1.Embedder/EmbedStream"

@@ -11,7 +11,7 @@ from embedrpc.server.devices import resolve_devices
 from embedrpc.server.errors import ModelError
 from embedrpc.server.model import DEMO_DIR, load_model_spec, resolve_model_path
 
-from .conftest import write_model_dir
+from .helpers import write_model_dir
 
 
 def _pooling(model: Path, **modes: bool) -> None:

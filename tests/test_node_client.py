@@ -20,7 +20,7 @@ import pytest
 from embedrpc.client import EmbedClient
 from embedrpc.server.worker.backends import fake_vector
 
-from .conftest import QUERY_PROMPT, running_server
+from .helpers import QUERY_PROMPT, running_server
 from .node_deps import NODE_CLIENT, node_modules
 
 HIDDEN = 64

@@ -37,16 +37,20 @@ from embedrpc.prepare.checkpoint import (
     write_safetensors,
 )
 
-from .conftest import DATA, running_server
+from .helpers import (
+    TINY_CASES,
+    TINY_REFERENCE,
+    TINY_SOURCE,
+    cosines,
+    running_server,
+    unit_reference,
+)
 
-SOURCE = DATA / "tiny_qwen3"
-REFERENCE = json.loads((DATA / "tiny_qwen3_reference.json").read_text(encoding="utf-8"))
-CASES = {c["name"]: c for c in REFERENCE["cases"]}
 FP32_COSINE, FP32_MAX_ABS, BATCH_INVARIANCE = 0.9999, 1e-5, 1e-5
 LAYERS = 2
 
 
-def _prepare(tmp: Path, precision: str, source: Path = SOURCE, **kwargs: Any) -> Path:
+def _prepare(tmp: Path, precision: str, source: Path = TINY_SOURCE, **kwargs: Any) -> Path:
     out = tmp / f"prepared-{precision}"
     prepare(PrepareConfig(model=str(source), out=out, precision=precision, device="cpu",
                           reference=False, **kwargs), say=lambda _: None)
@@ -59,13 +63,6 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {p: _prepare(tmp, p) for p in ("fp32", "fp16", "bf16", "int8")}
 
 
-def _expected(case: dict[str, Any]) -> np.ndarray:
-    """The reference as the graph gives it: unit vectors (raw_pooled is normalised here),
-    Matryoshka cases cut and renormalised by the caller."""
-    want = np.array(case["embeddings"], dtype=np.float64)
-    return want / np.linalg.norm(want, axis=1, keepdims=True)
-
-
 def _run(directory: Path, rows: list[list[int]]) -> np.ndarray:
     """All rows in one right-padded batch."""
     session = ort.InferenceSession(str(directory / "model.onnx"),
@@ -76,7 +73,7 @@ def _run(directory: Path, rows: list[list[int]]) -> np.ndarray:
     for i, row in enumerate(rows):
         ids[i, :len(row)], mask[i, :len(row)] = row, 1
     (out,) = session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})
-    assert out.dtype == np.float32 and out.shape == (len(rows), REFERENCE["dimensions"])
+    assert out.dtype == np.float32 and out.shape == (len(rows), TINY_REFERENCE["dimensions"])
     return out.astype(np.float64)
 
 
@@ -84,24 +81,20 @@ def _all_cases(directory: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every reference text in one mixed-length batch → (got, want) as flat rows of the
     per-case results: Matryoshka cases cut to their size and renormalised, then both
     sides padded with zeros to the full size (zeros change neither cosine nor difference)."""
-    rows = [r for c in CASES.values() for r in c["token_ids"]]
+    rows = [r for c in TINY_CASES.values() for r in c["token_ids"]]
     got = _run(directory, rows)
     gots, wants, start = [], [], 0
-    full = REFERENCE["dimensions"]
-    for case in CASES.values():
+    full = TINY_REFERENCE["dimensions"]
+    for case in TINY_CASES.values():
         part = got[start:start + len(case["inputs"])]
         start += len(case["inputs"])
         if case["dimensions"]:
             part = part[:, :case["dimensions"]]
             part = part / np.linalg.norm(part, axis=1, keepdims=True)
-        want = _expected(case)
+        want = unit_reference(case)
         gots.append(np.pad(part, ((0, 0), (0, full - part.shape[1]))))
         wants.append(np.pad(want, ((0, 0), (0, full - want.shape[1]))))
     return np.concatenate(gots), np.concatenate(wants)
-
-
-def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    return (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
 
 
 def _info(directory: Path) -> dict[str, Any]:
@@ -134,8 +127,8 @@ def test_sharded_checkpoint_with_external_data(tmp_path: Path, monkeypatch: pyte
     # Qwen3ForCausalLM saves them) and an lm_head that is not used; the graph's weights
     # go to model.onnx_data (forced here; real models pass 1 GiB).
     sharded = tmp_path / "sharded"
-    shutil.copytree(SOURCE, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
-    f = SafetensorsFile(SOURCE / "model.safetensors")
+    shutil.copytree(TINY_SOURCE, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    f = SafetensorsFile(TINY_SOURCE / "model.safetensors")
     names = f.names()
     half = len(names) // 2
     weight_map = {}
@@ -153,7 +146,7 @@ def test_sharded_checkpoint_with_external_data(tmp_path: Path, monkeypatch: pyte
     assert [o.name for o in onnx.load(str(out / "model.onnx")).graph.output] == [
         "sentence_embedding"]
     got, want = _all_cases(out)
-    assert _cosines(got, want).min() >= (FP32_COSINE if precision == "fp32" else 0.999)
+    assert cosines(got, want).min() >= (FP32_COSINE if precision == "fp32" else 0.999)
 
 
 # ------------------------------------------------------------------ float32 graph
@@ -161,8 +154,8 @@ def test_sharded_checkpoint_with_external_data(tmp_path: Path, monkeypatch: pyte
 
 def test_fp32_graph_matches_transformers(prepared: dict[str, Path]) -> None:
     got, want = _all_cases(prepared["fp32"])
-    cosines = _cosines(got, want)
-    assert cosines.min() >= FP32_COSINE, cosines.min()
+    cos = cosines(got, want)
+    assert cos.min() >= FP32_COSINE, cos.min()
     assert np.abs(got - want).max() <= FP32_MAX_ABS, np.abs(got - want).max()
 
 
@@ -170,7 +163,7 @@ def test_fp32_graph_matches_transformers(prepared: dict[str, Path]) -> None:
 def test_vectors_do_not_depend_on_padding_or_batch_mates(prepared: dict[str, Path],
                                                          precision: str) -> None:
     rows = [r for name in ("documents", "multilingual", "long", "edge")
-            for r in CASES[name]["token_ids"]]
+            for r in TINY_CASES[name]["token_ids"]]
     assert len({len(r) for r in rows}) > 5
     together = _run(prepared[precision], rows)
     alone = np.concatenate([_run(prepared[precision], [r]) for r in rows])
@@ -235,14 +228,16 @@ def test_mean_pooling_ignores_non_finite_padding(value: float) -> None:
     # Mean pooling selects the real tokens (Where) instead of multiplying by the mask: NaN
     # or inf at a padded position times 0 would be NaN for the whole row. Reference: the
     # same graph on each text alone, where there is no padding (BATCH_INVARIANCE).
-    model = build_graph(read_config(SOURCE), Weights(SOURCE), GraphOptions(pooling="mean"))
+    model = build_graph(read_config(TINY_SOURCE), Weights(TINY_SOURCE),
+                        GraphOptions(pooling="mean"))
     pool_node = next(n for n in model.graph.node if n.name.startswith("pool_mask"))
     assert pool_node.op_type == "Where"
     clean = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     poisoned_name = _poison_padding(model, value)
     poisoned = ort.InferenceSession(model.SerializeToString(),
                                     providers=["CPUExecutionProvider"])
-    rows = [r for name in ("documents", "multilingual", "long") for r in CASES[name]["token_ids"]]
+    rows = [r for name in ("documents", "multilingual", "long")
+            for r in TINY_CASES[name]["token_ids"]]
     width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), np.int64)
     mask = np.zeros_like(ids)
@@ -269,14 +264,14 @@ def test_prepare_on_cuda_says_where_the_float32_reference_runs(
 
     monkeypatch.setattr(validate_module, "Runner", CpuRunner)
     said: list[str] = []
-    info = prepare(PrepareConfig(model=str(SOURCE), out=tmp_path / "out", precision="fp16",
+    info = prepare(PrepareConfig(model=str(TINY_SOURCE), out=tmp_path / "out", precision="fp16",
                                  device="cuda:0", reference=False), say=said.append)
     where = info["validation"]["reference_device"]
     assert where.startswith("cuda:0") and "GroupQueryAttention" in where and "CPU" in where
     assert any(line.strip() == f"the float32 reference runs on {where}" for line in said)
     assert info["validation"]["method"] == "fp16 graph on cuda:0"
     assert validate_module.reference_placement("cpu") == "cpu"
-    fp32 = prepare(PrepareConfig(model=str(SOURCE), out=tmp_path / "fp32", precision="fp32",
+    fp32 = prepare(PrepareConfig(model=str(TINY_SOURCE), out=tmp_path / "fp32", precision="fp32",
                                  device="cuda:0", reference=False), say=said.append)
     assert fp32["validation"]["reference_device"] == where
     assert any("prepare fp16 or bf16 to serve on a GPU" in line for line in said)
@@ -301,7 +296,7 @@ def test_fp16_keeps_norms_in_float32_and_runs_on_cpu(prepared: dict[str, Path]) 
     assert info["validation"]["vs_fp32"]["min_cosine"] >= 0.999
     assert info["validation"]["method"] == "fp16 graph on cpu + fp16 emulated in float32 on cpu"
     got, want = _all_cases(directory)
-    assert _cosines(got, want).min() >= 0.999
+    assert cosines(got, want).min() >= 0.999
 
 
 def test_bf16_is_built_and_validated_by_emulation(prepared: dict[str, Path]) -> None:
@@ -323,7 +318,7 @@ def test_int8_passes_validation(prepared: dict[str, Path]) -> None:
     assert types["layers.0.qkv_proj.scale"] == types["embed_tokens"] == onnx.TensorProto.FLOAT
     assert _info(directory)["validation"]["vs_fp32"]["min_cosine"] >= 0.99
     got, want = _all_cases(directory)
-    assert _cosines(got, want).min() >= 0.99
+    assert cosines(got, want).min() >= 0.99
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
@@ -333,21 +328,21 @@ def test_served_end_to_end(prepared: dict[str, Path], precision: str) -> None:
     with running_server(model=str(directory), workers=1) as (_, target), \
             EmbedClient(target, timeout=60) as client:
         info = client.info()
-        assert info.dimensions == REFERENCE["dimensions"] and info.precision == precision
+        assert info.dimensions == TINY_REFERENCE["dimensions"] and info.precision == precision
         served = []
-        for case in CASES.values():
+        for case in TINY_CASES.values():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
                                instruction=case["instruction"], dimensions=case["dimensions"])
             assert [list(i.ids) for i in client.tokenize(
                 case["inputs"], prompt_name=case["prompt_name"],
                 instruction=case["instruction"]).inputs] == case["token_ids"]
-            served.append(np.pad(got, ((0, 0), (0, REFERENCE["dimensions"] - got.shape[1]))))
+            served.append(np.pad(got, ((0, 0), (0, TINY_REFERENCE["dimensions"] - got.shape[1]))))
     served_all = np.concatenate(served).astype(np.float64)
     # The server gives what the graph gives, though its batches differ (int8 too: its
     # activation scales are per token).
     assert np.abs(served_all - direct).max() <= BATCH_INVARIANCE
     _, want = _all_cases(directory)
-    assert _cosines(served_all, want).min() >= (FP32_COSINE if precision == "fp32" else 0.99)
+    assert cosines(served_all, want).min() >= (FP32_COSINE if precision == "fp32" else 0.99)
 
 
 # ------------------------------------------------------------------ refusals
@@ -356,8 +351,8 @@ def test_served_end_to_end(prepared: dict[str, Path], precision: str) -> None:
 def _variant(tmp: Path, tensor: str, factor: float) -> Path:
     """A copy of the source with one tensor scaled."""
     target = tmp / f"variant-{tensor}"
-    shutil.copytree(SOURCE, target)
-    f = SafetensorsFile(SOURCE / "model.safetensors")
+    shutil.copytree(TINY_SOURCE, target)
+    f = SafetensorsFile(TINY_SOURCE / "model.safetensors")
     tensors = {n: f.get(n) for n in f.names()}
     tensors[tensor] = tensors[tensor] * factor
     write_safetensors(target / "model.safetensors", tensors, "F32")
@@ -415,18 +410,18 @@ def test_refuses_what_it_cannot_build(tmp_path: Path) -> None:
     with pytest.raises(PrepareError, match="no such directory"):
         _prepare(tmp_path, "fp32", tmp_path / "missing")
     bert = tmp_path / "bert"
-    shutil.copytree(SOURCE, bert)
+    shutil.copytree(TINY_SOURCE, bert)
     config = json.loads((bert / "config.json").read_text())
     (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     with pytest.raises(PrepareError, match="builds Qwen3 models only"):
         _prepare(tmp_path, "fp32", bert)
     with pytest.raises(PrepareError, match="int8 is for the CPU"):
-        PrepareConfig(model=str(SOURCE), out=tmp_path / "x", precision="int8", device="cuda")
+        PrepareConfig(model=str(TINY_SOURCE), out=tmp_path / "x", precision="int8", device="cuda")
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(PrepareError, match="use --force"):
-        prepare(PrepareConfig(model=str(SOURCE), out=existing, precision="fp32", device="cpu",
+        prepare(PrepareConfig(model=str(TINY_SOURCE), out=existing, precision="fp32", device="cpu",
                               reference=False), say=lambda _: None)
     assert (existing / "keep.txt").read_text() == "mine"
 
@@ -434,7 +429,7 @@ def test_refuses_what_it_cannot_build(tmp_path: Path) -> None:
 def test_cli_prints_progress_and_writes_the_directory(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main(["prepare", "--model", str(SOURCE), "--out", str(out), "--precision", "fp32",
+    assert main(["prepare", "--model", str(TINY_SOURCE), "--out", str(out), "--precision", "fp32",
                  "--device", "cpu", "--no-reference"]) == 0
     printed = capsys.readouterr().out
     assert "[prepare] building the float32 graph" in printed and f"wrote {out}" in printed
@@ -445,7 +440,7 @@ def test_transformers_reference_when_installed(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     out = tmp_path / "with-reference"
-    info = prepare(PrepareConfig(model=str(SOURCE), out=out, precision="fp32", device="cpu"),
+    info = prepare(PrepareConfig(model=str(TINY_SOURCE), out=out, precision="fp32", device="cpu"),
                    say=lambda _: None)
     stats = info["validation"]["fp32_vs_transformers"]
     assert stats["min_cosine"] >= FP32_COSINE and stats["max_abs"] <= FP32_MAX_ABS
@@ -456,7 +451,7 @@ def test_transformers_reference_when_installed(tmp_path: Path) -> None:
 def test_low_precision_on_cuda_validates_and_serves(tmp_path: Path, precision: str) -> None:
     # The real fp16/bf16 graph on the GPU (not an emulation), against float32: 0.999.
     out = tmp_path / f"{precision}-cuda"
-    info = prepare(PrepareConfig(model=str(SOURCE), out=out, precision=precision,
+    info = prepare(PrepareConfig(model=str(TINY_SOURCE), out=out, precision=precision,
                                  device="cuda:0", reference=False), say=lambda _: None)
     assert info["validation"]["method"] == f"{precision} graph on cuda:0"
     assert info["validation"]["vs_fp32"]["min_cosine"] >= 0.999
@@ -466,7 +461,7 @@ def test_low_precision_on_cuda_validates_and_serves(tmp_path: Path, precision: s
         assert client.info().precision == precision
         served = [client.embed(c["inputs"], prompt_name=c["prompt_name"],
                                instruction=c["instruction"], dimensions=c["dimensions"])
-                  for c in CASES.values()]
-    got = np.concatenate([np.pad(g, ((0, 0), (0, REFERENCE["dimensions"] - g.shape[1])))
+                  for c in TINY_CASES.values()]
+    got = np.concatenate([np.pad(g, ((0, 0), (0, TINY_REFERENCE["dimensions"] - g.shape[1])))
                           for g in served])
-    assert _cosines(got.astype(np.float64), want).min() >= 0.999
+    assert cosines(got.astype(np.float64), want).min() >= 0.999

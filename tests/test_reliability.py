@@ -31,8 +31,7 @@ from embedrpc.server import EmbedServer
 from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import qwen_tokenizer_file, running_server, wait_until
-from .test_reference import CASES, assert_close
+from .helpers import DEMO_CASES, assert_close, qwen_tokenizer_file, running_server, wait_until
 
 T = TypeVar("T")
 HIDDEN = 64  # the fake model directory's hidden size
@@ -129,7 +128,8 @@ def test_workers_killed_with_hundreds_of_requests_in_flight() -> None:
     """SIGKILL workers at random moments while 300 requests are in flight at once:
     every request answers with sentence-transformers' vectors (cos >= 0.9999)."""
     pool = [(t, v) for name in ("documents", "multilingual", "long", "edge")
-            for t, v in zip(CASES[name]["inputs"], CASES[name]["embeddings"], strict=True)]
+            for t, v in zip(DEMO_CASES[name]["inputs"], DEMO_CASES[name]["embeddings"],
+                            strict=True)]
     rng = np.random.default_rng(7)
     requests = [rng.choice(len(pool), size=int(rng.integers(1, 6))) for _ in range(300)]
     with running_server(model="demo", workers=2, max_batch_size=4) as (server, target):

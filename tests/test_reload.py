@@ -23,9 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from embedrpc.client import EmbedClient
 
-from .conftest import running_server, wait_until
-from .test_security import _certificate, _pem, _write_key
-from .test_shutdown import serve
+from .helpers import certificate, pem, running_server, serve, wait_until, write_key
 
 OLD, NEW = "old-key-0123456789abcdef0123", "new-key-fedcba9876543210fedc"
 TIMEOUT = 10.0
@@ -81,13 +79,13 @@ def _server_files(directory: Path, name: str) -> tuple[bytes, Path, Path]:
     """A fresh CA and a server certificate for 127.0.0.1 signed by it: (CA PEM, cert, key)."""
     new_key = ec.generate_private_key
     ca_key, key = new_key(ec.SECP256R1()), new_key(ec.SECP256R1())
-    ca = _certificate(f"{name} CA", ca_key, None, ca_key, ca=True)
-    cert = _certificate("localhost", key, ca, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
+    ca = certificate(f"{name} CA", ca_key, None, ca_key, ca=True)
+    cert = certificate("localhost", key, ca, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
                         sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(_pem(cert) + _pem(ca))
-    _write_key(key_path, key)
-    return _pem(ca), cert_path, key_path
+    cert_path.write_bytes(pem(cert) + pem(ca))
+    write_key(key_path, key)
+    return pem(ca), cert_path, key_path
 
 
 def test_certificate_is_read_again(fake_model_dir: Path, tmp_path: Path) -> None:

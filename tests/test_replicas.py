@@ -33,9 +33,9 @@ from embedrpc.client.channel import channel_args, resolve_target, service_config
 from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.worker.backends import fake_vector
 
-from .conftest import wait_until
+from .helpers import wait_until
 
-HIDDEN = 64  # conftest.write_model_dir's hidden size
+HIDDEN = 64  # helpers.write_model_dir's hidden size
 
 
 # -- targets and service config (no server) ------------------------------------------

@@ -35,7 +35,7 @@ from embedrpc.prepare.builder import GraphOptions, build_graph
 from embedrpc.prepare.checkpoint import SafetensorsFile, Weights, read_config, write_safetensors
 
 from . import qwen3_fixtures as fx
-from .conftest import DATA
+from .helpers import DATA
 
 REFERENCE = json.loads((DATA / "qwen3_reranker_reference.json").read_text(encoding="utf-8"))
 GROUPS = [g for c in REFERENCE["cases"] for g in c["groups"]]

@@ -28,7 +28,7 @@ from embedrpc.server.rerank import (
 from embedrpc.server.tokenizer import TRUNCATE_NONE, TRUNCATE_START
 
 from . import qwen3_fixtures as fx
-from .conftest import DATA
+from .helpers import DATA
 
 REFERENCE = json.loads((DATA / "qwen3_reranker_reference.json").read_text(encoding="utf-8"))
 CASES = {c["name"]: c for c in REFERENCE["cases"]}

@@ -37,7 +37,7 @@ from embedrpc.server.rerank import PairEncoder
 from embedrpc.server.tasks import model_task
 
 from . import qwen3_fixtures as fx
-from .conftest import DATA
+from .helpers import DATA
 
 REFERENCE = json.loads((DATA / "qwen3_reranker_reference.json").read_text(encoding="utf-8"))
 CASES = {c["name"]: c for c in REFERENCE["cases"]}

@@ -23,7 +23,7 @@ from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from . import qwen3_fixtures as fx
-from .conftest import DATA, running_server
+from .helpers import DATA, running_server
 from .rerank_checks import FP32_BOUND, assert_scores_match, by_index, check_ranked, rerank_case
 
 REFERENCE = json.loads((DATA / "qwen3_reranker_reference.json").read_text(encoding="utf-8"))

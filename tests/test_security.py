@@ -4,7 +4,6 @@ client certificate from that CA, and one from another CA)."""
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import ipaddress
 import json
@@ -19,9 +18,8 @@ import grpc
 import numpy as np
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -37,8 +35,7 @@ from embedrpc.server.security import (
     read_keys_file,
 )
 
-from .conftest import running_server, wait_until
-from .test_cli import start_server
+from .helpers import EMBEDRPC, certificate, pem, running_server, start_server, wait_until, write_key
 
 KEY = "k-3f9a1c2e7b6d4a58b0e1f2a3c4d5e6f7"  # given with api_keys=
 FILE_KEYS = ("file-key-0123456789abcdef", "file-key-fedcba9876543210")
@@ -47,39 +44,6 @@ TIMEOUT = 10.0  # seconds per call; a refused handshake answers in milliseconds
 
 
 # -- certificates ---------------------------------------------------------------------
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, password: bytes | None = None) -> None:
-    encryption = (serialization.BestAvailableEncryption(password) if password
-                  else serialization.NoEncryption())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8, encryption))
-
-
-def _certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-                 issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
-                 usage: x509.ObjectIdentifier | None = None,
-                 sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer.subject if issuer else name)
-               .public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), critical=True)
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return builder.sign(issuer_key, hashes.SHA256())
 
 
 @dataclass(frozen=True)
@@ -96,38 +60,34 @@ class Pki:
     stray_key: Path  # a key that belongs to no certificate
 
 
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     new_key = ec.generate_private_key
     ca_key, other_key = new_key(ec.SECP256R1()), new_key(ec.SECP256R1())
-    ca = _certificate("embedrpc test CA", ca_key, None, ca_key, ca=True)
-    other = _certificate("some other CA", other_key, None, other_key, ca=True)
+    ca = certificate("embedrpc test CA", ca_key, None, ca_key, ca=True)
+    other = certificate("some other CA", other_key, None, other_key, ca=True)
     server_key, client_key, other_client_key = (new_key(ec.SECP256R1()) for _ in range(3))
-    server = _certificate("localhost", server_key, ca, ca_key,
+    server = certificate("localhost", server_key, ca, ca_key,
                           usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=[x509.DNSName("localhost"),
                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    client = _certificate("client", client_key, ca, ca_key,
+    client = certificate("client", client_key, ca, ca_key,
                           usage=ExtendedKeyUsageOID.CLIENT_AUTH)
-    other_client = _certificate("intruder", other_client_key, other, other_key,
+    other_client = certificate("intruder", other_client_key, other, other_key,
                                 usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     pki = Pki(*(d / n for n in ("ca.pem", "server.pem", "server.key", "client.pem",
                                 "client.key", "other-ca.pem", "other-client.pem",
                                 "other-client.key", "encrypted.key", "stray.key")))
-    pki.ca.write_bytes(_pem(ca))
-    pki.other_ca.write_bytes(_pem(other))
-    pki.server_cert.write_bytes(_pem(server) + _pem(ca))  # a chain, as deployed
-    pki.client_cert.write_bytes(_pem(client))
-    pki.other_client_cert.write_bytes(_pem(other_client))
-    _write_key(pki.server_key, server_key)
-    _write_key(pki.client_key, client_key)
-    _write_key(pki.other_client_key, other_client_key)
-    _write_key(pki.encrypted_key, server_key, b"secret")
-    _write_key(pki.stray_key, new_key(ec.SECP256R1()))
+    pki.ca.write_bytes(pem(ca))
+    pki.other_ca.write_bytes(pem(other))
+    pki.server_cert.write_bytes(pem(server) + pem(ca))  # a chain, as deployed
+    pki.client_cert.write_bytes(pem(client))
+    pki.other_client_cert.write_bytes(pem(other_client))
+    write_key(pki.server_key, server_key)
+    write_key(pki.client_key, client_key)
+    write_key(pki.other_client_key, other_client_key)
+    write_key(pki.encrypted_key, server_key, b"secret")
+    write_key(pki.stray_key, new_key(ec.SECP256R1()))
     return pki
 
 
@@ -492,7 +452,6 @@ def test_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_serve_with_a_missing_cert_file_exits_2(fake_model_dir: Path, tmp_path: Path) -> None:
-    from .test_cli import EMBEDRPC
 
     result = subprocess.run(
         [*EMBEDRPC, "serve", "--model", str(fake_model_dir), "--backend", "fake", "--port", "0",

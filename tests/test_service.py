@@ -25,7 +25,7 @@ from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import (
+from .helpers import (
     QUERY_PROMPT,
     QWEN_EOS_ID,
     qwen_tokenizer_file,

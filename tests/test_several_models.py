@@ -41,7 +41,7 @@ from embedrpc.server.model import DEMO_RERANKER_DIR
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .conftest import DATA, running_server, wait_until
+from .helpers import DATA, running_server, wait_until
 from .rerank_checks import assert_scores_match, by_index, rerank_case
 
 EMBED_REF = json.loads((DATA / "demo_reference.json").read_text(encoding="utf-8"))

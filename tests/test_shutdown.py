@@ -11,116 +11,26 @@ import asyncio
 import http.client
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from embedrpc.client import EmbedClient
 from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.core import INLINE_TOKENIZE_CHARS
 
-from .conftest import QWEN_EOS_ID, wait_until
+from .helpers import QWEN_EOS_ID, serve, wait_until
 
-SERVING = re.compile(r"serving .* on .*:(\d+)")
-WORKER_PID = re.compile(r"ready \(pid (\d+)")
-METRICS = re.compile(r"metrics on http://.*:(\d+)/metrics")
 EMBED = "/embedrpc.v1.Embedder/Embed"
-
-
-class ServerProcess:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self.port = 0
-        self.metrics_port = 0
-        self.worker_pids: list[int] = []
-        self._ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if m := WORKER_PID.search(line):
-                self.worker_pids.append(int(m.group(1)))
-            if m := METRICS.search(line):
-                self.metrics_port = int(m.group(1))
-            if m := SERVING.search(line):
-                self.port = int(m.group(1))
-                self._ready.set()
-        self._ready.set()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        assert self._ready.wait(timeout) and self.port, "".join(self.lines)
-
-    def wait_in_progress(self, calls: int, timeout: float = 20) -> None:
-        """Wait until the server reports `calls` Embed calls in progress (needs --metrics-port)."""
-        assert self.metrics_port, "start the server with serve(..., metrics=True)"
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-        def now() -> float:
-            with urllib.request.urlopen(url, timeout=5) as reply:
-                text = reply.read().decode()
-            return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                       if s.name == "embedrpc_requests_in_progress"
-                       and s.labels.get("method") == EMBED)
-
-        wait_until(lambda: now() >= calls, timeout,
-                   lambda: f"{now()} calls in progress, not {calls}")
-
-
-@contextmanager
-def serve(model_dir: Path, *args: str, metrics: bool = False) -> Iterator[ServerProcess]:
-    """`embedrpc serve` on the fake backend; `metrics`: also on a free --metrics-port."""
-    for attempt in range(3):
-        extra = ["--metrics-port", free_port()] if metrics else []
-        command = [sys.executable, "-m", "embedrpc", "serve", "--model", str(model_dir),
-                   "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port",
-                   "0", "--workers", "2", "--max-batch-size", "4", *extra, *args]
-        proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                text=True)
-        server = ServerProcess(proc)
-        server._ready.wait(60)
-        # A port free when picked can be taken before the server binds it (an outgoing
-        # connection of this test session gets it): pick another.
-        if (metrics and attempt < 2 and not server.port and server._ready.is_set()
-                and any("cannot listen for metrics" in line for line in server.lines)):
-            proc.wait(10)  # it exited: its output ended
-            continue
-        break
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-
-
-def free_port() -> str:
-    """A loopback port free now (the CLI's --metrics-port 0 means off, not any port)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def process_gone(pid: int) -> bool:

@@ -34,11 +34,10 @@ from embedrpc.server.config import DebugHooks
 from embedrpc.server.errors import ModelError
 from embedrpc.server.worker.backends import fake_vector
 
-from .conftest import running_server, wait_until, write_model_dir
-from .test_reference import CASES, assert_close
+from .helpers import DEMO_CASES, assert_close, running_server, wait_until, write_model_dir
 
 TEXTS = [(t, v) for name in ("documents", "multilingual", "long", "edge")
-         for t, v in zip(CASES[name]["inputs"], CASES[name]["embeddings"], strict=True)]
+         for t, v in zip(DEMO_CASES[name]["inputs"], DEMO_CASES[name]["embeddings"], strict=True)]
 
 
 def test_killed_workers_lose_no_request() -> None:

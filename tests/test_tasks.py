@@ -21,7 +21,7 @@ import pytest
 from embedrpc.server.errors import ModelError
 from embedrpc.server.tasks import graph_outputs, model_task
 
-from .conftest import DATA
+from .helpers import DATA
 
 
 def _graph(path: Path, outputs: list[str]) -> Path:

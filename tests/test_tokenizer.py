@@ -31,7 +31,7 @@ from embedrpc.server.tokenizer import (
     _slices,
 )
 
-from .conftest import (
+from .helpers import (
     QUERY_PROMPT,
     QWEN_EOS_ID,
     QWEN_IM_END_ID,
