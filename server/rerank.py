@@ -218,6 +218,8 @@ class PairEncoder:
                 f"text has {len(text):,} characters, so at least "
                 f"{-(-len(text) // self.longest_token):,} tokens; shorten it or use "
                 "TRUNCATE_END", field=field)
+        if len(text) <= self.cut_chars + WINDOW:
+            return text  # no longer than a window: tokenized whole, exact at no extra cost
         window = text[:self.cut_chars + WINDOW]
         words = self._by_mode[TRUNCATE_NONE].encode(window, add_special_tokens=False)
         last = words.word_ids[-1] if words.word_ids else None

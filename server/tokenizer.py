@@ -25,13 +25,15 @@ the client sent (tokenizing costs ~100 bytes of memory per character):
   WINDOW characters is tokenized and only tokens of *complete* pre-tokenizer pieces
   ("words") are kept; pieces are tokenized independently, and a piece's extent depends
   on the text up to one character past it (true of the GPT-2/Qwen/Llama-3-style split
-  regexes and the whitespace ones), so these are the full text's first tokens. A single
-  piece longer than WINDOW characters (a run with no space, digit or punctuation) is
-  refused. TRUNCATE_START: the kept suffix starts right after a line break, which every
-  one of those pre-tokenizers ends a piece at, wherever it started reading; a text with
-  no line break there keeps WINDOW extra characters, in which the pre-tokenizer's
-  pieces line up again with the full text's. TRUNCATE_NONE refuses such a text without
-  tokenizing it ("at least N tokens").
+  regexes and the whitespace ones), so these are the full text's first tokens. A text
+  no longer than cut_chars + WINDOW is tokenized whole (a window would be all of it);
+  in a longer one, a piece (a run with no space, digit or punctuation) that starts
+  within max_length × the longest token's characters and goes on past the window is
+  longer than WINDOW characters, and is refused. TRUNCATE_START: the kept suffix starts
+  right after a line break, which every one of those pre-tokenizers ends a piece at,
+  wherever it started reading; a text with no line break there keeps WINDOW extra
+  characters, in which the pre-tokenizer's pieces line up again with the full text's.
+  TRUNCATE_NONE refuses such a text without tokenizing it ("at least N tokens").
 - Texts are tokenized in slices of at most CHUNK_CHARS characters, so a request's
   transient memory does not grow with its size, and large tokenizations (in threads)
   share a budget of BUDGET_CHARS characters at a time.
@@ -211,6 +213,8 @@ class TextEncoder:
                 f"{len(text):,} characters (after the prompt), so at least "
                 f"{-(-len(text) // self.longest_token):,} tokens; shorten it or use "
                 "TRUNCATE_END / TRUNCATE_START")
+        if len(text) <= self.cut_chars + WINDOW:
+            return text  # no longer than a window: tokenized whole, exact at no extra cost
         if truncate == TRUNCATE_START:
             window = text[-(self.cut_chars + WINDOW):]
             head = window[:WINDOW + 1]

@@ -25,7 +25,7 @@ from embedrpc.server.rerank import (
     PairEncoder,
     format_pair,
 )
-from embedrpc.server.tokenizer import TRUNCATE_NONE, TRUNCATE_START
+from embedrpc.server.tokenizer import TRUNCATE_NONE, TRUNCATE_START, WINDOW
 
 from . import qwen3_fixtures as fx
 from .helpers import DATA
@@ -111,6 +111,20 @@ def test_huge_documents_cost_what_the_model_sees(encoders: dict[int, PairEncoder
     # One "word" longer than the window cannot be cut exactly: refused, not guessed.
     with pytest.raises(InvalidInput, match="no space, digit, punctuation"):
         enc.encode(group["query"], ["x" * (enc.cut_chars * 4)])
+    with pytest.raises(InvalidInput, match="a run of more than 16,384 characters"):
+        enc.encode(group["query"], ["x" * (enc.cut_chars + WINDOW + 1)])
+    # A pair text no longer than cut_chars + WINDOW is tokenized whole, however long its
+    # runs: the same row as the card's truncation of the whole pair text.
+    from tokenizers import Tokenizer
+
+    around = len(format_pair(group["query"], ""))  # the instruction, query and format
+    tok = Tokenizer.from_file(str(enc.path / "tokenizer.json"))
+    tok.enable_truncation(enc.budget)
+    for document in ("x" * (enc.cut_chars + 1), "x" * (enc.cut_chars + WINDOW - around)):
+        whole = tok.encode(format_pair(group["query"], document)).ids
+        got = enc.encode(group["query"], [document])
+        assert got.ids[0].tolist() == [*enc.prefix_ids, *whole, *enc.suffix_ids]
+        assert got.truncated == [True]
 
 
 def test_cut_at_the_default_length_equals_tokenizing_everything(checkpoint: Path) -> None:

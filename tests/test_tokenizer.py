@@ -26,6 +26,7 @@ from embedrpc.server.tokenizer import (
     TRUNCATE_END,
     TRUNCATE_NONE,
     TRUNCATE_START,
+    WINDOW,
     TextEncoder,
     _CharBudget,
     _slices,
@@ -228,6 +229,18 @@ def test_a_word_too_long_to_cut_exactly_is_refused(encoder: TextEncoder) -> None
     # depend on its end, so it cannot be cut; it must not be tokenized whole either.
     with pytest.raises(InvalidInput, match="a run of more than 16,384 characters"):
         encoder.encode(["a" * (encoder.cut_chars + 20_000)])
+    # At the bound: a text no longer than cut_chars + WINDOW (16,384) is tokenized whole,
+    # whatever its runs, so a run just over cut_chars (3,585 characters on the demo
+    # model, refused before with a message that said 16,384) is accepted and exact.
+    for text in ("a" * (encoder.cut_chars + 1), "a" * (encoder.cut_chars + WINDOW),
+                 "x " * 10 + "北" * (encoder.cut_chars + 5)):
+        whole = encoder._by_side[TRUNCATE_END].encode(text)
+        got = encoder.encode([text])
+        assert got.ids[0].tolist() == [*whole.ids, QWEN_EOS_ID] and got.truncated == [True]
+    # One past it the run goes on beyond the window: refused, and the run named is
+    # longer than 16,384 characters, as the message says.
+    with pytest.raises(InvalidInput, match="a run of more than 16,384 characters"):
+        encoder.encode(["a" * (encoder.cut_chars + WINDOW + 1)])
     # Just under the bound it is cut exactly (the run ends inside the window).
     text = "b" * (encoder.cut_chars - 500) + " tail" * 100
     whole = encoder._by_side[TRUNCATE_END].encode(text)
