@@ -190,7 +190,8 @@ class BatchConfig:
     max_queue_tokens: int | None = option(None, shown=f"{QUEUE_BATCHES} batches",
                                           help="queued tokens beyond which requests get "
                                           "RESOURCE_EXHAUSTED (a client with nothing queued "
-                                          "still gets one request in)")
+                                          "still gets one request in while fewer than "
+                                          "twice this are queued)")
     max_client_queue_tokens: int | None = option(
         None, shown="half of --max-queue-tokens", help="queued tokens one client (an API "
         "key, else a connection) may have; beyond, its requests get RESOURCE_EXHAUSTED")

@@ -13,7 +13,9 @@ Fair share: texts are taken from the clients' queues in turn (one text each, rou
 robin), so a client flooding the server delays another's single text by about one
 batch, not by its whole backlog. Each client may have at most
 `max_client_queue_tokens` queued; the whole queue at most `max_queue_tokens`, except
-that a client with nothing queued always gets one request in. Beyond: RESOURCE_EXHAUSTED.
+that a client with nothing queued gets one request in while the queue holds less than
+twice that (so the queue never holds more than 2 × max_queue_tokens + one request).
+Beyond: RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from .worker.spec import Batch
 
 log = logging.getLogger(__name__)
 
+# A client with nothing queued gets one request in while the queue holds less than this
+# many times max_queue_tokens.
+QUEUE_CEILING = 2
 # A text whose batch crashed a worker is retried alone; this many crashes fail it.
 MAX_ATTEMPTS = 3
 # How far into the queue the batcher looks for texts of similar length.
@@ -164,12 +169,17 @@ class Router:
         tokens = sum(len(a) for a in ids)
         cfg = self.config
         mine = self._client_tokens.get(client, 0)
-        # A client with nothing queued always gets one request in, so one large request
-        # is never refused forever and no client is shut out by another's backlog.
-        if mine and self._queued_tokens + tokens > cfg.max_queue_tokens:  # type: ignore[operator]
+        # A client with nothing queued gets one request in while the queue holds less
+        # than twice the limit, so one large request is never refused forever and no
+        # client is shut out by another's backlog; the ceiling keeps many clients (one
+        # per connection) from growing the queue without bound.
+        limit: int = cfg.max_queue_tokens  # type: ignore[assignment]
+        if (self._queued_tokens + tokens > limit
+                and (mine or self._queued_tokens >= QUEUE_CEILING * limit)):
             raise Overloaded(
-                f"the queue is full ({self._queued_tokens} tokens waiting, limit "
-                f"{cfg.max_queue_tokens}); retry later or send fewer texts"
+                f"the queue is full ({self._queued_tokens} tokens waiting, limit {limit}; "
+                f"a client with nothing queued gets in below {QUEUE_CEILING * limit}); "
+                "retry later or send fewer texts"
             )
         if mine and mine + tokens > cfg.max_client_queue_tokens:  # type: ignore[operator]
             raise Overloaded(

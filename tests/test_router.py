@@ -709,8 +709,18 @@ def test_a_client_with_nothing_queued_gets_in_when_the_queue_is_full() -> None:
             await until(lambda: router.queued_tokens == 50)
             with pytest.raises(Overloaded, match="the queue is full"):
                 await router.embed(request(4, [10]), client="B")
+            # So do C and D, while the queue holds less than twice the limit (80 tokens):
+            # D's one token at 79. At 80, E, with nothing queued either, is refused: many
+            # clients (one per connection) cannot grow the queue without bound.
+            c = asyncio.create_task(router.embed(request(5, [29]), client="C"))
+            await until(lambda: router.queued_tokens == 79)
+            d = asyncio.create_task(router.embed(request(6, [1]), client="D"))
+            await until(lambda: router.queued_tokens == 80)
+            with pytest.raises(Overloaded, match=r"the queue is full \(80 tokens waiting, "
+                               r"limit 40; a client with nothing queued gets in below 80\)"):
+                await router.embed(request(7, [1]), client="E")
             worker.release()
-            await asyncio.gather(a, b)
+            await asyncio.gather(a, b, c, d)
 
     run(main)
 
