@@ -309,14 +309,21 @@ def test_expect_100_continue_refused_before_the_body_is_sent(server) -> None:
 ])
 def test_malformed_requests_get_an_error_and_the_connection_closes(
         server, data: bytes, status: int, caplog: pytest.LogCaptureFixture) -> None:
-    """HTTP framing is aiohttp's: it answers what it cannot parse with its own short
-    text; the connection closes (raw() reads until it does) and the log has no
-    traceback, only one INFO line."""
+    """HTTP framing is aiohttp's; what it cannot parse is answered like every other
+    error, OpenAI-style JSON, in our words: nothing the client sent is quoted back
+    (aiohttp's own text repeats the bytes, e.g. "Invalid method encountered: b'GARBAGE'").
+    The connection closes (raw() reads until it does) and the log has no traceback,
+    only one INFO line."""
     srv, _ = server
     caplog.set_level(logging.INFO)
     reply = raw(srv, data)
     assert re.match(rb"HTTP/\d\.\d %d " % status, reply), reply[:200]
-    assert reply.split(b"\r\n\r\n", 1)[1].strip()
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head.lower(), reply[:300]
+    assert_openai_error(status, json.loads(body), status, words="")
+    for sent in (b"GARBAGE", b"abc", b"gzip", b"aaaaaaaa", b"zz", b"Bad Header", b"folded",
+                 b"\xb2", b"b'"):
+        assert sent not in body, body
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 

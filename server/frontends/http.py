@@ -35,7 +35,13 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+)
 
 from embedrpc import __version__
 
@@ -206,6 +212,44 @@ class _ServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         self.error(msg, *args, exc_info=exc_info, **kwargs)
 
 
+def _unparsed(status: int, exc: BaseException | None) -> HttpError:
+    """What a request aiohttp could not parse is told: JSON like every other error, in
+    our words (aiohttp's quote the bytes the client sent)."""
+    if status >= 500:
+        return HttpError(status, "internal error; the server log says more", close=True)
+    if isinstance(exc, BadHttpMethod):
+        message = "not an HTTP/1.1 request (unknown method); this port speaks HTTP/1.1"
+    elif isinstance(exc, LineTooLong):
+        message = "the request line or a header is too long (at most 8,190 bytes each)"
+    elif isinstance(exc, BadStatusLine):
+        message = "malformed request line; send METHOD /path HTTP/1.1"
+    elif isinstance(exc, InvalidHeader):
+        message = "malformed header (a Content-Length must be digits)"
+    elif isinstance(exc, HttpProcessingError) and "Host" in (exc.message or ""):
+        message = "an HTTP/1.1 request needs a Host header"
+    else:
+        message = ("malformed HTTP/1.1 request (its request line, a header, or its "
+                   "Content-Length or chunked framing)")
+    return HttpError(status, message, code="bad_request", close=True)
+
+
+class _Handler(web.RequestHandler):  # type: ignore[misc]
+    """aiohttp's protocol for one connection, answering what it cannot parse as JSON."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if too late
+        return _unparsed(status, exc).response()
+
+
+class _WebServer(web.Server):  # type: ignore[misc]
+    """aiohttp's low-level server, with our connection protocol."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
 # -- the server ----------------------------------------------------------------------
 
 
@@ -242,9 +286,9 @@ class HttpServer:
         loop = asyncio.get_running_loop()
         # aiohttp's low-level server: one protocol (RequestHandler) per connection, each
         # request handed to `_serve`.
-        self._web = web.Server(self._serve, handler_cancellation=True, access_log=None,
-                               keepalive_timeout=self.idle_timeout, lingering_time=LINGER_S,
-                               logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
+        self._web = _WebServer(self._serve, handler_cancellation=True, access_log=None,
+                                keepalive_timeout=self.idle_timeout, lingering_time=LINGER_S,
+                                logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
         self._gate = _ConnectionGate(self.max_connections, self._web, tls=tls is not None)
         self._listener = await loop.create_server(
             self._gate, host, port, ssl=tls,
