@@ -304,7 +304,8 @@ class RerankCore(_Core):
     def _check_size(self, queries: Sequence[RerankQuery]) -> None:
         """Every pair repeats its query and instruction: bound the text to tokenize (and
         hold) by what one request may carry."""
-        chars = sum(len(q.documents) * (len(q.query) + len(q.instruction))
+        default = len(self.encoder.default_instruction)  # what an empty one means
+        chars = sum(len(q.documents) * (len(q.query) + (len(q.instruction) or default))
                     + sum(map(len, q.documents)) for q in queries)
         limit = self.limits.max_message_bytes
         if chars > limit:

@@ -38,6 +38,7 @@ from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.config import MAX_MODELS
 from embedrpc.server.errors import ModelError
 from embedrpc.server.model import DEMO_RERANKER_DIR
+from embedrpc.server.rerank import DEFAULT_INSTRUCTION
 from embedrpc.v1 import embedder_pb2 as pb
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
@@ -152,10 +153,13 @@ BAD = [
      "or TRUNCATE_NONE"),
     ("unknown truncate", pb.RerankRequest(query="q", documents=["d"], truncate=7),
      "truncate=7 is unknown; use 0 (TRUNCATE_END) or 2 (TRUNCATE_NONE)"),
-    ("pairs over the size bound",  # 16 documents with a query of 65,537 characters
-     pb.RerankRequest(query=_query(65537), documents=[""] * 16),
-     "the pairs to score hold 1,048,592 characters (the query and instruction repeat with "
-     "every document), over the server's limit of 1,048,576 (--max-message-bytes)"),
+    # 16 documents with a query of 65,536 characters: 16 × 65,536 is the limit exactly,
+    # and the instruction left empty means the card's (74 characters), which counts too.
+    ("pairs over the size bound",
+     pb.RerankRequest(query=_query(65536), documents=[""] * 16),
+     f"the pairs to score hold {16 * (65536 + len(DEFAULT_INSTRUCTION)):,} characters (the "
+     "query and instruction repeat with every document), over the server's limit of "
+     "1,048,576 (--max-message-bytes)"),
     ("empty batch", _batch(), "requests is empty; send 1 to 64 requests"),
     ("a batch's bad request", _batch(pb.RerankRequest(query="q", documents=["d"]),
                                      pb.RerankRequest(query="q", top_n=-2)),
@@ -185,9 +189,10 @@ def test_limits_at_their_bounds_are_accepted(channel) -> None:
     stub = pb_grpc.RerankerStub(channel)
     assert len(stub.Rerank(pb.RerankRequest(query="q", documents=["d"] * MAX_INPUTS),
                            timeout=60).results) == MAX_INPUTS
-    # Exactly --max-message-bytes characters of pairs: a query of half a MiB, twice (each
-    # pair cut to max_length).
-    reply = stub.Rerank(pb.RerankRequest(query=_query(MAX_BYTES // 2 - 1),
+    # Exactly --max-message-bytes characters of pairs: a query and the card's instruction
+    # of half a MiB together, twice, and the documents (each pair cut to max_length).
+    query = _query(MAX_BYTES // 2 - 1 - len(DEFAULT_INSTRUCTION))
+    reply = stub.Rerank(pb.RerankRequest(query=query,
                                          documents=["d", "d"]), timeout=60)
     assert len(reply.results) == 2 and reply.usage.truncated_inputs == 2
     assert reply.usage.prompt_tokens == 2 * 8192
