@@ -52,6 +52,17 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
 RERANKER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 
+# Info names precisions as the proto does ("float32", "float16", "bfloat16"); a prepared
+# graph records `embedrpc prepare --precision`'s names (fp32, fp16, bf16, int8).
+_PREPARED_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def info_precision(precision: str) -> str:
+    """A worker's precision as Info reports it: "fp16" → "float16", "bf16-emulated" →
+    "bfloat16-emulated"; "int8" and the graphs' own type names stay as they are."""
+    base, dash, rest = precision.partition("-")
+    return _PREPARED_NAMES.get(base, base) + dash + rest
+
 
 @dataclasses.dataclass(eq=False)
 class ServedModel:
@@ -225,7 +236,7 @@ class EmbedServer:
             await self.health.set(service, status)
 
     def _info(self, m: ServedModel) -> ModelInfo:
-        precision = {w.info.get("precision", "float32") for w in m.workers}
+        precision = {info_precision(w.info.get("precision", "float32")) for w in m.workers}
         common: dict[str, Any] = dict(
             model=m.name, max_length=m.max_length, precision=",".join(sorted(precision)),
             devices=tuple(self.devices), max_batch_tokens=m.batch_config.max_batch_tokens,

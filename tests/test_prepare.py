@@ -47,6 +47,8 @@ from .helpers import (
 )
 
 FP32_COSINE, FP32_MAX_ABS, BATCH_INVARIANCE = 0.9999, 1e-5, 1e-5
+# --precision as Info reports it (the proto: "float32", "float16", ...).
+INFO_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 LAYERS = 2
 
 
@@ -328,7 +330,8 @@ def test_served_end_to_end(prepared: dict[str, Path], precision: str) -> None:
     with running_server(model=str(directory), workers=1) as (_, target), \
             EmbedClient(target, timeout=60) as client:
         info = client.info()
-        assert info.dimensions == TINY_REFERENCE["dimensions"] and info.precision == precision
+        assert info.dimensions == TINY_REFERENCE["dimensions"]
+        assert info.precision == INFO_NAMES[precision]  # the proto's names
         served = []
         for case in TINY_CASES.values():
             got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
@@ -458,7 +461,7 @@ def test_low_precision_on_cuda_validates_and_serves(tmp_path: Path, precision: s
     _, want = _all_cases(_prepare(tmp_path, "fp32"))
     with running_server(model=str(out), device="cuda:0") as (_, target), \
             EmbedClient(target, timeout=60) as client:
-        assert client.info().precision == precision
+        assert client.info().precision == INFO_NAMES[precision]
         served = [client.embed(c["inputs"], prompt_name=c["prompt_name"],
                                instruction=c["instruction"], dimensions=c["dimensions"])
                   for c in TINY_CASES.values()]

@@ -113,6 +113,10 @@ def test_info_lists_every_model(channel) -> None:
     assert (reranker.task, reranker.dimensions, reranker.max_length) == ("rerank", 0, 8192)
     assert reranker.default_instruction == RERANK_REF["default_instruction"]
     assert list(reranker.models) == list(first.models)
+    # One spelling, the proto's: the demo embedder is a plain float32 export, the demo
+    # reranker a graph `embedrpc prepare --precision fp32` made (it records "fp32").
+    assert first.precision == reranker.precision == "float32"
+    assert [m.precision for m in first.models] == ["float32", "float32"]
     assert "this server serves demo (embed), demo-reranker (rerank)" in \
         invalid(stub.Info, pb.InfoRequest(model="nope"))
 
