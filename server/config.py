@@ -235,8 +235,9 @@ class NetworkOptions:
     host: str = option("0.0.0.0", help="address to listen on")
     port: int = option(50051, help="gRPC port (0: any free port, logged)")
     http_port: int | None = option(None, shown="off", help="serve the OpenAI-compatible "
-                                   "HTTP API (POST /v1/embeddings, GET /v1/models, GET "
-                                   "/health) on this port (0: any free port, logged)")
+                                   "HTTP API (POST /v1/embeddings, POST /v1/rerank, GET "
+                                   "/v1/models, GET /health) on this port (0: any free "
+                                   "port, logged)")
     metrics_port: int | None = option(None, shown="off", help="serve Prometheus metrics at "
                                       "/metrics on this port (0: any free port, logged)")
     metrics_host: str | None = option(None, shown="--host", help="address for "

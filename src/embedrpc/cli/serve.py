@@ -15,7 +15,8 @@ def add_serve_parser(sub: Any, config: ConfigFile | None = None) -> EnvParser:
 
     p: EnvParser = sub.add_parser(
         "serve", help="run the gRPC server", config=config,
-        description="Serve an embedding model over gRPC (Embedder, health, reflection). "
+        description="Serve embedding models and rerankers over gRPC (Embedder, Reranker, "
+        "health, reflection). "
         "Each option also reads EMBEDRPC_<OPTION> from the environment and <option> from "
         "the --config file; the command line wins over the environment, which wins over "
         "the file.")
