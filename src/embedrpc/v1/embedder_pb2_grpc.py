@@ -74,7 +74,9 @@ class EmbedderServicer:
         response, in request order, carrying the request's request_id; several
         requests are processed at once. A request that fails gets a response with
         `error` set (the stream goes on); only stream-level failures end the
-        stream with a status.
+        stream with a status (among them a request message over the server's
+        message size limit, which gRPC refuses before the server reads it:
+        RESOURCE_EXHAUSTED; requests without an answer yet must be sent again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
