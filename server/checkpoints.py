@@ -49,6 +49,10 @@ def serving_directory(model: str, *, onnx_file: str | None, precision: str, devi
 
     if precision == "auto":
         precision = "fp32" if device == "cpu" else "fp16"
+    if precision == "bf16" and device == "cpu":
+        raise ModelError(f"{model}: --precision bf16 runs on a GPU only (ONNX Runtime's CPU "
+                         "provider has no bf16 MatMul); on the CPU use --precision fp32 "
+                         "(exact) or int8 (fastest)")
     where = "cpu" if precision == "int8" or device == "cpu" else device
     try:
         directory = prepared_checkpoint(

@@ -36,6 +36,7 @@ from embedrpc.prepare.checkpoint import (
     read_config,
     write_safetensors,
 )
+from embedrpc.server.errors import ModelError
 
 from .helpers import (
     TINY_CASES,
@@ -309,6 +310,22 @@ def test_bf16_is_built_and_validated_by_emulation(prepared: dict[str, Path]) -> 
     info = _info(directory)
     assert info["validation"]["method"] == "bf16 emulated in float32 on cpu"
     assert info["validation"]["vs_fp32"]["min_cosine"] >= 0.999
+
+
+def test_bf16_is_refused_on_the_cpu_with_what_to_do_instead(
+        prepared: dict[str, Path], tmp_path: Path) -> None:
+    # ONNX Runtime's CPU provider has no bf16 MatMul: serving the graph there would fail
+    # with "Could not find an implementation for MatMul(13)"; say why and what works.
+    with pytest.raises(ModelError, match=r"a bf16 prepared graph runs on a GPU only .*"
+                       r"prepare --precision fp32 \(exact\) or int8 \(fastest\)"), \
+            running_server(model=str(prepared["bf16"]), workers=1):
+        pass
+    # A checkpoint served with --precision bf16 on the CPU is refused before preparing.
+    with pytest.raises(ModelError, match=r"--precision bf16 runs on a GPU only"), \
+            running_server(model=str(TINY_SOURCE), precision="bf16", workers=1,
+                           cache_dir=str(tmp_path / "cache")):
+        pass
+    assert not (tmp_path / "cache").exists()
 
 
 def test_int8_passes_validation(prepared: dict[str, Path]) -> None:

@@ -67,6 +67,12 @@ class OrtBackend:
             # Before loading: a session with CUDA graphs would refuse a CPU-only precision
             # with a message that does not say why.
             self._check_precision(prepared_precision(spec.onnx_path))
+        elif prepared_precision(spec.onnx_path) == "bf16":
+            # ONNX Runtime would say "Could not find an implementation for MatMul(13)".
+            raise ModelError(f"{spec.onnx_path}: a bf16 prepared graph runs on a GPU only "
+                             "(ONNX Runtime's CPU provider has no bf16 MatMul); serve it "
+                             "with --device cuda, or prepare --precision fp32 (exact) or "
+                             "int8 (fastest) for the CPU")
         self.session = self._load(cuda_graphs=self.cuda_graphs)
         self._inspect()
         if self.device_type == "cuda":

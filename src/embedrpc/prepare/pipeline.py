@@ -546,6 +546,9 @@ def _build_candidate(config: PrepareConfig, arch: Any, weights: Weights,
     # as they do on a GPU). So the arithmetic is checked on a float32 graph that rounds to
     # the low precision wherever the real graph stores values, overflow included.
     runs = [] if precision == "bf16" else [(f"{precision} graph on cpu", candidate)]
+    if precision == "bf16":
+        say("  note: the bf16 graph is for a GPU; ONNX Runtime's CPU provider cannot run "
+            "it (no bf16 MatMul). On the CPU, serve fp32 (exact) or int8 (fastest)")
     say(f"  building the {precision}-emulating float32 graph (the CPU provider does not "
         f"compute in {precision})")
     emulated = build_graph(arch, weights, GraphOptions(precision=precision, emulate=True,
