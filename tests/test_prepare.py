@@ -435,6 +435,22 @@ def test_refuses_what_it_cannot_build(tmp_path: Path) -> None:
     (bert / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     with pytest.raises(PrepareError, match="builds Qwen3 models only"):
         _prepare(tmp_path, "fp32", bert)
+    # A checkpoint without its tokenizer: said before anything is built, naming the
+    # user's directory.
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(TINY_SOURCE, untokenized, ignore=shutil.ignore_patterns("tokenizer.json"))
+    with pytest.raises(PrepareError, match=rf"{untokenized}: no tokenizer.json; a checkpoint "
+                       "directory needs it beside config.json and the safetensors weights"):
+        _prepare(tmp_path, "fp32", untokenized)
+    # Weights cut short (an interrupted download): the file is named, not "cannot reshape".
+    cut = tmp_path / "cut"
+    shutil.copytree(TINY_SOURCE, cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[:100_000])
+    with pytest.raises(PrepareError, match=r"model.safetensors: truncated: its header "
+                       r"describes [\d,]+ bytes of tensors and the file holds [\d,]+; "
+                       "download it again"):
+        _prepare(tmp_path, "fp32", cut)
     with pytest.raises(PrepareError, match="int8 is for the CPU"):
         PrepareConfig(model=str(TINY_SOURCE), out=tmp_path / "x", precision="int8", device="cuda")
     existing = tmp_path / "existing"

@@ -52,6 +52,16 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.header: dict[str, dict[str, Any]] = header
         self.data_start = 8 + size
+        try:
+            described = max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise PrepareError(f"{path}: not a readable safetensors file (a tensor entry "
+                               f"without data_offsets: {exc})") from exc
+        held = path.stat().st_size - self.data_start
+        if held < described:
+            raise PrepareError(f"{path}: truncated: its header describes {described:,} "
+                               f"bytes of tensors and the file holds {held:,}; download it "
+                               "again")
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
 
     def names(self) -> list[str]:
@@ -79,7 +89,12 @@ class SafetensorsFile:
                                f"supported: {', '.join(_DTYPES)}")
         begin, end = entry["data_offsets"]
         raw = self._map[self.data_start + begin:self.data_start + end]
-        return raw.view(_DTYPES[kind]).reshape(entry["shape"])
+        shape = entry["shape"]
+        itemsize = np.dtype(_DTYPES[kind]).itemsize
+        if len(raw) != itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise PrepareError(f"{self.path}: tensor {name} has {len(raw):,} bytes for shape "
+                               f"{shape} of {kind}; the file is corrupt, download it again")
+        return raw.view(_DTYPES[kind]).reshape(shape)
 
     @staticmethod
     def _decode(array: np.ndarray) -> np.ndarray:

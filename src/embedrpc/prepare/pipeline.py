@@ -170,6 +170,10 @@ def prepare(config: PrepareConfig, say: Callable[[str], None] = _say) -> dict[st
     say(f"source {source}")
     task = source_task(config.model, source, config.task)
     arch = read_config(source)
+    if not (source / "tokenizer.json").is_file():
+        raise PrepareError(f"{source}: no tokenizer.json; a checkpoint directory needs it "
+                           "beside config.json and the safetensors weights (with "
+                           "tokenizer_config.json), as the model's publisher ships them")
     weights = Weights(source)
     if task == "rerank":
         pooling, normalize = "lasttoken", False
