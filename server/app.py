@@ -157,6 +157,7 @@ class EmbedServer:
         self.http_port: int | None = None
         self._http_tls: ssl.SSLContext | None = None
         self._serving: bool | None = None  # None outside normal operation
+        self._health_now: dict[str, bool] = {}  # what each health service says
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -216,24 +217,43 @@ class EmbedServer:
             model.router.wake()
         if self._serving is None:
             return  # still starting, or shutting down: start() and stop() own health
-        # Serving while every model has a live worker.
-        serving = all(m.serving for m in self.models)
-        if serving != self._serving:
-            # With no live worker, requests wait for a restart: let balancers go elsewhere.
-            self._serving = serving
-            status = (health_pb2.HealthCheckResponse.SERVING if serving
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            log.warning("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-            self._tasks.add(task := asyncio.get_running_loop().create_task(
-                self._set_health(status)))
-            task.add_done_callback(self._tasks.discard)
+        # With no live worker, requests wait for a restart: let balancers go elsewhere.
+        # Each service is about its own models (a reranker crashing does not take the
+        # embedding models out of rotation); the server as a whole ("") about every model.
+        now = self._health_by_service()
+        changed = {service: up for service, up in now.items()
+                   if self._health_now.get(service) != up}
+        if not changed:
+            return
+        self._health_now.update(changed)
+        self._serving = now[""]
+        for service, up in changed.items():
+            log.warning("health%s: %s", f" of {service}" if service else "",
+                        "SERVING" if up else "NOT_SERVING")
+        self._tasks.add(task := asyncio.get_running_loop().create_task(
+            self._set_health_of(changed)))
+        task.add_done_callback(self._tasks.discard)
+
+    def _health_by_service(self) -> dict[str, bool]:
+        """Whether each health service is serving: the Embedder while every embedding
+        model has a live worker, the Reranker likewise for rerankers, "" for all."""
+        embed = [m for m in self.models if m.task != RERANK]
+        rerank = [m for m in self.models if m.task == RERANK]
+        serving = {"": all(m.serving for m in self.models)}
+        serving[SERVICE_NAME] = all(m.serving for m in embed) if embed else serving[""]
+        if rerank:
+            serving[RERANKER_SERVICE_NAME] = all(m.serving for m in rerank)
+        return serving
+
+    async def _set_health_of(self, serving: dict[str, bool]) -> None:
+        for service, up in serving.items():
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING if up
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _set_health(self, status: int) -> None:
-        services = ["", SERVICE_NAME]
-        if any(m.task == RERANK for m in self.models):
-            services.append(RERANKER_SERVICE_NAME)
-        for service in services:
-            await self.health.set(service, status)
+        up = status == health_pb2.HealthCheckResponse.SERVING
+        self._health_now = {service: up for service in self._health_by_service()}
+        await self._set_health_of(self._health_now)
 
     def _info(self, m: ServedModel) -> ModelInfo:
         precision = {info_precision(w.info.get("precision", "float32")) for w in m.workers}
@@ -337,38 +357,40 @@ class EmbedServer:
             await self._stop_workers()
             raise ModelError(f"cannot listen on {address}: {exc}") from exc
         await self._start_side_ports()  # now: a busy port should not wait for the warm-up
-        try:
-            infos = await asyncio.wait_for(asyncio.gather(*ready), cfg.network.startup_timeout_s)
-        except BaseException:
-            await self._stop_workers()
-            raise
-        by_worker = dict(zip(self.workers, infos, strict=True))
-        for m in self.models:
-            for w in m.workers:
-                info = by_worker[w]
-                if info["hidden_size"] != m.hidden_size:
-                    await self._stop_workers()
-                    what = "scores" if m.task == RERANK else "vectors"
-                    raise ModelError(f"{m.name}: the graph's output has {info['hidden_size']} "
-                                     f"dimensions; {m.hidden_size} expected ({what})")
-                extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
-                                if info.get(key))
-                log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"),
-                         extra)
-        for m in self.models:
-            assert m.router is not None
-            m.core.open(m.router, self._info(m))
-        self.service = service = EmbedderService(self.cores)
-        add_embedder_to_server(service, self.server)
+        # The services answer from the start: UNAVAILABLE ("still loading") until their
+        # model's core opens, and health says NOT_SERVING, so clients and balancers that
+        # connect during the warm-up are told, not refused a connection.
+        self.service = EmbedderService(self.cores)
+        add_embedder_to_server(self.service, self.server)
         self.reranker = RerankerService(self.cores)
         add_reranker_to_server(self.reranker, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, RERANKER_SERVICE_NAME, health.SERVICE_NAME,
              reflection.SERVICE_NAME), self.server)
+        await self.server.start()
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*ready), cfg.network.startup_timeout_s)
+            by_worker = dict(zip(self.workers, infos, strict=True))
+            for m in self.models:
+                for w in m.workers:
+                    info = by_worker[w]
+                    if info["hidden_size"] != m.hidden_size:
+                        what = "scores" if m.task == RERANK else "vectors"
+                        raise ModelError(f"{m.name}: the graph's output has "
+                                         f"{info['hidden_size']} dimensions; {m.hidden_size} "
+                                         f"expected ({what})")
+                    extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
+                                    if info.get(key))
+                    log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"),
+                             extra)
+        except BaseException:
+            await self.server.stop(0)
+            await self._stop_workers()
+            raise
         for m in self.models:
             assert m.router is not None
+            m.core.open(m.router, self._info(m))
             m.router.start()
-        await self.server.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._serving = True
         return self.port

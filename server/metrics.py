@@ -259,13 +259,14 @@ class Metrics(BatchMetrics):
         return int(self._http.server_port)
 
     def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
-        if self._http_thread is not None:
-            self._http_thread.join(5.0)
-            self._http_thread = None
+        """Stop serving /metrics; safe to call again, from another thread too."""
+        server, self._http = self._http, None
+        thread, self._http_thread = self._http_thread, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(5.0)
 
     # -- recording -----------------------------------------------------------
 

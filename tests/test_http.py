@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedrpc.client import EmbedClient
 from embedrpc.server import EmbedServer, ServeConfig
@@ -31,6 +33,8 @@ from embedrpc.server.errors import (
     WorkerFailed,
 )
 from embedrpc.server.frontends.http import error_from_embed
+from embedrpc.v1 import embedder_pb2 as pb
+from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
 from .helpers import running_server, wait_until
 
@@ -441,8 +445,9 @@ def test_busy_http_port_stops_the_start_with_a_clear_error(fake_model_dir: Path)
 
 
 def test_listening_during_warm_up_answers_503(fake_model_dir: Path) -> None:
-    """The HTTP and metrics ports open before the warm-up (a busy port fails fast);
-    until the workers are warm, health and embeddings say 503."""
+    """The gRPC, HTTP and metrics ports open before the warm-up (a busy port fails fast);
+    until the workers are warm, health says NOT_SERVING (503 on HTTP) and embeddings
+    UNAVAILABLE "still loading" (503), rather than a refused connection."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -460,7 +465,21 @@ def test_listening_during_warm_up_answers_503(fake_model_dir: Path) -> None:
         assert_openai_error(status, out, 503, words="still loading")
         with urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics") as reply:
             assert "embedrpc_workers_alive 0.0" in reply.read().decode()
-        started.result(60)
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "embedrpc.v1.Embedder"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service),
+                                     timeout=10, wait_for_ready=True)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as early:
+                pb_grpc.EmbedderStub(channel).Embed(pb.EmbedRequest(inputs=["early"]),
+                                                    timeout=10)
+            assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "still loading" in early.value.details()
+            assert not started.done()
+            started.result(60)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
         assert call(srv, "GET", "/health")[::2] == (200, {"status": "SERVING"})
     finally:
         asyncio.run_coroutine_threadsafe(srv.stop(grace=1.0), loop).result(60)

@@ -380,25 +380,40 @@ def test_metrics_carry_the_model(served, channel) -> None:
                                              "demo-reranker:worker-cpu-0"}
 
 
-def test_health_needs_a_live_worker_of_every_model() -> None:
-    # Both demos on the fake backend, one worker each: while the reranker's worker is
-    # dead, the server is NOT_SERVING, though the embedding model could still answer.
+def test_health_of_each_service_follows_its_own_models() -> None:
+    # Both demos on the fake backend, one worker each. While the reranker's worker is
+    # dead, the Reranker service and the server as a whole ("") are NOT_SERVING; the
+    # Embedder service stays SERVING (its model can answer): a crashing reranker does not
+    # take the replica out of embedding rotation.
     with running_server(model=("demo", "demo-reranker"), backend="fake",
                         workers=1) as (srv, target), grpc.insecure_channel(target) as channel:
         assert [m.task for m in srv.models] == ["embed", "rerank"]
         health = health_pb2_grpc.HealthStub(channel)
+        services = ("", "embedrpc.v1.Embedder", "embedrpc.v1.Reranker")
+        serving = health_pb2.HealthCheckResponse.SERVING
 
-        def status(service: str = "") -> int:
+        def status(service: str) -> int:
             return health.Check(health_pb2.HealthCheckRequest(service=service),
                                 timeout=5).status
 
-        assert status("embedrpc.v1.Reranker") == health_pb2.HealthCheckResponse.SERVING
+        assert [status(s) for s in services] == [serving] * 3
+        seen: dict[str, set[int]] = {s: set() for s in services}
+
+        def down_and_back() -> bool:
+            for service in services:
+                seen[service].add(status(service))
+            return (len(seen["embedrpc.v1.Reranker"]) == 2
+                    and status("embedrpc.v1.Reranker") == serving)
+
         victim = srv.models[1].workers[0]
         os.kill(victim.pid, signal.SIGKILL)
-        wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 20)
-        assert status("embedrpc.v1.Embedder") == health_pb2.HealthCheckResponse.NOT_SERVING
-        wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 60)
+        wait_until(down_and_back, 60, lambda: f"health seen: {seen}")
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        assert seen["embedrpc.v1.Reranker"] == {serving, not_serving}
+        assert not_serving in seen[""]
+        assert seen["embedrpc.v1.Embedder"] == {serving}
         assert victim.restarts == 1
+        wait_until(lambda: status("") == serving, 20)
 
 
 # -- client, command line, load tester ------------------------------------------------

@@ -170,8 +170,15 @@ class EmbedderService(pb_grpc.EmbedderServicer):
     def __init__(self, cores: Cores) -> None:
         self.cores = cores
         self.limits = cores.first.limits
-        models = [c.info for c in cores.cores]
-        self.infos = {c.name: info_message(c.info, models) for c in cores.cores}
+        self._infos: dict[str, pb.InfoResponse] | None = None  # once every model is warm
+
+    @property
+    def infos(self) -> dict[str, pb.InfoResponse]:
+        """Each model's Info reply; UNAVAILABLE ("still loading") during the warm-up."""
+        if self._infos is None:
+            models = [c.info for c in self.cores.cores]
+            self._infos = {c.name: info_message(c.info, models) for c in self.cores.cores}
+        return self._infos
 
     @property
     def active(self) -> int:
