@@ -9,6 +9,7 @@ and bit packing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -271,7 +272,8 @@ def test_cancelled_call_never_reaches_a_worker(fake_model_dir) -> None:
         assert router.batches == 3
 
 
-def test_health_follows_worker_liveness(fake_model_dir) -> None:
+def test_health_follows_worker_liveness(fake_model_dir, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="embedrpc")
     with running_server(model=str(fake_model_dir), backend="fake") as (server, target), \
             grpc.insecure_channel(target) as channel, EmbedClient(target, timeout=30) as c:
         health = health_pb2_grpc.HealthStub(channel)
@@ -297,3 +299,6 @@ def test_health_follows_worker_liveness(fake_model_dir) -> None:
         assert now == health_pb2.HealthCheckResponse.SERVING
         assert server.workers[0].restarts == 1
         assert c.embed(["after the restart"]).shape == (1, HIDDEN)
+        # The log says the new process is up, with its pid (for an operator's kill -9).
+        assert f"worker-cpu-0 ready again (pid {server.workers[0].pid}, restart 1)" \
+            in caplog.text

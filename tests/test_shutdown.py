@@ -28,7 +28,7 @@ from embedrpc.client import EmbedClient
 from embedrpc.server import EmbedServer, ServeConfig
 from embedrpc.server.core import INLINE_TOKENIZE_CHARS
 
-from .helpers import QWEN_EOS_ID, serve, wait_until
+from .helpers import QWEN_EOS_ID, serve, server_log, start_server, wait_until
 
 EMBED = "/embedrpc.v1.Embedder/Embed"
 
@@ -89,6 +89,25 @@ def test_signal_drains_in_flight_calls_and_exits_zero(fake_model_dir: Path,
         for pid in server.worker_pids:
             assert process_gone(pid), f"worker {pid} outlived the server"
         assert any("shutting down" in line for line in server.lines)
+
+
+def test_ctrl_c_stops_the_server_and_its_workers_cleanly(fake_model_dir: Path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole process group, workers included:
+    the server drains and exits 0; the workers leave it to the server (before: each died
+    with a KeyboardInterrupt traceback and was restarted during the shutdown)."""
+    proc, target = start_server("--model", str(fake_model_dir), "--backend", "fake",
+                                "--workers", "2", start_new_session=True)
+    try:
+        with EmbedClient(target, timeout=30) as client:
+            assert client.embed(["before Ctrl-C"]).shape == (1, 64)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = server_log(proc)
+    assert "KeyboardInterrupt" not in log and "died" not in log and "restart" not in log, log
+    assert "stopped" in log
 
 
 def test_second_signal_stops_at_once(fake_model_dir: Path) -> None:

@@ -173,7 +173,10 @@ class WorkerHandle:
         self.info = info
         self._alive = True
         if self._ready is not None and not self._ready.done():
-            self._ready.set_result(info)
+            self._ready.set_result(info)  # the first start: the server logs it
+        else:
+            log.info("%s ready again (pid %s, restart %d)", self.name, self.pid,
+                     self.restarts)
         self._on_change()
 
     def _on_start_crash(self, why: str) -> None:

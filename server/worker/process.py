@@ -12,6 +12,7 @@ WorkerHandle (handle.py). The contract with the main process is small:
 from __future__ import annotations
 
 import logging
+import signal
 from collections import deque
 from multiprocessing.connection import Connection
 
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
+    # Ctrl-C in a terminal signals the whole process group: the main process drains and
+    # stops its workers itself; a worker that took SIGINT would die mid-batch with a
+    # KeyboardInterrupt traceback, and be restarted during the shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(spec.logging.log_level, spec.logging.log_format,
                       text_format=worker_text_format())
     try:
