@@ -3,6 +3,7 @@ numpy arrays (embeddings) and RerankResult lists (reranking)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,10 +131,24 @@ class EmbedClient:
                **kwargs: Any) -> Iterator[StreamResult]:
         """EmbedStream: one StreamResult per request, in order. Plain lists of texts get
         request ids "0", "1", ... and the keywords of make_request()."""
-        it = (_as_request(item, i, kwargs) for i, item in enumerate(requests))
-        for response in self.stub.EmbedStream(it, timeout=self.timeout,
-                                              metadata=self.metadata):
-            yield _stream_result(response)
+        failed: list[Exception] = []
+
+        def it() -> Iterator[pb.EmbedRequest]:
+            for i, item in enumerate(requests):
+                try:
+                    yield _as_request(item, i, kwargs)
+                except Exception as exc:  # grpc would say only "Exception iterating requests"
+                    failed.append(exc)
+                    raise
+
+        try:
+            for response in self.stub.EmbedStream(it(), timeout=self.timeout,
+                                                  metadata=self.metadata):
+                yield _stream_result(response)
+        except grpc.RpcError:
+            if failed:
+                raise failed[0] from None
+            raise
 
     def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                  instruction: str = "", truncate: str = "end",
@@ -215,19 +230,33 @@ class AsyncEmbedClient:
     async def stream(self, requests: AsyncIterable[pb.EmbedRequest | Sequence[str] | str]
                      | Iterable[pb.EmbedRequest | Sequence[str] | str],
                      **kwargs: Any) -> AsyncIterator[StreamResult]:
+        failed: list[Exception] = []
+
+        def request(item: pb.EmbedRequest | Sequence[str] | str, i: int) -> pb.EmbedRequest:
+            try:
+                return _as_request(item, i, kwargs)
+            except Exception as exc:  # grpc would say only that iterating failed
+                failed.append(exc)
+                raise
+
         async def gen() -> AsyncIterator[pb.EmbedRequest]:
             if isinstance(requests, AsyncIterable):
                 i = 0
                 async for item in requests:
-                    yield _as_request(item, i, kwargs)
+                    yield request(item, i)
                     i += 1
             else:
                 for i, item in enumerate(requests):
-                    yield _as_request(item, i, kwargs)
+                    yield request(item, i)
 
         call = self.stub.EmbedStream(gen(), timeout=self.timeout, metadata=self.metadata)
-        async for response in call:
-            yield _stream_result(response)
+        try:
+            async for response in call:
+                yield _stream_result(response)
+        except (grpc.RpcError, asyncio.CancelledError):
+            if failed:
+                raise failed[0] from None
+            raise
 
     async def tokenize(self, inputs: Sequence[str] | str, *, prompt_name: str = "",
                        instruction: str = "", truncate: str = "end",

@@ -3,7 +3,8 @@ vectors (the command line and the load tester use them before any channel exists
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,10 @@ def make_request(inputs: Sequence[str] | str, *, prompt_name: str = "", instruct
     """Build an EmbedRequest from friendly arguments (names checked here, values by the server)."""
     if isinstance(inputs, str):
         inputs = [inputs]
+    elif isinstance(inputs, (Mapping, AbstractSet)):  # iterating them gives keys, unordered
+        raise TypeError(f"inputs must be a text or a list of texts, not a "
+                        f"{type(inputs).__name__}; for a request with its own options, "
+                        "pass make_request(texts, request_id=..., ...) or an EmbedRequest")
     try:
         enc = ENCODINGS[encoding]
         trunc = TRUNCATES[truncate]

@@ -192,6 +192,32 @@ def test_stream_answers_in_order_and_survives_a_bad_request(client, raw) -> None
             np.testing.assert_allclose(result.unwrap(), expected(raw, batches[i]), atol=1e-6)
 
 
+def test_stream_takes_texts_lists_or_requests_and_refuses_a_dict(client, raw) -> None:
+    results = list(client.stream(["one text", ["two", "texts"],
+                                  make_request(["three"], request_id="mine")]))
+    assert [r.request_id for r in results] == ["0", "1", "mine"]
+    assert [r.unwrap().shape[0] for r in results] == [1, 2, 1]
+    # A dict would iterate as its keys (embedding "inputs" and "request_id"): refused.
+    with pytest.raises(TypeError, match="inputs must be a text or a list of texts, not a "
+                                        "dict"):
+        list(client.stream([{"inputs": ["a"], "request_id": "r1"}]))
+    with pytest.raises(TypeError, match="not a set"):
+        client.embed({"a", "b"})
+
+
+def test_async_stream_refuses_a_dict_with_the_reason(fake_server) -> None:
+    _, target = fake_server
+
+    async def main() -> None:
+        async with AsyncEmbedClient(target, timeout=30) as c:
+            got = [r async for r in c.stream([["a"], "b"])]
+            assert [r.request_id for r in got] == ["0", "1"]
+            with pytest.raises(TypeError, match="not a dict"):
+                _ = [r async for r in c.stream([["a"], {"inputs": ["a"]}])]
+
+    asyncio.run(main())
+
+
 def test_async_client(fake_server, raw) -> None:
     _, target = fake_server
 
