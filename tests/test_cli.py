@@ -54,6 +54,18 @@ def test_embed_prints_json_vectors(demo_process) -> None:
     assert np.array(json.loads(result.stdout)["embeddings"]).shape == (2, 64)
 
 
+def test_a_closed_pipe_ends_the_output_quietly(demo_process) -> None:
+    # `embedrpc embed ... | head -c 100`: the reader leaves early; no BrokenPipeError
+    # traceback on stderr.
+    _, target = demo_process
+    embed = subprocess.Popen([*EMBEDRPC, "embed", "--target", target, "x " * 50],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert embed.stdout is not None
+    embed.stdout.close()  # before it writes: the whole reply meets a closed pipe
+    _, err = embed.communicate(timeout=60)
+    assert embed.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_info_and_tokenize(demo_process) -> None:
     _, target = demo_process
     info = json.loads(run_cli("info", "--target", target).stdout)

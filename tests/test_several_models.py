@@ -470,6 +470,9 @@ def test_cli_rerank_prints_json(served, capsys: pytest.CaptureFixture[str]) -> N
     info = json.loads(capsys.readouterr().out)
     assert info["task"] == "rerank" and [m["name"] for m in info["models"]] == \
         ["demo", "demo-reranker"]
+    # A reranker has no vectors: null, at the top as in its models[] entry.
+    assert info["dimensions"] is info["min_dimensions"] is info["models"][1]["dimensions"] \
+        is None
 
 
 def test_bench_rerank_reports_pairs(served) -> None:

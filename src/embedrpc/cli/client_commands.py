@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -77,9 +78,12 @@ def run_client(ns: argparse.Namespace) -> int:
                          client_key=ns.client_tls_key or None) as client:
             if ns.command == "info":
                 r = client.info(ns.client_model)
+                vectors = r.task != "rerank"  # a reranker has no dimensions: null
                 out: dict[str, Any] = {
-                    "model": r.model, "task": r.task, "dimensions": r.dimensions,
-                    "min_dimensions": r.min_dimensions, "max_length": r.max_length,
+                    "model": r.model, "task": r.task,
+                    "dimensions": r.dimensions if vectors else None,
+                    "min_dimensions": r.min_dimensions if vectors else None,
+                    "max_length": r.max_length,
                     "prompt_names": list(r.prompt_names), "pooling": r.pooling,
                     "pooled_token": r.pooled_token, "pooled_token_id": r.pooled_token_id,
                     "pooled_token_source": r.pooled_token_source,
@@ -131,6 +135,11 @@ def run_client(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"embedrpc {ns.command}: {exc}", file=sys.stderr)
         return 2
-    json.dump(out, sys.stdout)
-    sys.stdout.write("\n")
+    try:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head` closed the pipe: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
