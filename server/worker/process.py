@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections import deque
 from multiprocessing.connection import Connection
 
@@ -29,7 +30,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     # Ctrl-C in a terminal signals the whole process group: the main process drains and
     # stops its workers itself; a worker that took SIGINT would die mid-batch with a
     # KeyboardInterrupt traceback, and be restarted during the shutdown.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():  # tests run it in a thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(spec.logging.log_level, spec.logging.log_format,
                       text_format=worker_text_format())
     try:
