@@ -519,3 +519,15 @@ def test_cli_plot_and_bad_options(tmp_path: Path, capsys) -> None:
         assert "model noop (16 dims)" in out and "errors      none" in out
     assert main(["bench", "--rate", "-5"]) == 2
     assert "--rate must be > 0" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_an_invalid_option(tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Refused before any load is sent, with the documented status for invalid options.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "--target", "127.0.0.1:1", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib: pip install 'embedrpc[bench]'" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import sys
 import time
@@ -30,6 +31,8 @@ def run_bench(ns: argparse.Namespace) -> int:
         return serve_noop(ns.noop_server, dimensions=ns.noop_dimensions)
     try:
         config = config_from_namespace(ns)
+        if config.plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install 'embedrpc[bench]'")
     except ValueError as exc:
         print(f"embedrpc bench: {exc}", file=sys.stderr)
         return 2
