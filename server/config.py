@@ -191,7 +191,8 @@ class BatchConfig:
                                           help="queued tokens beyond which requests get "
                                           "RESOURCE_EXHAUSTED (a client with nothing queued "
                                           "still gets one request in while fewer than "
-                                          "twice this are queued)")
+                                          "twice this are queued); a request of more "
+                                          "tokens than this gets INVALID_ARGUMENT")
     max_client_queue_tokens: int | None = option(
         None, shown="half of --max-queue-tokens", help="queued tokens one client (an API "
         "key, else a connection) may have; beyond, its requests get RESOURCE_EXHAUSTED")

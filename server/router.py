@@ -14,8 +14,9 @@ robin), so a client flooding the server delays another's single text by about on
 batch, not by its whole backlog. Each client may have at most
 `max_client_queue_tokens` queued; the whole queue at most `max_queue_tokens`, except
 that a client with nothing queued gets one request in while the queue holds less than
-twice that (so the queue never holds more than 2 × max_queue_tokens + one request).
-Beyond: RESOURCE_EXHAUSTED.
+twice that (so the queue never holds more than 3 × max_queue_tokens). Beyond:
+RESOURCE_EXHAUSTED. A request of more tokens than max_queue_tokens is never admissible:
+INVALID_ARGUMENT, send it as smaller requests.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from .config import BatchConfig
-from .errors import DeadlineExceeded, EmbedError, Overloaded, Unavailable, WorkerFailed
+from .errors import (
+    DeadlineExceeded,
+    EmbedError,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    WorkerFailed,
+)
 from .metrics import BatchMetrics
 from .worker.handle import WorkerCrashed, WorkerHandle
 from .worker.spec import Batch
@@ -174,6 +182,12 @@ class Router:
         # client is shut out by another's backlog; the ceiling keeps many clients (one
         # per connection) from growing the queue without bound.
         limit: int = cfg.max_queue_tokens  # type: ignore[assignment]
+        if tokens > limit:
+            # Never admissible: one request may not take more than the whole queue (a
+            # RerankBatch repeats its queries per document: 140 kB can be 16M tokens).
+            raise InvalidInput(
+                f"this request is {tokens} tokens, more than the whole queue may hold "
+                f"(--max-queue-tokens {limit}); send it as smaller requests")
         if (self._queued_tokens + tokens > limit
                 and (mine or self._queued_tokens >= QUEUE_CEILING * limit)):
             raise Overloaded(

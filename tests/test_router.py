@@ -23,7 +23,13 @@ import grpc
 import numpy as np
 import pytest
 
-from embedrpc.server.errors import DeadlineExceeded, Overloaded, Unavailable, WorkerFailed
+from embedrpc.server.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    Overloaded,
+    Unavailable,
+    WorkerFailed,
+)
 from embedrpc.server.router import MAX_ATTEMPTS, BatchConfig, Router
 from embedrpc.server.worker.handle import WorkerCrashed
 from embedrpc.server.worker.spec import Batch
@@ -321,13 +327,13 @@ def test_full_queue_refuses_at_once() -> None:
     first = request(1, [4, 4, 4])  # one row per batch: 8 tokens stay queued
 
     async def main() -> None:
-        async with running([worker], max_batch_size=1, max_queue_tokens=10) as router:
+        async with running([worker], max_batch_size=1, max_queue_tokens=12) as router:
             a = asyncio.create_task(router.embed(first))
             await until(lambda: len(worker.seen) == 1)
             assert router.queued_tokens == 8
-            # 8 + 3 > 10. The worker is held, so a queued request would time out instead.
+            # 8 + 5 > 12. The worker is held, so a queued request would time out instead.
             with pytest.raises(Overloaded) as info:
-                await asyncio.wait_for(router.embed(request(2, [3])), timeout=0.5)
+                await asyncio.wait_for(router.embed(request(2, [5])), timeout=0.5)
             assert info.value.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
             worker.release()
             exact(await a, first)
@@ -336,13 +342,21 @@ def test_full_queue_refuses_at_once() -> None:
     assert not any(s.holds(2) for s in worker.seen)
 
 
-def test_empty_queue_takes_a_request_above_the_queue_limit() -> None:
+def test_a_request_larger_than_the_whole_queue_is_refused() -> None:
+    # One request may take at most --max-queue-tokens (a RerankBatch that repeats long
+    # queries per document could otherwise queue 30 times the limit at once, locking
+    # every other client out for minutes). At the bound, on an empty queue, it gets in.
     worker = FakeWorker()
-    texts = request(1, [20, 20, 20])  # 60 tokens against a limit of 10
+    at_bound, over = request(1, [4, 3, 3]), request(2, [4, 4, 3])  # 10 and 11 tokens
 
     async def main() -> None:
         async with running([worker], max_queue_tokens=10) as router:
-            exact(await router.embed(texts), texts)
+            exact(await router.embed(at_bound), at_bound)
+            with pytest.raises(InvalidInput, match=r"this request is 11 tokens, more than "
+                               r"the whole queue may hold \(--max-queue-tokens 10\); send "
+                               r"it as smaller requests") as info:
+                await router.embed(over)
+            assert info.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
 
     run(main)
 
@@ -700,19 +714,19 @@ def test_a_client_with_nothing_queued_gets_in_when_the_queue_is_full() -> None:
     async def main() -> None:
         async with running([worker], max_batch_size=1, max_queue_tokens=40,
                            max_client_queue_tokens=100) as router:
-            a = asyncio.create_task(router.embed(request(1, [10] * 5), client="A"))
-            await until(lambda: router.queued_tokens == 40)  # full: 4 × 10 queued
-            with pytest.raises(Overloaded, match="the queue is full"):
+            a = asyncio.create_task(router.embed(request(1, [8] * 5), client="A"))
+            await until(lambda: router.queued_tokens == 32)  # 4 × 8 queued, one running
+            with pytest.raises(Overloaded, match="the queue is full"):  # 32 + 10 > 40
                 await router.embed(request(3, [10]), client="A")
             # B has nothing queued: one request gets in although the queue is full.
             b = asyncio.create_task(router.embed(request(2, [10]), client="B"))
-            await until(lambda: router.queued_tokens == 50)
+            await until(lambda: router.queued_tokens == 42)
             with pytest.raises(Overloaded, match="the queue is full"):
                 await router.embed(request(4, [10]), client="B")
             # So do C and D, while the queue holds less than twice the limit (80 tokens):
             # D's one token at 79. At 80, E, with nothing queued either, is refused: many
             # clients (one per connection) cannot grow the queue without bound.
-            c = asyncio.create_task(router.embed(request(5, [29]), client="C"))
+            c = asyncio.create_task(router.embed(request(5, [37]), client="C"))
             await until(lambda: router.queued_tokens == 79)
             d = asyncio.create_task(router.embed(request(6, [1]), client="D"))
             await until(lambda: router.queued_tokens == 80)

@@ -257,19 +257,20 @@ def test_deadline_exceeded_and_server_recovers(fake_model_dir) -> None:
 
 
 def test_queue_full_is_resource_exhausted_at_once(fake_model_dir) -> None:
-    # One worker busy 600 ms per batch with a queue of at most 8 tokens (one client, so
+    # One worker busy 600 ms per batch with a queue of at most 12 tokens (one client, so
     # its cap is the whole queue: the queue's own limit is what refuses).
     with running_server(model=str(fake_model_dir), backend="fake", fake_delay_ms=600,
-                        max_queue_tokens=8, max_client_queue_tokens=8,
+                        max_queue_tokens=12, max_client_queue_tokens=12,
                         max_batch_size=1) as (server, target), \
             EmbedClient(target, timeout=30) as c:
-        # Four texts, one per batch: two go to the worker's slots, two wait in the queue.
+        # Four texts of 3 tokens, one per batch: two go to the worker's slots, two (6
+        # tokens) wait in the queue.
         busy = [c.stub.Embed.future(make_request(["busy text"] * 4))]
         wait_until(lambda: server.router.batches == 2 and server.router.queued_entries == 2,
                    timeout=10)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
-            c.embed(["one more text"] * 4)
+            c.embed(["one more text"] * 2)  # 8 tokens: 6 + 8 > 12
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in info.value.details()
         assert time.monotonic() - started < 1.0  # refused, not queued behind 2.4 s of work
