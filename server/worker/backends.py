@@ -63,11 +63,12 @@ class OrtBackend:
         self.broken: str | None = None  # set when the backend cannot run any more
         self.warnings: list[str] = []  # said once in the log, kept for describe()
         self._warned = False
+        prepared = prepared_precision(spec.onnx_path)
         if self.device_type == "cuda":
             # Before loading: a session with CUDA graphs would refuse a CPU-only precision
             # with a message that does not say why.
-            self._check_precision(prepared_precision(spec.onnx_path))
-        elif prepared_precision(spec.onnx_path) == "bf16":
+            self._check_precision(prepared)
+        elif prepared == "bf16":
             # ONNX Runtime would say "Could not find an implementation for MatMul(13)".
             raise ModelError(f"{spec.onnx_path}: a bf16 prepared graph runs on a GPU only "
                              "(ONNX Runtime's CPU provider has no bf16 MatMul); serve it "
