@@ -255,10 +255,11 @@ def test_each_call_is_counted_once_with_the_code_its_client_saw(
     router fails each one it finds expired, grpc cancels the others at their deadline),
     then 5 calls cancelled by their client long before theirs: each is counted once,
     under the code the client got (issue 11 item 7). On a loaded machine a client can
-    give up on a call before it reaches the server, which then cannot count it: so the
-    server's DEADLINE_EXCEEDED count may fall short of the clients' (most must still
-    arrive), and every other code must match exactly. Before: most of the expired ones
-    counted CANCELLED, now and then one UNKNOWN (context.abort raising
+    give up on a call before it reaches the server, which then cannot count it, and an
+    answer can leave the server as its deadline passes: so the server's
+    DEADLINE_EXCEEDED count may fall short of the clients' (most must still arrive),
+    its OK count exceed theirs by a few, and cancellations must match exactly. Before:
+    most of the expired ones counted CANCELLED, now and then one UNKNOWN (context.abort raising
     ExecuteBatchError on a call already ended, with an ERROR traceback)."""
     srv, target = tight_server
     caplog.set_level(logging.WARNING)
@@ -303,9 +304,16 @@ def test_each_call_is_counted_once_with_the_code_its_client_saw(
                and counted()["CANCELLED"] >= 5, 10, lambda: f"counted {counted()}, seen {seen}")
     time.sleep(0.2)  # let any late count land, so that a count too many shows
     got = counted()
-    assert {c: n for c, n in got.items() if c != "DEADLINE_EXCEEDED"} == \
-        {c: n for c, n in seen.items() if c != "DEADLINE_EXCEEDED"}, (got, seen)
-    assert 30 <= got["DEADLINE_EXCEEDED"] <= seen["DEADLINE_EXCEEDED"], (got, seen)
+    # Only these codes, each call at most once; cancellations exactly. A call whose answer
+    # leaves the server as its deadline passes is OK to the server and DEADLINE_EXCEEDED
+    # to its client (seen once in CI: 4 OK against the clients' 3), so OK may exceed what
+    # the clients saw by a few, taken from their DEADLINE_EXCEEDED.
+    assert set(got) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, (got, seen)
+    assert got["CANCELLED"] == seen["CANCELLED"] == 5, (got, seen)
+    assert seen["OK"] <= got["OK"] <= seen["OK"] + 3, (got, seen)
+    assert got["DEADLINE_EXCEEDED"] >= 30, (got, seen)
+    assert got["OK"] + got["DEADLINE_EXCEEDED"] <= seen["OK"] + seen["DEADLINE_EXCEEDED"], \
+        (got, seen)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
