@@ -45,6 +45,7 @@ from .security import ServerSecurity
 from .tasks import RERANK
 from .tokenizer import TextEncoder
 from .worker.handle import WorkerHandle
+from .worker.remote import RemoteWorker
 from .worker.spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,21 @@ def info_precision(precision: str) -> str:
     "bfloat16-emulated"; "int8" and the graphs' own type names stay as they are."""
     base, dash, rest = precision.partition("-")
     return _PREPARED_NAMES.get(base, base) + dash + rest
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """This process's part when several front-end processes share the port (`serve
+    --frontends N`, server/supervisor.py). "supervisor": it owns the device workers, which
+    listen on Unix sockets in `sockets`, and serves no calls itself; "frontend": it serves
+    calls on the shared port (SO_REUSEPORT) and sends its batches to those workers."""
+
+    role: str  # "supervisor" or "frontend"
+    sockets: str  # the directory of the workers' sockets
+    index: int = 0  # which front end
+
+    def socket_of(self, worker: int) -> str:
+        return str(Path(self.sockets) / f"w{worker}.sock")
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,9 +106,14 @@ class ServedModel:
 class EmbedServer:
     """The whole server in one object: `await start()`, then `await stop()`."""
 
-    def __init__(self, config: ServeConfig, *, hooks: DebugHooks | None = None) -> None:
-        """hooks: test-only fault injection and paths (no flags)."""
+    def __init__(self, config: ServeConfig, *, hooks: DebugHooks | None = None,
+                 layout: Layout | None = None) -> None:
+        """hooks: test-only fault injection and paths (no flags); layout: this process's
+        part among several front ends (None: the whole server in one process)."""
         self.config = config
+        self.layout = layout
+        # Called once the ports are open, before the warm-up: (gRPC, HTTP, metrics port).
+        self.on_listening: Any = None
         hooks = hooks or DebugHooks()
         options = config.devices
         # Read and check the key and certificate files first.
@@ -123,6 +144,7 @@ class EmbedServer:
         cpu_workers = options.workers * len(self.models) if kind == "cpu" else 0
         threads = max(1, available_cores() // max(cpu_workers, 1))
         several = len(self.models) > 1
+        number = 0  # the workers in one order, the same in every process of a layout
         for m in self.models:
             for device in self.devices:
                 spec = WorkerSpec(
@@ -132,10 +154,10 @@ class EmbedServer:
                     pad_id=m.encoder.pad_id, hidden_size=m.hidden_size,
                     max_length=m.max_length)
                 for i in range(options.workers):
-                    m.workers.append(WorkerHandle(
-                        spec, name=f"{m.name}:worker-{device}-{i}" if several
-                        else f"worker-{device}-{i}",
-                        on_change=lambda m=m: self._on_worker_change(m)))
+                    m.workers.append(self._worker(
+                        m, spec, f"{m.name}:worker-{device}-{i}" if several
+                        else f"worker-{device}-{i}", number))
+                    number += 1
         self.cores = Cores([m.core for m in self.models], calls=self.calls)
         # The first model's pieces, and the first embedding model's spec, by their old
         # names (one model: the model's).
@@ -209,6 +231,24 @@ class EmbedServer:
                              f"{served.max_length}{f' of {name}' if task == RERANK else ''}: "
                              "the longest input would never fit")
         return served
+
+    def _worker(self, m: ServedModel, spec: WorkerSpec, name: str,
+                number: int) -> WorkerHandle:
+        """A worker process of this server (a WorkerHandle), or with several front ends:
+        in the supervisor, one that listens on its socket and merges the front ends'
+        batches; in a front end, the connection to it (a RemoteWorker)."""
+        on_change = lambda: self._on_worker_change(m)  # noqa: E731
+        layout = self.layout
+        if layout is None:
+            return WorkerHandle(spec, name=name, on_change=on_change)
+        path = layout.socket_of(number)
+        if layout.role == "frontend":
+            return RemoteWorker(spec, name=name, path=path, on_change=on_change)
+        b = m.batch_config
+        assert b.max_batch_tokens is not None and b.batch_overhead_tokens is not None
+        spec = dataclasses.replace(spec, listen=path, merge=(
+            b.max_batch_tokens, b.max_batch_size, b.batch_overhead_tokens))
+        return WorkerHandle(spec, name=name, on_change=on_change)
 
     def _on_worker_change(self, model: ServedModel) -> None:
         """A worker of `model` became ready, freed a slot, died or failed (runs on the
@@ -330,7 +370,8 @@ class EmbedServer:
         self.loop = loop = asyncio.get_running_loop()
         cfg = self.config
         for m in self.models:
-            self._log_model(m)
+            if self.layout is None:  # several front ends: the supervisor says it, once
+                self._log_model(m)
         # Spawn workers before the gRPC server exists (grpc and fork do not mix).
         ready = [w.start(loop) for w in self.workers]
         for m in self.models:
@@ -340,7 +381,9 @@ class EmbedServer:
         options = [
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on the same port fails loudly
+            # A second server on the same port fails loudly; several front ends of one
+            # server share it (the kernel spreads connections over them).
+            ("grpc.so_reuseport", 1 if self.layout is not None else 0),
         ]
         self.server = grpc.aio.server(
             options=options, interceptors=[ObservingInterceptor(self.metrics, self._model_of),
@@ -357,6 +400,8 @@ class EmbedServer:
             await self._stop_workers()
             raise ModelError(f"cannot listen on {address}: {exc}") from exc
         await self._start_side_ports()  # now: a busy port should not wait for the warm-up
+        if self.on_listening is not None:
+            self.on_listening(self.port, self.http_port, self.metrics_port)
         # The services answer from the start: UNAVAILABLE ("still loading") until their
         # model's core opens, and health says NOT_SERVING, so clients and balancers that
         # connect during the warm-up are told, not refused a connection.
@@ -381,8 +426,9 @@ class EmbedServer:
                                          f"expected ({what})")
                     extra = "".join(f", {key}" for key in ("cuda_graphs", "static_shapes")
                                     if info.get(key))
-                    log.info("%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"),
-                             extra)
+                    log.log(logging.DEBUG if self.layout else logging.INFO,
+                            "%s ready (pid %s, %s%s)", w.name, w.pid, info.get("providers"),
+                            extra)
         except BaseException:
             await self.server.stop(0)
             await self._stop_workers()
@@ -403,7 +449,9 @@ class EmbedServer:
             if net.metrics_port is not None:
                 host = net.metrics_host or net.host
                 self.metrics_port = self.metrics.serve(host, net.metrics_port)
-                log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+                # A front end's own /metrics is for the supervisor, which serves the sum.
+                log.log(logging.DEBUG if self.layout else logging.INFO,
+                        "metrics on http://%s:%d/metrics", host, self.metrics_port)
             if net.http_port is not None:
                 what = "HTTP"
                 self.http = HttpServer(cores=self.cores, metrics=self.metrics,
@@ -418,7 +466,8 @@ class EmbedServer:
                 if tls and sec.tls_cert and sec.tls_key:
                     self._http_tls = tls_context(sec.tls_cert, sec.tls_key, tls.client_ca)
                 self.http_port = await self.http.start(net.host, net.http_port,
-                                                       tls=self._http_tls)
+                                                       tls=self._http_tls,
+                                                       reuse_port=self.layout is not None)
                 log.info("HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
                          "https" if tls else "http", net.host, self.http_port)
         except OSError as exc:

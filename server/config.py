@@ -38,6 +38,9 @@ QUEUE_BATCHES = 64  # --max-queue-tokens by default: this many full batches
 # Models one server serves at most (--model given several times): each has its own
 # workers on every device, so this also bounds the processes and the device memory.
 MAX_MODELS = 8
+# Front-end processes at most (--frontends): each holds every model's tokenizer and a
+# connection to every device worker.
+MAX_FRONTENDS = 64
 
 
 def option(default: Any = MISSING, *, help: str, default_factory: Any = MISSING,
@@ -251,10 +254,19 @@ class NetworkOptions:
                                        "file descriptor limit (ulimit -n)")
     http_idle_seconds: float = option(75.0, help="an HTTP connection with no request under "
                                       "way is closed after this long")
+    frontends: int | None = option(None, shown="auto: 1 on the CPU, min(8, cores / 4) "
+                                   "with GPUs", help="front-end processes: each serves gRPC "
+                                   "(and HTTP) on the same port (SO_REUSEPORT), tokenizes and "
+                                   f"batches, and sends its batches to the same device "
+                                   f"workers; 1: one process, as before (at most "
+                                   f"{MAX_FRONTENDS})")
     startup_timeout_s: float = option(600.0, cli=False, help="workers must be ready within")
 
     def __post_init__(self) -> None:
         _port(self, "port", "http_port", "metrics_port")
+        _at_least(self, 1, "frontends")
+        if self.frontends is not None and self.frontends > MAX_FRONTENDS:
+            raise ValueError(f"--frontends must be at most {MAX_FRONTENDS}")
         _at_least(self, 0, "grace_seconds")
         _at_least(self, 1, "max_http_connections")
         _at_least(self, 0.1, "http_idle_seconds")

@@ -156,6 +156,10 @@ def worker_text_format() -> str:
     return f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(message)s"
 
 
+def frontend_text_format(index: int) -> str:
+    return f"%(asctime)s frontend-{index}[{os.getpid()}] %(name)s %(levelname)s %(message)s"
+
+
 _ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/+=@")
 
 

@@ -49,7 +49,22 @@ def raise_fd_limit() -> None:
 
 
 async def serve(config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT; a second signal stops at once."""
+    """Run until SIGTERM or SIGINT; a second signal stops at once. With several front
+    ends (--frontends, or its default on GPUs), server/supervisor.py runs them."""
+    from .devices import resolve_devices
+    from .supervisor import frontends_for, supervise
+
+    devices = ["cpu"]
+    if config.network.frontends is None and config.devices.backend == "onnx":
+        logging.disable(logging.WARNING)  # the server says it again, once, as it loads
+        try:
+            devices = resolve_devices(config.devices.device)
+        finally:
+            logging.disable(logging.NOTSET)
+    frontends = frontends_for(config, devices)
+    if frontends > 1:
+        await supervise(config, frontends)
+        return
     raise_fd_limit()
     server = EmbedServer(config)
     loop = asyncio.get_running_loop()

@@ -106,7 +106,8 @@ def test_environment_values_are_checked_against_choices(
 
 
 def _sample(option) -> tuple[str, object]:
-    named = {"attention_kernel": ("flash", "flash"), "log_level": ("debug", "DEBUG")}
+    named = {"attention_kernel": ("flash", "flash"), "log_level": ("debug", "DEBUG"),
+             "frontends": ("3", 3)}
     if option.name in named:
         return named[option.name]
     if option.choices:

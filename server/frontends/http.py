@@ -281,8 +281,10 @@ class HttpServer:
         """HTTP connections open now."""
         return self._gate.open if self._gate is not None else 0
 
-    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> int:
-        """Listen (HTTPS with `tls`); return the port (port 0: any free one)."""
+    async def start(self, host: str, port: int, *, tls: ssl.SSLContext | None = None,
+                    reuse_port: bool = False) -> int:
+        """Listen (HTTPS with `tls`); return the port (port 0: any free one). reuse_port:
+        share the port with the other front-end processes of this server."""
         loop = asyncio.get_running_loop()
         # aiohttp's low-level server: one protocol (RequestHandler) per connection, each
         # request handed to `_serve`.
@@ -291,7 +293,7 @@ class HttpServer:
                                 logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
         self._gate = _ConnectionGate(self.max_connections, self._web, tls=tls is not None)
         self._listener = await loop.create_server(
-            self._gate, host, port, ssl=tls,
+            self._gate, host, port, ssl=tls, reuse_port=reuse_port or None,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
         return int(self._listener.sockets[0].getsockname()[1])
 

@@ -76,6 +76,9 @@ class WorkerHandle:
         # Seconds per padded token measured on this worker (moving average); until a
         # batch is measured, a CPU's pessimistic figure.
         self._seconds_per_token = 0.01
+        # With several front ends (supervisor.py): called with (batches, rows) of each
+        # device batch the worker ran for them.
+        self.on_ran: Callable[[int, int], None] | None = None
 
     # -- loop side ---------------------------------------------------------
 
@@ -195,6 +198,10 @@ class WorkerHandle:
 
     def _on_message(self, message: Any) -> None:
         kind, batch_id, payload = message
+        if kind == "ran":
+            if self.on_ran is not None:
+                self.on_ran(batch_id, payload)
+            return
         future = self._inflight.pop(batch_id, None)
         tokens = self._tokens.pop(batch_id, 0)
         self._priority.discard(batch_id)

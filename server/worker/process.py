@@ -7,15 +7,29 @@ WorkerHandle (handle.py). The contract with the main process is small:
                     (run in arrival order, priority batches before the others waiting)
     worker → main:  ("ready", info) | ("error", message)       once, after start-up
                     ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
+                    ("ran", batches, rows): with front ends connected, what each device
+                    batch held (how many front ends' batches, how many rows in all)
+
+With `serve --frontends N` the worker also listens on a Unix socket (spec.listen): each
+front end connects, is told ("ready", info with the worker's pid), and sends batches and
+gets answers in the same messages. Batches of several front ends waiting together run as
+one batch when they fit (spec.merge), so splitting the traffic over front ends does not
+shrink the device's batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 from collections import deque
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
 
 from ..errors import ModelError
 from ..logs import configure_logging, worker_text_format
@@ -37,6 +51,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     try:
         backend = make_backend(spec)
         backend.warmup()
+        listener = _listen(spec.listen) if spec.listen else None  # before "ready": no gap
     except ModelError as exc:  # a clear message already; the main process reports it
         conn.send(("error", str(exc)))
         return
@@ -44,37 +59,157 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         log.exception("worker start-up failed")
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", backend.describe()))
-    waiting: deque[Batch] = deque()  # received, not yet run
-    while True:
-        try:
-            if not waiting:
-                waiting.append(conn.recv())
-            while conn.poll(0):  # everything that has arrived, to pick the next one
-                waiting.append(conn.recv())
-        except (EOFError, OSError):
-            return  # the main process is gone
-        batch = _next(waiting)
-        if batch is None:
-            return
-        try:
-            vectors = backend.embed(batch.ids, batch.lengths)
-        except Exception as exc:
-            log.exception("batch %d failed", batch.id)
-            conn.send(("fail", batch.id, f"{type(exc).__name__}: {exc}"))
+    info = backend.describe()
+    conn.send(("ready", info))
+    sources: list[Connection] = [conn]  # the parent's pipe, then each front end's socket
+    waiting: deque[tuple[Connection, Batch | None]] = deque()  # received, not yet run
+    try:
+        while True:
+            try:
+                _receive(conn, listener, sources, waiting, info)
+                group = _take(waiting, spec.merge)
+                if group is None:
+                    return
+                _run(backend, group, sources, waiting)
+            except (EOFError, OSError):
+                return  # the main process is gone
             broken = getattr(backend, "broken", None)
             if broken:  # a new process (WorkerHandle restarts it) is the way out
                 log.error("worker exits: %s", broken)
                 return
+    finally:
+        if listener is not None:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(spec.listen)
+
+
+def _listen(path: str) -> socket.socket:
+    """The Unix socket front ends connect to (a restarted worker takes over the path)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    return listener
+
+
+def _receive(conn: Connection, listener: socket.socket | None, sources: list[Connection],
+             waiting: deque[tuple[Connection, Batch | None]], info: dict[str, Any]) -> None:
+    """Everything that has arrived, from every source (waiting for something when nothing
+    waits yet); new front ends are accepted and told the worker's info. EOFError: the
+    parent's pipe closed. A front end that closed its socket is dropped, and its batches
+    with it (nobody is left to answer)."""
+    while True:
+        watched: list[Any] = [*sources, listener] if listener is not None else sources
+        ready = wait(watched, None if not waiting else 0)
+        if not ready:
+            return
+        for source in ready:
+            if source is listener:
+                _accept(listener, sources, info)
+                continue
+            try:
+                waiting.append((source, source.recv()))
+                while source.poll(0):
+                    waiting.append((source, source.recv()))
+            except (EOFError, OSError):
+                if source is conn:
+                    raise
+                _drop(source, sources, waiting)
+
+
+def _accept(listener: socket.socket, sources: list[Connection], info: dict[str, Any]) -> None:
+    try:
+        sock, _ = listener.accept()
+    except OSError:  # out of descriptors, or the peer gave up: it connects again
+        return
+    frontend = Connection(sock.detach())
+    try:
+        frontend.send(("ready", {**info, "pid": os.getpid()}))
+    except OSError:
+        frontend.close()
+        return
+    sources.append(frontend)
+
+
+def _drop(source: Connection, sources: list[Connection],
+          waiting: deque[tuple[Connection, Batch | None]]) -> None:
+    if source in sources:
+        sources.remove(source)
+    kept = [item for item in waiting if item[0] is not source]
+    waiting.clear()
+    waiting.extend(kept)
+    source.close()
+
+
+def _take(waiting: deque[tuple[Connection, Batch | None]],
+          merge: tuple[int, int, int]) -> list[tuple[Connection, Batch]] | None:
+    """The batch to run next (the first priority one waiting, else the oldest; None, the
+    stop message, is taken in its turn), and with `merge`, the oldest batch of each other
+    front end that fits beside it: rows and padded tokens within the router's limits, and
+    no more padding than the fixed cost of the batch run saved."""
+    source, batch = _next(waiting)
+    if batch is None:
+        return None
+    group = [(source, batch)]
+    max_tokens, max_rows, overhead = merge
+    if not max_tokens or not waiting:
+        return group
+    rows, width = len(batch.lengths), int(batch.lengths.max())
+    padded = rows * width
+    seen = {id(source)}
+    for item in list(waiting):
+        other_source, other = item
+        if other is None or id(other_source) in seen:
             continue
-        conn.send(("ok", batch.id, vectors))
+        seen.add(id(other_source))  # only a front end's oldest: its order is kept
+        n, w = len(other.lengths), int(other.lengths.max())
+        merged = (rows + n) * max(width, w)
+        if rows + n <= max_rows and merged <= max_tokens and merged <= padded + n * w + overhead:
+            group.append((other_source, other))
+            waiting.remove(item)
+            rows, width, padded = rows + n, max(width, w), merged
+    return group
 
 
-def _next(waiting: deque[Batch | None]) -> Batch | None:
+def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Connection],
+         waiting: deque[tuple[Connection, Batch | None]]) -> None:
+    """Run the group as one batch; each of its batches is answered to its own sender."""
+    batches = [batch for _, batch in group]
+    try:
+        if len(batches) == 1:
+            vectors = backend.embed(batches[0].ids, batches[0].lengths)
+        else:
+            vectors = backend.embed(np.concatenate([b.ids for b in batches]),
+                                    np.concatenate([b.lengths for b in batches]))
+        replies = []
+        start = 0
+        for batch in batches:
+            end = start + len(batch.lengths)
+            replies.append(("ok", batch.id, vectors[start:end]))
+            start = end
+    except Exception as exc:
+        log.exception("batch %s failed", ",".join(str(b.id) for b in batches))
+        replies = [("fail", b.id, f"{type(exc).__name__}: {exc}") for b in batches]
+    else:
+        if len(sources) > 1:
+            # Several front ends: the parent (the supervisor) counts what the device ran.
+            sources[0].send(("ran", len(batches), start))
+    for (source, _), reply in zip(group, replies, strict=True):
+        try:
+            source.send(reply)
+        except OSError:
+            if source is sources[0]:
+                raise EOFError from None  # the parent is gone
+            _drop(source, sources, waiting)
+
+
+def _next(waiting: deque[tuple[Connection, Batch | None]]) -> tuple[Connection, Batch | None]:
     """The batch to run next: the first priority one waiting, else the oldest (None, the
     stop message, is taken in its turn). WorkerHandle keeps the same order."""
-    for i, batch in enumerate(waiting):
+    for i, (source, batch) in enumerate(waiting):
         if batch is not None and batch.priority:
             del waiting[i]
-            return batch
+            return source, batch
     return waiting.popleft()

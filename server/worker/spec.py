@@ -37,6 +37,12 @@ class WorkerSpec:
     pad_id: int = 0
     hidden_size: int = 0
     max_length: int = 0  # the model's longest input; no CUDA-graph bucket is longer
+    # Several front ends (`serve --frontends N`): the worker also listens on this Unix
+    # socket, each front end connects, and batches from several front ends that are
+    # waiting together run as one when they fit `merge` (tokens, rows, overhead: the
+    # router's own budget, row limit and padding rule). "": only the parent's pipe.
+    listen: str = ""
+    merge: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def of(cls, **values: Any) -> WorkerSpec:

@@ -1,0 +1,447 @@
+"""Several front-end processes on one port (`serve --frontends N`, issue 13 items 2, 3, 5).
+
+The device worker's side first (in a thread, as the worker tests run it): it accepts
+front ends on its Unix socket and runs batches of several front ends as one when they
+fit. Then whole servers in a child process: the demo model against sentence-transformers'
+vectors through many connections, the metrics summed over the front ends, a front end
+killed under load, a worker killed under load, SIGHUP and SIGTERM, and the bounds of the
+option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedrpc.client import EmbedClient
+from embedrpc.server.config import ServeConfig
+from embedrpc.server.worker import process as worker_module
+from embedrpc.server.worker.backends import FakeBackend, fake_vector
+from embedrpc.server.worker.spec import Batch, WorkerSpec
+
+from .helpers import (
+    DEMO_CASES,
+    DEMO_COSINE_MIN,
+    DEMO_MAX_ABS,
+    ServerProcess,
+    cosines,
+    serve,
+    start_server,
+    wait_until,
+)
+
+FRONTEND = re.compile(r"(frontend-\d+) serving (?:again )?\(pid (\d+)")
+HIDDEN = 64  # helpers.write_model_dir's
+# gRPC Python shares one connection among channels to the same target by default; each
+# client here needs its own TCP connection for the kernel to spread them over front ends.
+OWN = [("grpc.use_local_subchannel_pool", 1)]
+
+
+# -- the worker: several front ends, merged batches ------------------------------------
+
+
+class CountingBackend(FakeBackend):
+    """The fake backend, recording the row counts of each batch it runs; `gate` holds
+    the first run until the test has queued the batches it wants waiting."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self.runs: list[int] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()  # the first run has begun (and waits at the gate)
+
+    def embed(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if not self.runs:
+            self.entered.set()
+            assert self.gate.wait(10)
+        self.runs.append(len(lengths))
+        return super().embed(ids, lengths)
+
+
+@contextlib.contextmanager
+def listening_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     merge: tuple[int, int, int]) -> Iterator[tuple[CountingBackend, str]]:
+    spec = WorkerSpec.of(backend="fake", hidden_size=HIDDEN, listen=str(tmp_path / "w.sock"),
+                         merge=merge)
+    backend = CountingBackend(spec)
+    backend.gate.set()  # the warm-up runs freely
+    monkeypatch.setattr(worker_module, "make_backend", lambda spec: backend)
+    monkeypatch.setattr(worker_module, "configure_logging", lambda *a, **k: None)
+    parent, child = Pipe()
+    thread = threading.Thread(target=worker_module.worker_main, args=(child, spec))
+    thread.start()
+    try:
+        assert parent.recv()[0] == "ready"
+        backend.runs.clear()
+        backend.entered.clear()
+        backend.gate.clear()
+        yield backend, spec.listen
+    finally:
+        backend.gate.set()
+        parent.send(None)
+        thread.join(10)
+        assert not thread.is_alive()
+    assert not os.path.exists(spec.listen)  # the socket file is removed on the way out
+
+
+def connect(path: str) -> Connection:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    conn = Connection(sock.detach())
+    kind, info = conn.recv()
+    assert kind == "ready" and info["pid"] == os.getpid() and info["hidden_size"] == HIDDEN
+    return conn
+
+
+def batch(batch_id: int, rows: list[list[int]]) -> Batch:
+    return Batch(batch_id, np.array([t for r in rows for t in r], dtype=np.int32),
+                 np.array([len(r) for r in rows], dtype=np.int32))
+
+
+def alone(rows: list[list[int]]) -> np.ndarray:
+    """The fake backend's documented vector of each row (seeded by its ids alone)."""
+    return np.stack([fake_vector(np.array(r, dtype=np.int32), HIDDEN) for r in rows])
+
+
+def test_a_worker_runs_batches_of_several_front_ends_as_one(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the worker is busy, front end A queues a second batch and front end B one:
+    they run as one batch of 5 rows (within 64 rows, 1000 tokens, and no more padding
+    than the 64-token overhead saved), and each front end gets exactly its own rows."""
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):
+        a, b = connect(path), connect(path)
+        first = [[1, 2, 3]]
+        a_rows = [[4, 5, 6, 7], [8, 9]]
+        b_rows = [[10, 11, 12], [13], [14, 15, 16, 17, 18]]
+        a.send(batch(1, first))
+        assert backend.entered.wait(10)  # the worker runs batch 1, held at the gate
+        a.send(batch(2, a_rows))
+        b.send(batch(7, b_rows))  # ids are each front end's own: they may repeat
+        time.sleep(0.2)  # both have arrived
+        backend.gate.set()
+        replies_a = [a.recv(), a.recv()]
+        reply_b = b.recv()
+        assert backend.runs == [1, 5]
+        assert [r[:2] for r in replies_a] == [("ok", 1), ("ok", 2)] and reply_b[:2] == ("ok", 7)
+        np.testing.assert_array_equal(replies_a[0][2], alone(first))
+        np.testing.assert_array_equal(replies_a[1][2], alone(a_rows))
+        np.testing.assert_array_equal(reply_b[2], alone(b_rows))
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(("rows_b", "merge", "why"), [
+    # 3 rows × 30 = 90 padded tokens; apart: 2 + 30, plus the 10 tokens of a run saved
+    ([[1] * 30], (1000, 64, 10), "padding"),
+    ([[1, 2]] * 3, (1000, 4, 64), "rows"),  # 5 rows > 4
+    ([[1] * 20], (59, 64, 1000), "tokens"),  # 3 × 20 = 60 > 59
+])
+def test_batches_that_do_not_fit_together_run_apart(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    rows_b: list[list[int]],
+                                                    merge: tuple[int, int, int],
+                                                    why: str) -> None:
+    """Front end A's waiting batch is two rows of 1 token; B's does not fit beside it."""
+    rows_a = [[5], [6]]
+    with listening_worker(tmp_path, monkeypatch, merge=merge) as (backend, path):
+        a, b = connect(path), connect(path)
+        a.send(batch(1, [[9, 9]]))
+        assert backend.entered.wait(10)
+        a.send(batch(2, rows_a))
+        b.send(batch(3, rows_b))
+        time.sleep(0.2)
+        backend.gate.set()
+        assert [a.recv()[:2], a.recv()[:2], b.recv()[:2]] == [("ok", 1), ("ok", 2), ("ok", 3)]
+        assert backend.runs == [1, 2, len(rows_b)], why
+
+
+def test_a_front_end_that_goes_away_loses_only_its_own_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):
+        a, b = connect(path), connect(path)
+        a.send(batch(1, [[1, 2]]))
+        assert backend.entered.wait(10)
+        a.send(batch(2, [[3, 4]]))
+        b.send(batch(3, [[5, 6]]))
+        time.sleep(0.2)
+        a.close()  # A dies with batch 2 waiting: B's batch still runs, alone
+        time.sleep(0.2)
+        backend.gate.set()
+        reply = b.recv()
+        assert reply[:2] == ("ok", 3)
+        np.testing.assert_array_equal(reply[2], alone([[5, 6]]))
+        assert backend.runs == [1, 1]
+        c = connect(path)  # and a new front end is served
+        c.send(batch(1, [[7]]))
+        assert c.recv()[:2] == ("ok", 1)
+        b.close()
+        c.close()
+
+
+# -- whole servers -------------------------------------------------------------------------
+
+
+def frontend_pids(server: ServerProcess) -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for line in server.lines:
+        if m := FRONTEND.search(line):
+            pids[m.group(1)] = int(m.group(2))
+    return pids
+
+
+def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_the_demo_model_is_exact_through_every_front_end() -> None:
+    """Two front ends on one port: 12 connections (the kernel spreads them over both)
+    get sentence-transformers' vectors (cosine ≥ 0.9999, max abs ≤ 1e-4 per vector)."""
+    proc, target = start_server("--model", "demo", "--frontends", "2")
+    try:
+        names = ["documents", "queries", "instruction", "multilingual"]
+        for i in range(12):
+            case = DEMO_CASES[names[i % len(names)]]
+            with EmbedClient(target, options=OWN) as client:
+                got = client.embed(case["inputs"], prompt_name=case["prompt_name"],
+                                   instruction=case["instruction"],
+                                   dimensions=case["dimensions"])
+            want = np.array(case["embeddings"], dtype=np.float32)
+            assert cosines(got, want).min() >= DEMO_COSINE_MIN
+            assert np.abs(got - want).max() <= DEMO_MAX_ABS
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
+def test_metrics_are_the_sum_over_front_ends(fake_model_dir: Path) -> None:
+    """15 calls of 2 texts on 15 connections: counted once each, whichever front end
+    served them; the device batches hold the 30 texts. Then 24 concurrent calls with
+    50 ms batches: the workers merge batches of several front ends."""
+    with serve(fake_model_dir, "--frontends", "3", "--fake-delay-ms", "50",
+               "--max-batch-size", "64", metrics=True) as server:
+        wait_until(lambda: len(frontend_pids(server)) == 3, 20)
+        for i in range(15):
+            with EmbedClient(server.target, options=OWN) as client:
+                client.embed([f"text {i}", "another"])
+        wait_until(lambda: metrics(server.metrics_port).get(
+            ("embedrpc_device_batch_texts_sum", ())) == 30, 10)
+        m = metrics(server.metrics_port)
+        ok = m[("embedrpc_requests_total", (("code", "OK"),
+                                            ("method", "/embedrpc.v1.Embedder/Embed")))]
+        assert ok == 15  # every call once, whichever front end served it
+        assert m[("embedrpc_embeddings_total", ())] == 30
+        assert m[("embedrpc_frontends_alive", ())] == 3
+        assert m[("embedrpc_frontends", ())] == 3
+        # Series about the shared workers are not multiplied by the front ends.
+        assert m[("embedrpc_workers", ())] == 2
+        assert m[("embedrpc_workers_alive", ())] == 2
+        assert m[("embedrpc_device_batches_merged_total", ())] == 0  # one call at a time
+
+        def call(i: int) -> None:
+            with EmbedClient(server.target, options=OWN) as client:
+                client.embed([f"burst {i}"])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        wait_until(lambda: metrics(server.metrics_port).get(
+            ("embedrpc_device_batch_texts_sum", ())) == 54, 10)
+        m = metrics(server.metrics_port)
+        assert m[("embedrpc_device_batches_merged_total", ())] > 0
+        # Fewer device batches than the front ends' routers sent.
+        assert m[("embedrpc_device_batch_texts_count", ())] < \
+            m[("embedrpc_batch_texts_count", ())]
+
+
+def load(target: str, stop: threading.Event, results: list[tuple[float, str]],
+         texts: list[str]) -> None:
+    """One connection, calls back to back until `stop`: (when it ended, its code). No
+    retries: a call that fails is seen failing."""
+    with EmbedClient(target, timeout=20, retries=1, options=OWN) as client:
+        while not stop.is_set():
+            try:
+                client.embed(texts)
+                results.append((time.monotonic(), "OK"))
+            except grpc.RpcError as exc:
+                results.append((time.monotonic(), exc.code().name))
+                time.sleep(0.05)
+
+
+def test_a_front_end_killed_under_load(fake_model_dir: Path) -> None:
+    """SIGKILL one of 2 front ends while 12 connections send calls: connections on the
+    other never see an error and keep being served; those on the dead one fail only with
+    UNAVAILABLE, and reconnect to the survivor; the dead one is restarted and serves new
+    connections."""
+    with serve(fake_model_dir, "--frontends", "2", "--fake-delay-ms", "5") as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        victim = frontend_pids(server)["frontend-1"]
+        stop = threading.Event()
+        results: list[list[tuple[float, str]]] = [[] for _ in range(12)]
+        threads = [threading.Thread(target=load, args=(server.target, stop, r,
+                                                       [f"load {i}", "two"]))
+                   for i, r in enumerate(results)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: all(len(r) >= 3 for r in results), 30)
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        codes = {code for r in results for _, code in r}
+        assert codes <= {"OK", "UNAVAILABLE"}, codes
+        untouched = [r for r in results if all(code == "OK" for _, code in r)]
+        assert untouched, "no connection was on the surviving front end"
+        assert len(untouched) < len(results), "no connection was on the killed front end"
+        for r in untouched:  # served before and after the kill, without a break
+            assert any(t > killed + 0.5 for t, _ in r)
+        wait_until(lambda: any("frontend-1 serving again" in line for line in server.lines),
+                   30, lambda: "".join(server.lines[-20:]))
+        assert frontend_pids(server)["frontend-1"] != victim
+        for i in range(8):  # new connections, to either front end
+            with EmbedClient(server.target, options=OWN) as client:
+                assert client.embed([f"after {i}"]).shape == (1, HIDDEN)
+
+
+def test_a_worker_killed_under_load_loses_no_call(fake_model_dir: Path) -> None:
+    """Both front ends have batches in flight on the workers when one is killed: the
+    batches are retried, every call succeeds with the fake backend's vectors."""
+    with serve(fake_model_dir, "--frontends", "2", "--fake-delay-ms", "150") as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        texts = [f"call {i}" for i in range(24)]
+        outcomes: list[Any] = [None] * len(texts)
+
+        def call(i: int) -> None:
+            with EmbedClient(server.target, timeout=30, retries=1, options=OWN) as client:
+                try:
+                    outcomes[i] = client.embed([texts[i]])[0]
+                except grpc.RpcError as exc:
+                    outcomes[i] = exc.code().name
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        os.kill(server.worker_pids[0], signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        with EmbedClient(server.target, options=OWN) as client:
+            ids = [np.array(t.ids, dtype=np.int32) for t in client.tokenize(texts).inputs]
+        for i, got in enumerate(outcomes):
+            assert isinstance(got, np.ndarray), f"call {i}: {got}"
+            want = fake_vector(ids[i], HIDDEN)
+            np.testing.assert_allclose(got, want / np.linalg.norm(want), atol=1e-6)
+
+
+def test_sighup_reloads_keys_in_every_front_end(fake_model_dir: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("old-key-123456789\n")
+    with serve(fake_model_dir, "--frontends", "2", "--api-keys-file", str(keys)) as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        keys.write_text("new-key-987654321\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: sum("SIGHUP: reloaded" in line for line in server.lines) == 2, 20,
+                   lambda: "".join(server.lines[-10:]))
+        for _ in range(10):  # connections land on both front ends
+            with EmbedClient(server.target, options=OWN, api_key="new-key-987654321") as client:
+                assert client.embed(["x"]).shape == (1, HIDDEN)
+            with EmbedClient(server.target, options=OWN, api_key="old-key-123456789") as client, \
+                    pytest.raises(grpc.RpcError) as err:
+                client.embed(["x"])
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sigterm_drains_every_front_end_and_exits_zero(fake_model_dir: Path) -> None:
+    """Calls in flight on both front ends finish; then the server exits 0, its front
+    ends and workers with it."""
+    with serve(fake_model_dir, "--frontends", "2", "--fake-delay-ms", "400") as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        children = [*frontend_pids(server).values(), *server.worker_pids]
+        outcomes: list[str] = []
+
+        def call(i: int) -> None:
+            with EmbedClient(server.target, timeout=30, retries=1, options=OWN) as client:
+                try:
+                    client.embed([f"drain {i}"])
+                    outcomes.append("OK")
+                except grpc.RpcError as exc:
+                    outcomes.append(exc.code().name)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert outcomes == ["OK"] * 8
+        assert server.proc.wait(30) == 0
+        assert any("stopped" in line for line in server.lines)
+        for child in children:
+            wait_until(lambda c=child: not _running(c), 10)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_port_taken_by_another_program_is_a_clear_error(fake_model_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedrpc", "serve", "--model", str(fake_model_dir),
+             "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port",
+             str(port), "--frontends", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (64, True), (0, False), (65, False)])
+def test_frontends_bounds(value: int, ok: bool) -> None:
+    if ok:
+        assert ServeConfig.of(frontends=value).network.frontends == value
+    else:
+        with pytest.raises(ValueError, match=r"--frontends must be at (least 1|most 64)"):
+            ServeConfig.of(frontends=value)
+
+
+@pytest.mark.parametrize(("cores", "want"), [(2, 1), (16, 4), (32, 8), (128, 8)])
+def test_default_front_ends(monkeypatch: pytest.MonkeyPatch, cores: int, want: int) -> None:
+    """As documented: 1 on the CPU (and the fake backend), min(8, cores / 4) with GPUs."""
+    from embedrpc.server import supervisor
+
+    monkeypatch.setattr(supervisor, "available_cores", lambda: cores)
+    assert supervisor.frontends_for(ServeConfig.of(), ["cpu"]) == 1
+    assert supervisor.frontends_for(ServeConfig.of(backend="fake"), ["cuda:0"]) == 1
+    assert supervisor.frontends_for(ServeConfig.of(), ["cuda:0"]) == want
+    assert supervisor.frontends_for(ServeConfig.of(frontends=3), ["cuda:0"]) == 3
