@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -385,6 +386,7 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         w.on_ran = device.ran
     ready = [w.start(loop) for w in server.workers]
     http: Any = None
+    held: list[socket.socket] = []
     try:
         if net.metrics_port is not None:
             host = net.metrics_host or net.host
@@ -399,8 +401,11 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
             net, metrics_port=0 if net.metrics_port is not None else None,
             metrics_host="127.0.0.1")
         first_config = dataclasses.replace(config, network=fe_net)
+        held = _hold_ports([p for p in (net.port, net.http_port) if p], net.host)
         frontends[0].start(first_config)
         port, http_port, _ = await _first(frontends[0].bound, ready, stop)
+        held += _hold_ports([p for p in (port, http_port) if p and p not in
+                             (net.port, net.http_port)], net.host)
         shared = dataclasses.replace(config, network=dataclasses.replace(
             fe_net, port=port, http_port=http_port))
         frontends[0].config = shared  # a restart binds the same ports
@@ -430,10 +435,33 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         if http is not None:
             http[0].shutdown()
             http[0].server_close()
+        for lock in held:
+            lock.close()
         for future in (*(f.bound for f in frontends), *(f.ready for f in frontends), *ready):
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved
     log.info("stopped")
+
+
+def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
+    """Claim the TCP ports for this server alone. Its front ends share them with
+    SO_REUSEPORT, which a second server started by the same user on the same port would
+    be let in on too, silently taking half the connections; a Linux abstract Unix socket
+    named after each port (scoped, as ports are, to the network namespace, and freed
+    when this process ends however it ends) makes that second server fail loudly."""
+    held = []
+    for port in ports:
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lock.bind(f"\0embedrpc-port-{port}")
+        except OSError:
+            lock.close()
+            for other in held:
+                other.close()
+            raise ModelError(f"cannot listen on {host}:{port}: another embedrpc server "
+                             "with several front ends serves that port") from None
+        held.append(lock)
+    return held
 
 
 class _Stopped(Exception):

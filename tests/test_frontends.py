@@ -426,6 +426,22 @@ def test_a_port_taken_by_another_program_is_a_clear_error(fake_model_dir: Path) 
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
 
 
+@pytest.mark.parametrize("second", [["--frontends", "2"], ["--frontends", "1"]])
+def test_a_second_server_on_the_same_port_fails_loudly(fake_model_dir: Path,
+                                                      second: list[str]) -> None:
+    """Front ends share their port with SO_REUSEPORT, but not with another server: a
+    second one (several front ends or one) on the same port exits 2 and says why."""
+    with serve(fake_model_dir, "--frontends", "2") as first:
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedrpc", "serve", "--model", str(fake_model_dir),
+             "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port",
+             str(first.port), *second], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{first.port}" in proc.stderr
+        with EmbedClient(first.target) as client:  # the first one serves on, alone
+            assert client.embed(["still here"]).shape == (1, HIDDEN)
+
+
 @pytest.mark.parametrize(("value", "ok"), [(1, True), (64, True), (0, False), (65, False)])
 def test_frontends_bounds(value: int, ok: bool) -> None:
     if ok:
