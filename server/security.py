@@ -39,9 +39,11 @@ MISSING_CREDENTIALS = ("missing credentials: send the metadata "
                        "'authorization: Bearer <api key>'")
 BAD_SCHEME = "the authorization metadata must be 'Bearer <api key>'"
 INVALID_KEY = "invalid API key"
+SEVERAL_KEYS = "send the authorization metadata once: a call carries one API key"
 HTTP_MESSAGES = {  # the same problems, in HTTP's words
     MISSING_CREDENTIALS: "missing credentials: send the header 'Authorization: Bearer <api key>'",
     BAD_SCHEME: "the Authorization header must be 'Bearer <api key>'",
+    SEVERAL_KEYS: "send the Authorization header once: a request carries one API key",
 }
 SHORT_KEY = 16  # characters; shorter keys are accepted with a warning
 
@@ -115,10 +117,14 @@ class ApiKeys:
         return found
 
     def check(self, authorization: Iterable[str | bytes]) -> str | None:
-        """None when one of the `authorization` values is 'Bearer <a valid key>', else a
-        message for the client that does not repeat what it sent."""
+        """None when the call's one `authorization` value is 'Bearer <a valid key>', else
+        a message for the client that does not repeat what it sent. A call with several
+        values is refused whatever they hold: one call would otherwise try many keys."""
+        values = list(authorization)
+        if len(values) > 1:
+            return SEVERAL_KEYS
         problem = MISSING_CREDENTIALS
-        for value in authorization:
+        for value in values:
             if isinstance(value, bytes):
                 value = value.decode("latin-1")
             scheme, _, token = value.strip().partition(" ")
@@ -130,9 +136,10 @@ class ApiKeys:
             problem = INVALID_KEY
         return problem
 
-    def authorize_header(self, header: str | None) -> None:
-        """For the HTTP API: raise Unauthenticated unless `header` carries a valid key."""
-        problem = self.check([] if header is None else [header])
+    def authorize_header(self, headers: Iterable[str]) -> None:
+        """For the HTTP API: raise Unauthenticated unless the request's Authorization
+        header (`headers`: every one it sent) carries a valid key, once."""
+        problem = self.check(headers)
         if problem is not None:
             raise Unauthenticated(HTTP_MESSAGES.get(problem, problem))
 

@@ -431,6 +431,22 @@ def test_https_and_api_keys(fake_model_dir: Path, tmp_path: Path) -> None:
         assert https("GET", "/v1/models", {})[0] == 401
         status, _, out = https("POST", "/v1/embeddings", {"Authorization": f"Bearer {api_key}"})
         assert status == 200 and len(out["data"][0]["embedding"]) == 64
+        # One Authorization header: two are refused even when one holds the key.
+        conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, timeout=10,
+                                           context=context)
+        conn.putrequest("POST", "/v1/embeddings")
+        for value in ("Bearer wrong", f"Bearer {api_key}"):
+            conn.putheader("Authorization", value)
+        body = b'{"input": "secret text"}'
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        out = json.loads(reply.read())
+        conn.close()
+        assert reply.status == 401
+        assert out["error"]["message"] == ("send the Authorization header once: a request "
+                                           "carries one API key")
 
 
 def test_busy_http_port_stops_the_start_with_a_clear_error(fake_model_dir: Path) -> None:

@@ -31,6 +31,7 @@ from embedrpc.server.security import (
     BAD_SCHEME,
     INVALID_KEY,
     MISSING_CREDENTIALS,
+    SEVERAL_KEYS,
     ApiKeys,
     read_keys_file,
 )
@@ -286,6 +287,18 @@ def test_authorization_must_be_a_bearer_token(key_server: str, value: str) -> No
     assert exc.value.details() == BAD_SCHEME  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("values", [[KEY, WRONG], [WRONG, KEY], [KEY, KEY]])
+def test_a_call_carries_one_key(key_server: str, values: list[str]) -> None:
+    """Several authorization values are refused, even when one (or each) is valid: one
+    call must not try many keys."""
+    metadata = [("authorization", f"Bearer {v}") for v in values]
+    with EmbedClient(key_server, timeout=TIMEOUT, metadata=metadata) as client, \
+            pytest.raises(grpc.RpcError) as exc:
+        client.embed(["x"])
+    assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
+    assert exc.value.details() == SEVERAL_KEYS  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("api_key", [KEY, *FILE_KEYS])
 def test_every_configured_key_opens_every_method(key_server: str, api_key: str) -> None:
     with EmbedClient(key_server, timeout=TIMEOUT, api_key=api_key) as client:
@@ -377,7 +390,7 @@ def test_keys_are_compared_whole() -> None:
     for near in (KEY[:-1], KEY + "0", KEY.upper(), f" {KEY}x", ""):
         assert keys.check([f"Bearer {near}"]) is not None, near
     assert keys.check([]) == MISSING_CREDENTIALS
-    assert keys.check([f"Basic {KEY}", f"Bearer {KEY}"]) is None  # any one value may match
+    assert keys.check([f"Basic {KEY}", f"Bearer {KEY}"]) == SEVERAL_KEYS  # one value per call
 
 
 def _config(fake_model_dir: Path, **kw: object) -> ServeConfig:

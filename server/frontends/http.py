@@ -259,7 +259,7 @@ class HttpServer:
     def __init__(self, *, cores: Cores, metrics: Metrics,
                  serving: Callable[[], bool], max_body_bytes: int,
                  max_connections: int = 512, idle_timeout: float = 75.0,
-                 authorize: Callable[[str | None], None] | None = None,
+                 authorize: Callable[[list[str]], None] | None = None,
                  auth_health: bool = False) -> None:
         self.cores = cores
         self.max_connections = max_connections
@@ -267,7 +267,7 @@ class HttpServer:
         self.metrics = metrics
         self.serving = serving
         self.max_body_bytes = max_body_bytes
-        # authorize(authorization header or None) raises EmbedError (UNAUTHENTICATED) to
+        # authorize(every Authorization header sent) raises EmbedError (UNAUTHENTICATED) to
         # refuse. It guards every route; /health only with auth_health (probes need none).
         self.authorize = authorize
         self.auth_health = auth_health
@@ -338,7 +338,7 @@ class HttpServer:
                 "embedrpc.model": one, "embedrpc.request_id": request_id}) as span:
             try:
                 if self.authorize is not None and (path != "/health" or self.auth_health):
-                    self.authorize(headers.get("authorization"))
+                    self.authorize(headers.getall("authorization", []))
                 if path == "/v1/embeddings":
                     response = await self._embeddings(request, counts, span)
                 elif path == "/v1/rerank":
