@@ -27,7 +27,8 @@ For each setup and load, after a warm-up: the CPU time of every process of the s
 workers, front ends) at both ends of the measured window, the answers that arrived in
 the window (requests/s, texts/s), p50/p99 latency, and for embedrpc the average texts
 per device batch (its Prometheus histogram embedrpc_batch_texts, sum / count, from
---metrics-port). Then CPU µs per request and per text, and server / floor; for 32-text
+--metrics-port; with several front ends the supervisor's embedrpc_device_batch_texts,
+what the workers ran with the front ends' batches merged). Then CPU µs per request and per text, and server / floor; for 32-text
 requests the floor is the no-op server plus Qwen's tokenizer alone on the same texts
 (one thread, encode_batch_fast in batches of 32), as the issue's table has it.
 
@@ -540,19 +541,25 @@ def embedrpc_server(name: str, work: Path, model: str, *, device: str, backend: 
 
 
 def batch_texts(url: str | None) -> tuple[float, float] | None:
-    """(sum, count) of embedrpc_batch_texts, over all its label sets (models, processes)."""
+    """(sum, count) of the texts per device batch, over all label sets (models): with
+    several front ends the supervisor's embedrpc_device_batch_texts (what the workers
+    ran, front ends' batches merged), else embedrpc_batch_texts (one front end's batches
+    are the device's)."""
     if url is None:
         return None
     with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
-    total = count = 0.0
+    sums: dict[str, list[float]] = {}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name == "embedrpc_batch_texts_sum":
-            total += float(line.rsplit(" ", 1)[1])
-        elif name == "embedrpc_batch_texts_count":
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+        for family in ("embedrpc_device_batch_texts", "embedrpc_batch_texts"):
+            for part, i in (("_sum", 0), ("_count", 1)):
+                if name == family + part:
+                    sums.setdefault(family, [0.0, 0.0])[i] += float(line.rsplit(" ", 1)[1])
+    for family in ("embedrpc_device_batch_texts", "embedrpc_batch_texts"):
+        if family in sums:
+            return sums[family][0], sums[family][1]
+    return 0.0, 0.0
 
 
 # -- one measurement ---------------------------------------------------------------------
