@@ -279,6 +279,23 @@ def test_spans_when_opentelemetry_is_installed(server, monkeypatch: pytest.Monke
     assert format(http_span.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
 
 
+def test_no_span_is_made_without_a_tracer_provider() -> None:
+    """The API alone (no SDK, no provider set): calls make no span at all."""
+    code = ("from embedrpc.server import tracing\n"
+            "assert tracing.ENABLED\n"
+            "with tracing.call_span('x', {'traceparent': 'junk'}, {'a': 1}) as span:\n"
+            "    assert span is tracing._NO_SPAN\n"
+            "from opentelemetry import trace\n"
+            "from opentelemetry.sdk.trace import TracerProvider\n"
+            "trace.set_tracer_provider(TracerProvider())\n"
+            "with tracing.call_span('x', {}, {'a': 1}) as span:\n"
+            "    assert span is not tracing._NO_SPAN and span._span.is_recording()\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
 def test_tracing_is_skipped_cleanly_without_opentelemetry() -> None:
     code = ("import sys; sys.modules['opentelemetry'] = None\n"
             "from embedrpc.server import tracing\n"

@@ -14,7 +14,6 @@ import pickle
 import struct
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 # Framing of multiprocessing.Connection (what the worker's conn.recv/conn.send use):
@@ -46,7 +45,9 @@ class Channel:
     def send(self, obj: Any) -> None:
         if self.closed:
             return  # the worker is gone; the supervisor reports it
-        payload = memoryview(ForkingPickler.dumps(obj)).cast("B")
+        # Plain pickle: nothing sent here needs ForkingPickler's reducers (descriptors,
+        # connections), and its per-call set-up cost more than small batches' pickling.
+        payload = memoryview(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)).cast("B")
         n = len(payload)
         header = _LEN32.pack(n) if n <= 0x7FFFFFFF else _LEN32.pack(-1) + _LEN64.pack(n)
         queued = bool(self._outbuf)

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import ModelError
 from ..logs import configure_logging, worker_text_format
 from .backends import make_backend
-from .spec import Batch, WorkerSpec
+from .spec import Batch, Rows, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Conn
         start = 0
         for batch in batches:
             end = start + len(batch.lengths)
-            replies.append(("ok", batch.id, vectors[start:end]))
+            replies.append(("ok", batch.id, Rows(vectors[start:end])))
             start = end
     except Exception as exc:
         log.exception("batch %s failed", ",".join(str(b.id) for b in batches))

@@ -70,6 +70,36 @@ class Batch:
     # work does not stand in front of it (fair share, see router.py).
     priority: bool = False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Its arrays as raw bytes: pickling an ndarray the standard way cost ~5 µs each,
+        # about half of what sending one small batch cost the main process.
+        return (_batch, (self.id, self.ids.dtype.str, self.ids.tobytes(),
+                         self.lengths.dtype.str, self.lengths.tobytes(), self.priority))
+
+
+def _batch(batch_id: int, ids_type: str, ids: bytes, lengths_type: str, lengths: bytes,
+           priority: bool) -> Batch:
+    return Batch(batch_id, np.frombuffer(ids, ids_type), np.frombuffer(lengths, lengths_type),
+                 priority)
+
+
+class Rows:
+    """A worker's answer to a batch, [B, H], pickled as its raw bytes (see Batch); it
+    unpickles as a plain read-only ndarray."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        a = self.array
+        return (_rows, (a.dtype.str, a.shape, a.tobytes()))
+
+
+def _rows(dtype: str, shape: tuple[int, ...], data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype).reshape(shape)
+
 
 def right_pad(ids: np.ndarray, lengths: np.ndarray, pad_id: int,
               dtype: type = np.int64, width: int = 0) -> tuple[np.ndarray, np.ndarray]:
