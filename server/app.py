@@ -515,3 +515,30 @@ class EmbedServer:
         await asyncio.gather(self._stop_workers(), asyncio.to_thread(self.metrics.close))
 
 
+def reload_logged(server: EmbedServer) -> None:
+    """SIGHUP: reload() and say what came of it in the log."""
+    try:
+        done = server.reload()
+    except ValueError as exc:
+        log.error("SIGHUP: nothing reloaded, the current keys and certificates stay: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s", ", ".join(done) if done else "nothing (no "
+             "--api-keys-file and no TLS files to read again)")
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: every connection, worker pipe
+    and model file takes a descriptor, and a default soft limit of 1024 is reached by
+    connections alone long before the machine's own limits."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open files: soft limit raised from %d to %d", soft, target)
+        except (ValueError, OSError) as exc:
+            log.warning("open files: soft limit stays %d (%s)", soft, exc)

@@ -14,38 +14,10 @@ import signal
 
 from embedrpc import __version__
 
-from .app import EmbedServer
+from .app import EmbedServer, raise_fd_limit, reload_logged
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
-
-
-def _reload(server: EmbedServer) -> None:
-    try:
-        done = server.reload()
-    except ValueError as exc:
-        log.error("SIGHUP: nothing reloaded, the current keys and certificates stay: %s", exc)
-        return
-    log.info("SIGHUP: reloaded %s", ", ".join(done) if done else "nothing (no "
-             "--api-keys-file and no TLS files to read again)")
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft limit on open files to the hard one: every connection, worker pipe
-    and model file takes a descriptor, and a default soft limit of 1024 is reached by
-    connections alone long before the machine's own limits."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            log.info("open files: soft limit raised from %d to %d", soft, target)
-        except (ValueError, OSError) as exc:
-            log.warning("open files: soft limit stays %d (%s)", soft, exc)
 
 
 async def serve(config: ServeConfig) -> None:
@@ -83,7 +55,7 @@ async def serve(config: ServeConfig) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server)
+    loop.add_signal_handler(signal.SIGHUP, reload_logged, server)
     port = await server.start()
     log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, ",".join(server.names),
              config.network.host, port, server.security.describe())

@@ -38,7 +38,7 @@ from typing import Any
 
 from embedrpc import __version__
 
-from .app import EmbedServer, Layout
+from .app import EmbedServer, Layout, raise_fd_limit, reload_logged
 from .config import DebugHooks, ServeConfig
 from .devices import available_cores
 from .errors import ModelError
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("spawn")
 _MAX_BACKOFF_S = 5.0
+_MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes on Linux, the last one a NUL
 # Front ends given no --frontends: 1 on the CPU (its cores are the workers'); with GPUs,
 # one per 4 cores, at most 8 (the tokenizer and gRPC of ~8 processes keep an H200 busy
 # with short queries; see docs/performance.md).
@@ -89,14 +90,12 @@ def _tell(conn: Any, message: tuple[Any, ...]) -> None:
 
 async def _frontend(conn: Any, config: ServeConfig, layout: Layout,
                     hooks: DebugHooks) -> None:
-    from .signals import _reload, raise_fd_limit
-
     raise_fd_limit()
     server = EmbedServer(config, hooks=hooks, layout=layout)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, _reload, server)
+    loop.add_signal_handler(signal.SIGHUP, reload_logged, server)
 
     def parent_readable() -> None:  # the supervisor sends nothing: this is its end
         loop.remove_reader(conn.fileno())
@@ -356,11 +355,18 @@ async def supervise(config: ServeConfig, frontends: int, *,
                     stop: asyncio.Event | None = None) -> None:
     """Run the device workers and `frontends` front-end processes until `stop` is set
     (SIGTERM/SIGINT when None; a second signal stops at once)."""
-    from .signals import raise_fd_limit
-
     raise_fd_limit()
     hooks = hooks or DebugHooks()
-    sockets = tempfile.mkdtemp(prefix="embedrpc-")  # 0700: only this user connects
+    try:
+        sockets = tempfile.mkdtemp(prefix="embedrpc-")  # 0700: only this user connects
+    except OSError as exc:
+        raise ModelError(f"--frontends {frontends}: no writable temporary directory for "
+                         f"the workers' sockets ({exc}); set TMPDIR") from exc
+    if len(Layout("supervisor", sockets).socket_of(999).encode()) > _MAX_SOCKET_PATH:
+        shutil.rmtree(sockets, ignore_errors=True)
+        raise ModelError(f"--frontends {frontends}: the workers' socket paths under {sockets} "
+                         f"would be longer than a Unix socket allows ({_MAX_SOCKET_PATH} "
+                         "bytes); set TMPDIR to a shorter directory")
     try:
         await _supervise(config, frontends, hooks, sockets, stop)
     finally:

@@ -405,6 +405,20 @@ def test_sigterm_drains_every_front_end_and_exits_zero(fake_model_dir: Path) -> 
             wait_until(lambda c=child: not _running(c), 10)
 
 
+def test_a_killed_supervisor_leaves_nothing_behind(fake_model_dir: Path) -> None:
+    """SIGKILL to the supervisor: its front ends and workers exit by themselves (their
+    pipes to it close), and the port is free again."""
+    with serve(fake_model_dir, "--frontends", "2") as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        children = [*frontend_pids(server).values(), *server.worker_pids]
+        server.proc.kill()
+        server.proc.wait(10)
+        for child in children:
+            wait_until(lambda c=child: not _running(c), 30)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", server.port))
+
+
 def _running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -461,3 +475,20 @@ def test_default_front_ends(monkeypatch: pytest.MonkeyPatch, cores: int, want: i
     assert supervisor.frontends_for(ServeConfig.of(backend="fake"), ["cuda:0"]) == 1
     assert supervisor.frontends_for(ServeConfig.of(), ["cuda:0"]) == want
     assert supervisor.frontends_for(ServeConfig.of(frontends=3), ["cuda:0"]) == 3
+
+
+def test_socket_paths_too_long_for_unix_sockets_are_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import tempfile
+
+    from embedrpc.server.errors import ModelError
+    from embedrpc.server.supervisor import supervise
+
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    config = ServeConfig.of(model="demo", backend="fake", device="cpu", port=0)
+    with pytest.raises(ModelError, match=r"longer than a Unix socket allows .*set TMPDIR"):
+        asyncio.run(supervise(config, 2))
+    assert list(deep.iterdir()) == []  # its directory was removed
