@@ -56,6 +56,7 @@ RERANKER_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Reranker"].full_name
 # Info names precisions as the proto does ("float32", "float16", "bfloat16"); a prepared
 # graph records `embedrpc prepare --precision`'s names (fp32, fp16, bf16, int8).
 _PREPARED_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+GRPC_HANDSHAKE_TIMEOUT_MS = 10_000  # as the HTTP port's TLS handshakes
 
 
 def info_precision(precision: str) -> str:
@@ -381,6 +382,11 @@ class EmbedServer:
         options = [
             ("grpc.max_receive_message_length", cfg.limits.max_message_bytes),
             ("grpc.max_send_message_length", cfg.limits.max_message_bytes),
+            # Connections (idle ones too) hold descriptors: past the bound gRPC closes a
+            # new one at once, so the HTTP port and the workers' pipes keep theirs; a
+            # connection that has not finished its handshake after 10 s is dropped.
+            ("grpc.max_allowed_incoming_connections", cfg.network.max_grpc_connections),
+            ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_TIMEOUT_MS),
             # A second server on the same port fails loudly; several front ends of one
             # server share it (the kernel spreads connections over them).
             ("grpc.so_reuseport", 1 if self.layout is not None else 0),

@@ -248,6 +248,11 @@ class NetworkOptions:
                                       "--metrics-port")
     grace_seconds: float = option(10.0, help="on SIGTERM/SIGINT, time for in-flight calls "
                                   "to finish")
+    max_grpc_connections: int = option(4096, help="gRPC connections open at once (idle ones "
+                                       "included; per front end with --frontends); beyond "
+                                       "it a new connection is closed at once (the client "
+                                       "sees UNAVAILABLE and retries). Keep it well below "
+                                       "the process's file descriptor limit (ulimit -n)")
     max_http_connections: int = option(512, help="HTTP connections open at once (idle "
                                        "keep-alive ones included); beyond it a new connection "
                                        "is closed at once. Keep it well below the process's "
@@ -268,7 +273,7 @@ class NetworkOptions:
         if self.frontends is not None and self.frontends > MAX_FRONTENDS:
             raise ValueError(f"--frontends must be at most {MAX_FRONTENDS}")
         _at_least(self, 0, "grace_seconds")
-        _at_least(self, 1, "max_http_connections")
+        _at_least(self, 1, "max_http_connections", "max_grpc_connections")
         _at_least(self, 0.1, "http_idle_seconds")
 
 
