@@ -28,9 +28,10 @@ workers, front ends) at both ends of the measured window, the answers that arriv
 the window (requests/s, texts/s), p50/p99 latency, and for embedrpc the average texts
 per device batch (its Prometheus histogram embedrpc_batch_texts, sum / count, from
 --metrics-port; with several front ends the supervisor's embedrpc_device_batch_texts,
-what the workers ran with the front ends' batches merged). Then CPU µs per request and per text, and server / floor; for 32-text
-requests the floor is the no-op server plus Qwen's tokenizer alone on the same texts
-(one thread, encode_batch_fast in batches of 32), as the issue's table has it.
+what the workers ran with the front ends' batches merged). Then CPU µs per request and
+per text, and server / floor; for 32-text requests the floor is the no-op server plus
+Qwen's tokenizer alone on the same texts (one thread, encode_batch_fast in batches of
+32), as the issue's table has it.
 
 Setups are measured in rounds, each round every setup once in a rotating order (a burst
 of load from elsewhere on a shared machine hits all alike); figures are medians over

@@ -474,8 +474,9 @@ class EmbedServer:
                 self.http_port = await self.http.start(net.host, net.http_port,
                                                        tls=self._http_tls,
                                                        reuse_port=self.layout is not None)
-                log.info("HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
-                         "https" if tls else "http", net.host, self.http_port)
+                log.log(logging.DEBUG if self.layout else logging.INFO,  # the supervisor's
+                        "HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
+                        "https" if tls else "http", net.host, self.http_port)
         except OSError as exc:
             await self._stop_workers()
             raise ModelError(f"cannot listen for {what}: {exc}") from exc

@@ -361,6 +361,8 @@ class DebugHooks:
     fake_warmup_ms: float = 0.0  # the fake backend's start-up takes this long
     # The bucketed path of --cuda-graphs without capture, on any device (CPU tests).
     static_shapes: bool = False
+    # --frontends: a front end that answers no ping for this long is killed (restarted).
+    frontend_stall_s: float = 20.0
 
 
 GROUPS: dict[str, type] = {

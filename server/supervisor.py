@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -43,6 +44,7 @@ from .config import DebugHooks, ServeConfig
 from .devices import available_cores
 from .errors import ModelError
 from .logs import configure_logging, frontend_text_format
+from .worker.handle import exit_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,13 @@ def frontends_for(config: ServeConfig, devices: list[str]) -> int:
 def frontend_main(conn: Any, config: ServeConfig, layout: Layout, hooks: DebugHooks) -> None:
     """Entry point of a front-end process: a whole server whose workers are the
     supervisor's. Tells the supervisor ("bound", grpc, http, metrics ports) once it
-    listens, ("ready",) once it serves, or ("error", message)."""
+    listens, ("ready",) once it serves, or ("error", message); answers its ("ping", n)
+    with ("pong", n)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor drains it (SIGTERM)
+    # A SIGHUP passed on while it still starts must not end it (the default action):
+    # the loop's reload handler takes over once the server exists.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _tell(conn, ("hello",))  # SIGHUP may come now: it reads the keys after this anyway
     configure_logging(config.logging.log_level, config.logging.log_format,
                       text_format=frontend_text_format(layout.index))
     try:
@@ -94,21 +101,40 @@ async def _frontend(conn: Any, config: ServeConfig, layout: Layout,
     server = EmbedServer(config, hooks=hooks, layout=layout)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    orphaned = False
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_logged, server)
 
-    def parent_readable() -> None:  # the supervisor sends nothing: this is its end
-        loop.remove_reader(conn.fileno())
-        if not stop.is_set():
-            log.error("the supervisor is gone; stopping")
-            stop.set()
+    def parent_readable() -> None:
+        nonlocal orphaned
+        try:
+            while conn.poll(0):
+                kind, *rest = conn.recv()
+                if kind == "ping":
+                    _tell(conn, ("pong", *rest))
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            if not stop.is_set():
+                # Its workers ended with it: nothing in flight can finish. Fail it now
+                # rather than wait out the grace period; tidy the sockets' directory.
+                log.error("the supervisor is gone; stopping")
+                orphaned = True
+                shutil.rmtree(layout.sockets, ignore_errors=True)
+                stop.set()
 
     loop.add_reader(conn.fileno(), parent_readable)
     server.on_listening = lambda *ports: _tell(conn, ("bound", *ports))
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # asked to stop while it starts: start() undoes itself
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        return
+    starting.result()  # its error, if it could not start
     _tell(conn, ("ready",))
-    await stop.wait()
-    await server.stop()
+    await stopping
+    await server.stop(0.0 if orphaned else None)
 
 
 # -- the supervisor's view of one front end -----------------------------------------------
@@ -133,6 +159,14 @@ class FrontEnd:
         self._stopping = threading.Event()
         self._was_ready = False
         self._thread: threading.Thread | None = None
+        self._conn: Any = None  # the pipe to the live process
+        self.hup_safe = False  # it ignores SIGHUP until its reload handler is in place
+        self._pings = 0
+        self.answered = time.monotonic()  # when it last answered a ping (or started)
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
 
     def start(self, config: ServeConfig) -> None:
         self.config = config
@@ -144,6 +178,14 @@ class FrontEnd:
         """Ask it to drain and exit (SIGTERM); it is not restarted."""
         self._stopping.set()
         self.signal(signal.SIGTERM)
+
+    def ping(self) -> None:
+        """Ask the live process to answer (its event loop does, if it is not stuck)."""
+        conn = self._conn
+        if conn is not None:
+            self._pings += 1
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("ping", self._pings))
 
     def signal(self, signum: int) -> None:
         pid = self.pid
@@ -190,6 +232,8 @@ class FrontEnd:
         finally:
             child.close()
         self.pid = proc.pid
+        self.answered = time.monotonic()
+        self._conn = parent
         if self._stopping.is_set():  # terminate() came while it was being started
             self.signal(signal.SIGTERM)
         error = ""
@@ -210,8 +254,13 @@ class FrontEnd:
                     log.info("%s serving (pid %s)", self.name, proc.pid)
                 self._was_ready = True
                 self._post(_resolve, self.ready, None)
+            elif message[0] == "hello":
+                self.hup_safe = True
+            elif message[0] == "pong":
+                self.answered = time.monotonic()
             elif message[0] == "error":
                 error = message[1]
+        self._conn = None
         parent.close()
         proc.join(5.0)
         if proc.is_alive():
@@ -219,16 +268,20 @@ class FrontEnd:
             proc.join(1.0)
         self.alive = False
         self.metrics_port = None
+        self.pid = None  # no signal may reach another process that gets its pid
+        self.hup_safe = False
         if self._stopping.is_set():
             return "ended"
         if not self._was_ready:  # it never served: retrying will not change that
-            why = error or f"exited with code {proc.exitcode} before it was ready"
+            why = error or exit_reason(proc.exitcode)
             self._post(_fail, self.bound, ModelError(f"{self.name}: {why}"))
             self._post(_fail, self.ready, ModelError(f"{self.name}: {why}"))
             return "fatal"
         self.restarts += 1
-        log.warning("%s died (exit code %s%s); restarting", self.name, proc.exitcode,
-                    f": {error}" if error else "")
+        how = exit_reason(proc.exitcode).replace(" before it was ready", "")
+        log.warning("%s %s%s; restarting (restart %d)", self.name,
+                    how if how.startswith("exited") else f"died: {how}",
+                    f": {error}" if error else "", self.restarts)
         return "crashed"
 
 
@@ -245,107 +298,193 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 # -- metrics: the sum over the front ends ---------------------------------------------------
 
-# Series every front end reports alike (they describe the shared workers, or the build):
-# the largest, not the sum. The rest (calls, texts, tokens, batches, queues, the front
-# ends' own process figures) add up.
-_SAME_IN_EVERY_FRONTEND = {"embedrpc_workers_alive", "embedrpc_workers",
-                           "embedrpc_worker_restarts", "embedrpc_build"}
+# Series about the workers are the supervisor's own (it owns them; a front end sees only
+# its share of a merged batch, and the time its batches waited behind another's):
+_SUPERVISOR_SERIES = {"embedrpc_worker_busy_seconds", "embedrpc_inference_duration_seconds",
+                      "embedrpc_worker_restarts", "embedrpc_workers_alive", "embedrpc_workers"}
+# Series every front end reports alike: the largest, not the sum.
+_SAME_IN_EVERY_FRONTEND = {"embedrpc_build_info"}
 _SCRAPE_TIMEOUT_S = 2.0
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class _Seen:
+    """What was last read from one front end, and what its earlier processes counted."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.families: dict[str, tuple[str, str, str]] = {}  # name → (doc, type, unit)
+        self.values: dict[str, dict[_Key, float]] = {}
+        self.carried: dict[str, dict[_Key, float]] = {}  # counts of its dead processes
+
+
+def _monotonic(kind: str, sample: str) -> bool:
+    """A sample that only grows while its process lives (a counter, a histogram's
+    buckets, count and sum): summed across a front end's processes, so a restart does not
+    make the server's total go back."""
+    return kind in ("counter", "histogram", "summary") and not sample.endswith("_created")
 
 
 class FrontEndMetrics:
     """A Prometheus collector: every front end's /metrics (on loopback) read at scrape
-    time and summed series by series, plus the front ends' own state."""
+    time and added up series by series. A front end that cannot be read (restarting,
+    stuck) keeps its last counts, and a restarted one's counts add to its dead
+    predecessors': the totals never go back (their gauges count only while they answer)."""
 
     def __init__(self, frontends: list[FrontEnd]) -> None:
         self.frontends = frontends
+        self._seen = [_Seen() for _ in frontends]
+        self._lock = threading.Lock()  # scrapes may overlap
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            Metric,
-        )
+        from prometheus_client.core import Metric
+
+        with self._lock:
+            fresh = [self._read(f, seen) for f, seen in zip(self.frontends, self._seen,
+                                                              strict=True)]
+        merged: dict[str, Metric] = {}
+        totals: dict[str, dict[_Key, float]] = {}
+        for seen, answered in zip(self._seen, fresh, strict=True):
+            for name, (doc, kind, unit) in seen.families.items():
+                metric = merged.setdefault(name, Metric(name, doc, kind, unit))
+                series = totals.setdefault(name, {})
+                sources = [seen.values.get(name, {}) if answered else
+                           {k: v for k, v in seen.values.get(name, {}).items()
+                            if _monotonic(kind, k[0])},
+                           seen.carried.get(name, {})]
+                for values in sources:
+                    for key, value in values.items():
+                        series[key] = _combine(name, key[0], series.get(key), value)
+        for name, metric in merged.items():
+            for (sample, labels), value in totals[name].items():
+                metric.add_sample(sample, dict(labels), value)
+            yield metric
+
+    def _read(self, frontend: FrontEnd, seen: _Seen) -> bool:
+        """Read one front end into `seen`; False if it did not answer."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        merged: dict[str, Metric] = {}
-        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for frontend in self.frontends:
-            port = frontend.metrics_port
-            if port is None:
+        port, pid = frontend.metrics_port, frontend.pid
+        if port is None or pid is None:
+            return False
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                        timeout=_SCRAPE_TIMEOUT_S) as reply:
+                text = reply.read().decode("utf-8")
+        except OSError:
+            return False
+        if seen.pid is not None and seen.pid != pid:  # a new process: keep the old counts
+            for name, values in seen.values.items():
+                kind = seen.families[name][1]
+                carried = seen.carried.setdefault(name, {})
+                for key, value in values.items():
+                    if _monotonic(kind, key[0]):
+                        carried[key] = carried.get(key, 0.0) + value
+        seen.pid = pid
+        seen.values = {}
+        for family in text_string_to_metric_families(text):
+            if family.name in _SUPERVISOR_SERIES:
                 continue
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                            timeout=_SCRAPE_TIMEOUT_S) as reply:
-                    text = reply.read().decode("utf-8")
-            except OSError:
-                continue  # it is restarting: its figures are gone with it
-            for family in text_string_to_metric_families(text):
-                if family.name not in merged:
-                    merged[family.name] = Metric(family.name, family.documentation,
-                                                 family.type, family.unit)
-                    values[family.name] = {}
-                series = values[family.name]
-                largest = family.name in _SAME_IN_EVERY_FRONTEND or family.type == "info"
-                for sample in family.samples:
-                    key = (sample.name, tuple(sorted(sample.labels.items())))
-                    if key not in series:
-                        series[key] = sample.value
-                    elif sample.name.endswith("_created") or \
-                            sample.name == "process_start_time_seconds":
-                        series[key] = min(series[key], sample.value)
-                    elif largest or sample.name == "process_max_fds":
-                        series[key] = max(series[key], sample.value)
-                    else:
-                        series[key] += sample.value
-        for name, metric in merged.items():
-            for (sample_name, labels), value in values[name].items():
-                metric.add_sample(sample_name, dict(labels), value)
-            yield metric
-        alive = GaugeMetricFamily("embedrpc_frontends_alive", "Front-end processes "
-                                  "serving now.")
-        alive.add_metric([], sum(1 for f in self.frontends if f.alive))
-        yield alive
-        yield GaugeMetricFamily("embedrpc_frontends", "Front-end processes configured.",
-                                value=len(self.frontends))
-        restarts = CounterMetricFamily("embedrpc_frontend_restarts", "Times a front-end "
-                                       "process died and was restarted.", labels=["frontend"])
-        for f in self.frontends:
-            restarts.add_metric([f.name], f.restarts)
-        yield restarts
+            seen.families[family.name] = (family.documentation, family.type, family.unit)
+            seen.values[family.name] = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        return True
 
     def describe(self) -> list[Any]:
         return []  # collected only when scraped (no front end is asked at registration)
 
 
-class DeviceBatches:
-    """What the device workers ran for the front ends: texts per device batch, and the
-    batches that merged several front ends' batches (the workers report each run)."""
+def _combine(family: str, sample: str, have: float | None, value: float) -> float:
+    if have is None:
+        return value
+    if sample.endswith("_created") or sample == "process_start_time_seconds":
+        return min(have, value)
+    if family in _SAME_IN_EVERY_FRONTEND or sample == "process_max_fds":
+        return max(have, value)
+    return have + value
 
-    def __init__(self) -> None:
+
+class SupervisorMetrics:
+    """The supervisor's own series: the device workers (what they ran, for how long,
+    whether they are alive, their restarts) and the front ends."""
+
+    def __init__(self, models: list[Any], frontends: list[FrontEnd]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        from .metrics import BATCH_TEXT_BUCKETS
+        from .metrics import BATCH_TEXT_BUCKETS, LATENCY_BUCKETS
 
+        self.models = models
+        self.frontends = frontends
+        self.labelled = len(models) > 1
+        m = ["model"] if self.labelled else []
         self.registry = CollectorRegistry()
+        r = self.registry
         self.texts = Histogram("embedrpc_device_batch_texts", "Texts per batch a device "
-                               "worker ran (batches of several front ends merged).",
-                               buckets=BATCH_TEXT_BUCKETS, registry=self.registry)
+                               "worker ran (batches of several front ends merged).", m,
+                               buckets=BATCH_TEXT_BUCKETS, registry=r)
         self.merged = Counter("embedrpc_device_batches_merged", "Device batches that held "
-                              "the batches of several front ends.", registry=self.registry)
+                              "the batches of several front ends.", m, registry=r)
+        self.inference = Histogram("embedrpc_inference_duration_seconds", "Time a worker "
+                                   "spent on one batch.", m, buckets=LATENCY_BUCKETS,
+                                   registry=r)
+        self.busy = Counter("embedrpc_worker_busy_seconds", "Time each worker spent running "
+                            "batches.", ["worker", *m], registry=r)
+        for model in models:
+            for w in model.workers:
+                self._of(self.busy, w.name, model=model.name)  # every series from the start
+                w.on_ran = functools.partial(self.ran, w.name, model.name)
+        r.register(self)
 
-    def ran(self, batches: int, rows: int) -> None:
-        self.texts.observe(rows)
+    def _of(self, metric: Any, *labels: str, model: str) -> Any:
+        values = [*labels, model] if self.labelled else list(labels)
+        return metric.labels(*values) if values else metric
+
+    def ran(self, worker: str, model: str, batches: int, figures: tuple[int, float]) -> None:
+        rows, seconds = figures
+        self._of(self.texts, model=model).observe(rows)
         if batches > 1:
-            self.merged.inc()
+            self._of(self.merged, model=model).inc()
+        self._of(self.inference, model=model).observe(seconds)
+        self._of(self.busy, worker, model=model).inc(seconds)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = ["model"] if self.labelled else []
+        alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to "
+                                  "serve.", labels=m)
+        configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.",
+                                       labels=m)
+        restarts = CounterMetricFamily("embedrpc_worker_restarts", "Times a worker process "
+                                       "died and was restarted.", labels=["worker", *m])
+        for model in self.models:
+            label = [model.name] if self.labelled else []
+            alive.add_metric(label, sum(1 for w in model.workers if w.alive))
+            configured.add_metric(label, len(model.workers))
+            for w in model.workers:
+                restarts.add_metric([w.name, *label], w.restarts)
+        frontends_alive = GaugeMetricFamily("embedrpc_frontends_alive", "Front-end processes "
+                                            "serving now.")
+        frontends_alive.add_metric([], sum(1 for f in self.frontends if f.alive))
+        frontend_restarts = CounterMetricFamily("embedrpc_frontend_restarts", "Times a "
+                                                "front-end process died and was restarted.",
+                                                labels=["frontend"])
+        for f in self.frontends:
+            frontend_restarts.add_metric([f.name], f.restarts)
+        yield from (alive, configured, restarts, frontends_alive,
+                    GaugeMetricFamily("embedrpc_frontends", "Front-end processes "
+                                      "configured.", value=len(self.frontends)),
+                    frontend_restarts)
+
+    def describe(self) -> list[Any]:
+        return []
 
 
-def _serve_metrics(frontends: list[FrontEnd], device: DeviceBatches, host: str,
-                   port: int) -> tuple[Any, Any]:
+def _serve_metrics(own: SupervisorMetrics, host: str, port: int) -> tuple[Any, Any]:
     from prometheus_client import start_http_server
 
-    device.registry.register(FrontEndMetrics(frontends))
-    return start_http_server(port, host, registry=device.registry)
+    own.registry.register(FrontEndMetrics(own.frontends))
+    return start_http_server(port, host, registry=own.registry)
 
 
 # -- the supervisor ------------------------------------------------------------------------
@@ -387,17 +526,16 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         _handle_signals(loop, stop, config, frontends, server)
     for m in server.models:
         server._log_model(m)
-    device = DeviceBatches()
-    for w in server.workers:
-        w.on_ran = device.ran
+    own_metrics = SupervisorMetrics(server.models, frontends)
     ready = [w.start(loop) for w in server.workers]
     http: Any = None
     held: list[socket.socket] = []
+    watch: asyncio.Task[None] | None = None
     try:
         if net.metrics_port is not None:
             host = net.metrics_host or net.host
             try:
-                http = _serve_metrics(frontends, device, host, net.metrics_port)
+                http = _serve_metrics(own_metrics, host, net.metrics_port)
             except OSError as exc:
                 raise ModelError(f"cannot listen for metrics: {exc}") from exc
             log.info("metrics on http://%s:%d/metrics", host, http[0].server_port)
@@ -415,6 +553,9 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         shared = dataclasses.replace(config, network=dataclasses.replace(
             fe_net, port=port, http_port=http_port))
         frontends[0].config = shared  # a restart binds the same ports
+        if http_port is not None:
+            log.info("HTTP (OpenAI-compatible) on %s://%s:%d/v1/embeddings",
+                     "https" if server.security.tls else "http", net.host, http_port)
         for frontend in frontends[1:]:
             frontend.start(shared)
         infos = await _first(asyncio.wait_for(asyncio.gather(*ready), net.startup_timeout_s),
@@ -424,11 +565,15 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         await _first(asyncio.gather(*(f.ready for f in frontends)), ready, stop)
         log.info("embedrpc %s serving %s on %s:%d (%d front ends, %s)", __version__,
                  ",".join(server.names), net.host, port, n, server.security.describe())
+        watch = loop.create_task(_watch(frontends, hooks.frontend_stall_s))
         await stop.wait()
     except _Stopped:
         pass
     finally:
-        log.info("stopping: draining the front ends (grace %.0fs)", net.grace_seconds)
+        if watch is not None:
+            watch.cancel()
+        if any(f.started for f in frontends):
+            log.info("stopping: draining the front ends (grace %.0fs)", net.grace_seconds)
         for frontend in frontends:
             frontend.terminate()
         deadline = net.grace_seconds + 15.0
@@ -470,6 +615,26 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
     return held
 
 
+_PING_EVERY_S = 1.0
+
+
+async def _watch(frontends: list[FrontEnd], stall_s: float) -> None:
+    """Ping every front end; one serving that has not answered for `stall_s` (its event
+    loop is stuck, or it was stopped) is killed, so it is restarted: its connections are
+    closed and their clients reconnect to the others."""
+    while True:
+        await asyncio.sleep(_PING_EVERY_S)
+        now = time.monotonic()
+        for frontend in frontends:
+            if frontend.alive and now - frontend.answered > stall_s:
+                log.error("%s answered nothing for %.0f s (its event loop is stuck); killing "
+                          "it, it is restarted", frontend.name, now - frontend.answered)
+                frontend.alive = False
+                frontend.signal(signal.SIGKILL)
+            else:
+                frontend.ping()
+
+
 class _Stopped(Exception):
     """Asked to stop while starting."""
 
@@ -500,6 +665,13 @@ async def _first(what: Any, ready: list[asyncio.Future[Any]], stop: asyncio.Even
         for future in (task, stopping):
             if not future.done():
                 future.cancel()
+            future.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Its exception counts as seen (a result nobody waits for any more)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
@@ -524,7 +696,9 @@ def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
         stop.set()
 
     def on_hup() -> None:
-        live = [f for f in frontends if f.pid is not None]
+        # A front end still booting would die of it; one past "hello" reloads, or reads
+        # the files afresh as it starts.
+        live = [f for f in frontends if f.pid is not None and f.hup_safe]
         for frontend in live:
             frontend.signal(signal.SIGHUP)
         log.info("SIGHUP: passed on to %d front ends (each reloads and logs it)", len(live))

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import embedrpc
 from embedrpc.client import EmbedClient
 from embedrpc.server.config import ServeConfig
 from embedrpc.server.worker import process as worker_module
@@ -43,6 +44,7 @@ from .helpers import (
     DEMO_MAX_ABS,
     ServerProcess,
     cosines,
+    free_port,
     serve,
     start_server,
     wait_until,
@@ -272,8 +274,16 @@ def test_metrics_are_the_sum_over_front_ends(fake_model_dir: Path) -> None:
         m = metrics(server.metrics_port)
         assert m[("embedrpc_device_batches_merged_total", ())] > 0
         # Fewer device batches than the front ends' routers sent.
-        assert m[("embedrpc_device_batch_texts_count", ())] < \
-            m[("embedrpc_batch_texts_count", ())]
+        device_batches = m[("embedrpc_device_batch_texts_count", ())]
+        assert device_batches < m[("embedrpc_batch_texts_count", ())]
+        # The workers' own figures, once per device batch (not once per front end in a
+        # merged one): each batch takes the fake backend's 50 ms.
+        assert m[("embedrpc_inference_duration_seconds_count", ())] == device_batches
+        busy = sum(v for (name, _), v in m.items()
+                   if name == "embedrpc_worker_busy_seconds_total")
+        assert 0.05 * device_batches <= busy <= 2 * 0.05 * device_batches
+        assert m[("embedrpc_build_info", (("model", fake_model_dir.name),
+                                          ("version", embedrpc.__version__)))] == 1
 
 
 def load(target: str, stop: threading.Event, results: list[tuple[float, str]],
@@ -407,16 +417,128 @@ def test_sigterm_drains_every_front_end_and_exits_zero(fake_model_dir: Path) -> 
 
 def test_a_killed_supervisor_leaves_nothing_behind(fake_model_dir: Path) -> None:
     """SIGKILL to the supervisor: its front ends and workers exit by themselves (their
-    pipes to it close), and the port is free again."""
-    with serve(fake_model_dir, "--frontends", "2") as server:
+    pipes to it close), the calls they held fail at once (UNAVAILABLE, not after the
+    10 s grace: no worker is left to answer them), and the port is free again."""
+    with serve(fake_model_dir, "--frontends", "2", "--fake-delay-ms", "3000") as server:
         wait_until(lambda: len(frontend_pids(server)) == 2, 20)
         children = [*frontend_pids(server).values(), *server.worker_pids]
+        ended: list[tuple[float, str]] = []
+
+        def call(i: int) -> None:
+            with EmbedClient(server.target, options=OWN, retries=1, timeout=30) as client:
+                try:
+                    client.embed([f"held {i}"])
+                    ended.append((time.monotonic(), "OK"))
+                except grpc.RpcError as exc:
+                    ended.append((time.monotonic(), exc.code().name))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        killed = time.monotonic()
         server.proc.kill()
         server.proc.wait(10)
+        for t in threads:
+            t.join(30)
+        assert {code for _, code in ended} == {"UNAVAILABLE"}
+        assert max(t for t, _ in ended) - killed < 5.0
         for child in children:
             wait_until(lambda c=child: not _running(c), 30)
-        with socket.socket() as s:
+        with socket.socket() as s:  # as a server binds it (connections left in TIME_WAIT)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", server.port))
+            s.listen()
+
+
+def test_sighup_while_front_ends_start_kills_nothing(fake_model_dir: Path) -> None:
+    """SIGHUP every 50 ms from the launch on: every front end and worker comes up and
+    serves (a front end used to die of a SIGHUP passed on before its handler was set)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedrpc", "serve", "--model", str(fake_model_dir),
+         "--backend", "fake", "--device", "cpu", "--host", "127.0.0.1", "--port", "0",
+         "--frontends", "3"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    server = ServerProcess(proc)
+    try:
+        # From its first line on it has taken SIGHUP over (before: Python's start-up).
+        wait_until(lambda: bool(server.lines), 30)
+        while not server._ready.is_set():
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        server.wait_ready()
+        for _ in range(10):
+            proc.send_signal(signal.SIGHUP)
+            time.sleep(0.05)
+        with EmbedClient(server.target, options=OWN) as client:
+            assert client.embed(["after the SIGHUPs"]).shape == (1, HIDDEN)
+        time.sleep(0.5)
+        log = "".join(server.lines)
+        assert "died" not in log and "restarting" not in log and "Traceback" not in log, log
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_stuck_front_end_is_killed_and_restarted(fake_model_dir: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A front end that stops answering (SIGSTOP: as an event loop stuck in a call) is
+    found by the supervisor's pings, killed and restarted; the summed counters do not go
+    back meanwhile. The supervisor runs in this process (for a 2 s stall allowance)."""
+    import asyncio
+
+    from embedrpc.server.config import DebugHooks
+    from embedrpc.server.supervisor import supervise
+
+    port = free_port()
+    metrics_port = free_port()
+    config = ServeConfig.of(model=str(fake_model_dir), backend="fake", device="cpu",
+                            host="127.0.0.1", port=port, metrics_port=metrics_port)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    caplog.set_level("INFO", logger="embedrpc.server.supervisor")
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(
+        supervise(config, 2, hooks=DebugHooks(frontend_stall_s=2.0), stop=stop), loop)
+    target = f"127.0.0.1:{port}"
+
+    def pids() -> dict[str, int]:
+        found: dict[str, int] = {}
+        for record in caplog.records:
+            if m := FRONTEND.search(record.getMessage()):
+                found[m.group(1)] = int(m.group(2))
+        return found
+
+    def ok_total() -> float:
+        return metrics(metrics_port).get(
+            ("embedrpc_requests_total", (("code", "OK"),
+                                         ("method", "/embedrpc.v1.Embedder/Embed"))), 0.0)
+
+    try:
+        wait_until(lambda: len(pids()) == 2 and any(
+            "serving" in r.getMessage() and "front ends" in r.getMessage()
+            for r in caplog.records), 60)
+        for i in range(12):
+            with EmbedClient(target, options=OWN) as client:
+                client.embed([f"before {i}"])
+        before = ok_total()
+        assert before == 12
+        victim = pids()["frontend-1"]
+        os.kill(victim, signal.SIGSTOP)
+        assert ok_total() >= before  # a front end that does not answer keeps its counts
+        wait_until(lambda: any("frontend-1 answered nothing" in r.getMessage()
+                               for r in caplog.records), 20)
+        wait_until(lambda: pids().get("frontend-1") not in (None, victim), 30)
+        assert ok_total() >= before  # nor does a restarted one's predecessor lose them
+        for i in range(8):
+            with EmbedClient(target, options=OWN) as client:
+                assert client.embed([f"after {i}"]).shape == (1, HIDDEN)
+        wait_until(lambda: ok_total() == before + 8, 10)
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        running.result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def _running(pid: int) -> bool:

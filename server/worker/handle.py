@@ -76,9 +76,9 @@ class WorkerHandle:
         # Seconds per padded token measured on this worker (moving average); until a
         # batch is measured, a CPU's pessimistic figure.
         self._seconds_per_token = 0.01
-        # With several front ends (supervisor.py): called with (batches, rows) of each
-        # device batch the worker ran for them.
-        self.on_ran: Callable[[int, int], None] | None = None
+        # With several front ends (supervisor.py): called with (batches, (rows, seconds))
+        # of each device batch the worker ran for them.
+        self.on_ran: Callable[[int, Any], None] | None = None
 
     # -- loop side ---------------------------------------------------------
 
@@ -237,8 +237,11 @@ class WorkerHandle:
                     f"{self.name} died (exit code {exitcode})", ran=i == 0))
         if was_alive and not self._stopping.is_set():
             self.restarts += 1
-            log.warning("%s died (exit code %s) with %d batches; restarting",
-                        self.name, exitcode, len(lost))
+            if self.on_ran is not None:  # the front ends hold its batches, and retry them
+                log.warning("%s died (exit code %s); restarting", self.name, exitcode)
+            else:
+                log.warning("%s died (exit code %s) with %d batches; restarting",
+                            self.name, exitcode, len(lost))
         self._on_change()
 
     # -- threads -----------------------------------------------------------
@@ -288,7 +291,7 @@ class WorkerHandle:
                 # It said why it cannot load the model: retrying will not change that.
                 self._post(self._on_startup_error, first[1])
                 return "fatal"
-            why = first[1] if first is not None else _exit_reason(proc.exitcode)
+            why = first[1] if first is not None else exit_reason(proc.exitcode)
             self._post(self._on_start_crash, why)
             return "crashed"
         self._was_ready = True
@@ -332,7 +335,7 @@ def _reap(proc: Any) -> None:
         proc.join(1.0)
 
 
-def _exit_reason(exitcode: int | None) -> str:
+def exit_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name

@@ -7,8 +7,8 @@ WorkerHandle (handle.py). The contract with the main process is small:
                     (run in arrival order, priority batches before the others waiting)
     worker → main:  ("ready", info) | ("error", message)       once, after start-up
                     ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
-                    ("ran", batches, rows): with front ends connected, what each device
-                    batch held (how many front ends' batches, how many rows in all)
+                    ("ran", batches, (rows, seconds)): with front ends (spec.listen), what
+                    each device batch held (front ends' batches, rows) and took
 
 With `serve --frontends N` the worker also listens on a Unix socket (spec.listen): each
 front end connects, is told ("ready", info with the worker's pid), and sends batches and
@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -46,6 +47,9 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     # KeyboardInterrupt traceback, and be restarted during the shutdown.
     if threading.current_thread() is threading.main_thread():  # tests run it in a thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # SIGHUP (reload) is the server's: sent to the process group, it must not end
+        # a worker (its default action).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(spec.logging.log_level, spec.logging.log_format,
                       text_format=worker_text_format())
     try:
@@ -70,7 +74,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                 group = _take(waiting, spec.merge)
                 if group is None:
                     return
-                _run(backend, group, sources, waiting)
+                _run(backend, group, sources, waiting, listener is not None)
             except (EOFError, OSError):
                 return  # the main process is gone
             broken = getattr(backend, "broken", None)
@@ -174,9 +178,11 @@ def _take(waiting: deque[tuple[Connection, Batch | None]],
 
 
 def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Connection],
-         waiting: deque[tuple[Connection, Batch | None]]) -> None:
-    """Run the group as one batch; each of its batches is answered to its own sender."""
+         waiting: deque[tuple[Connection, Batch | None]], report: bool) -> None:
+    """Run the group as one batch; each of its batches is answered to its own sender.
+    `report`: tell the parent (with several front ends, the supervisor) what it ran."""
     batches = [batch for _, batch in group]
+    began = time.perf_counter()
     try:
         if len(batches) == 1:
             vectors = backend.embed(batches[0].ids, batches[0].lengths)
@@ -193,9 +199,8 @@ def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Conn
         log.exception("batch %s failed", ",".join(str(b.id) for b in batches))
         replies = [("fail", b.id, f"{type(exc).__name__}: {exc}") for b in batches]
     else:
-        if len(sources) > 1:
-            # Several front ends: the parent (the supervisor) counts what the device ran.
-            sources[0].send(("ran", len(batches), start))
+        if report:  # the device's own figures: batches merged, rows, seconds
+            sources[0].send(("ran", len(batches), (start, time.perf_counter() - began)))
     for (source, _), reply in zip(group, replies, strict=True):
         try:
             source.send(reply)

@@ -28,11 +28,16 @@ def add_serve_parser(sub: Any, config: ConfigFile | None = None) -> EnvParser:
 
 def run_serve(ns: argparse.Namespace) -> int:
     import asyncio
+    import signal
 
     from embedrpc.server.config import ServeConfig
     from embedrpc.server.errors import ModelError
     from embedrpc.server.logs import configure_logging
 
+    # A SIGHUP (reload) before the server can reload must not end it, nor the worker
+    # and front-end processes it starts meanwhile (they inherit the disposition).
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = config_from_namespace(ServeConfig, ns)
         configure_logging(config.logging.log_level, config.logging.log_format)
