@@ -246,6 +246,7 @@ class FrontEnd:
                 self.metrics_port = message[3]
                 self._post(_resolve, self.bound, tuple(message[1:]))
             elif message[0] == "ready":
+                self.answered = time.monotonic()
                 self.alive = True
                 if self._was_ready:
                     log.info("%s serving again (pid %s, restart %d)", self.name, proc.pid,
@@ -631,7 +632,7 @@ async def _watch(frontends: list[FrontEnd], stall_s: float) -> None:
                           "it, it is restarted", frontend.name, now - frontend.answered)
                 frontend.alive = False
                 frontend.signal(signal.SIGKILL)
-            else:
+            elif frontend.alive:  # a serving one reads its pipe: the pings never pile up
                 frontend.ping()
 
 
