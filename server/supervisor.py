@@ -605,7 +605,9 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
     for port in ports:
         lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            lock.bind(f"\0embedrpc-port-{port}")
+            # With the user id: SO_REUSEPORT lets only the same user share a port anyway,
+            # and another user must not be able to block this name.
+            lock.bind(f"\0embedrpc-{os.getuid()}-port-{port}")
         except OSError:
             lock.close()
             for other in held:

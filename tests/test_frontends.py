@@ -175,6 +175,30 @@ def test_batches_that_do_not_fit_together_run_apart(tmp_path: Path,
         assert backend.runs == [1, 2, len(rows_b)], why
 
 
+def test_the_batches_closest_in_length_are_merged_first(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's batch is 1 row of 10 tokens; B's 1 row of 14, C's 3 rows of 10 (overhead 10).
+    Taken in arrival order B would fit (28 ≤ 10 + 14 + 10) and then keep C out (70 > 68);
+    the closest in length first, C fits (40 ≤ 50) and B does not (70 > 64): 4 rows run."""
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 10)) as (backend, path):
+        a, b, c = connect(path), connect(path), connect(path)
+        a.send(batch(1, [[1]]))
+        assert backend.entered.wait(10)
+        a_rows, b_rows, c_rows = [[2] * 10], [[3] * 14], [[4] * 10, [5] * 7, [6] * 10]
+        a.send(batch(2, a_rows))
+        b.send(batch(3, b_rows))
+        c.send(batch(4, c_rows))
+        time.sleep(0.2)
+        backend.gate.set()
+        assert [a.recv()[:2], a.recv()[:2]] == [("ok", 1), ("ok", 2)]
+        reply_b, reply_c = b.recv(), c.recv()
+        assert backend.runs == [1, 4, 1]
+        np.testing.assert_array_equal(reply_b[2], alone(b_rows))
+        np.testing.assert_array_equal(reply_c[2], alone(c_rows))
+        for conn in (a, b, c):
+            conn.close()
+
+
 def test_a_front_end_that_goes_away_loses_only_its_own_batches(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):

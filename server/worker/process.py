@@ -163,11 +163,16 @@ def _take(waiting: deque[tuple[Connection, Batch | None]],
     rows, width = len(batch.lengths), int(batch.lengths.max())
     padded = rows * width
     seen = {id(source)}
-    for item in list(waiting):
+    candidates = []  # the oldest batch of each other front end: its order is kept
+    for item in waiting:
+        if item[1] is not None and id(item[0]) not in seen:
+            seen.add(id(item[0]))
+            candidates.append(item)
+    # The closest in length first: they add the least padding, so more of them fit.
+    candidates.sort(key=lambda item: abs(int(item[1].lengths.max()) - width))  # type: ignore[union-attr]
+    for item in candidates:
         other_source, other = item
-        if other is None or id(other_source) in seen:
-            continue
-        seen.add(id(other_source))  # only a front end's oldest: its order is kept
+        assert other is not None
         n, w = len(other.lengths), int(other.lengths.max())
         merged = (rows + n) * max(width, w)
         if rows + n <= max_rows and merged <= max_tokens and merged <= padded + n * w + overhead:
