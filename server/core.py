@@ -99,9 +99,12 @@ def client_of(keyed: bool, authorization: str | None, connection: str) -> str:
     required (`keyed`), else the connection (a client's channel, or a keep-alive HTTP
     connection). Without keys a key-like header names nothing: anyone could send a new
     one with every call."""
-    if keyed and authorization and authorization.startswith("Bearer "):
-        digest = hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
-        return f"key:{digest[:16]}"
+    if keyed and authorization:
+        # As the key check reads it: the scheme in any case, the key stripped.
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            key = token.strip().encode("utf-8", "surrogateescape")
+            return f"key:{hashlib.sha256(key).hexdigest()[:16]}"
     return connection
 
 

@@ -131,8 +131,11 @@ class ApiKeys:
             if scheme.lower() != "bearer" or not token.strip():
                 problem = BAD_SCHEME
                 continue
-            if self.matches(token.strip()):
-                return None
+            try:
+                if self.matches(token.strip()):
+                    return None
+            except UnicodeEncodeError:  # bytes no key has (HTTP hands them over escaped)
+                pass
             problem = INVALID_KEY
         return problem
 
@@ -141,6 +144,7 @@ class ApiKeys:
         header (`headers`: every one it sent) carries a valid key, once."""
         problem = self.check(headers)
         if problem is not None:
+            log.warning("refused an HTTP request: %s", problem)  # one a second at most
             raise Unauthenticated(HTTP_MESSAGES.get(problem, problem))
 
 
@@ -170,10 +174,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusal(handler, method, problem)
 
 
+def peer_host(peer: str) -> str:
+    """gRPC's peer ("ipv4:10.0.0.7:51234", "ipv6:[::1]:51234", "unix:...") without the
+    port."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in address:
+        return f"{kind}:{address.rsplit(':', 1)[0]}"
+    return peer
+
+
 def _refusal(handler: grpc.RpcMethodHandler, method: str,
              problem: str) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        log.warning("refused %s from %s: %s", method, context.peer(), problem)
+        # The peer's address without its port: a client refused on many connections
+        # writes one line a second (logs.RepeatFilter), not one per connection.
+        log.warning("refused %s from %s: %s", method, peer_host(context.peer()), problem)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
     # No request_deserializer: an unauthenticated message stays unparsed bytes.

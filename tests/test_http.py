@@ -447,6 +447,17 @@ def test_https_and_api_keys(fake_model_dir: Path, tmp_path: Path) -> None:
         assert reply.status == 401
         assert out["error"]["message"] == ("send the Authorization header once: a request "
                                            "carries one API key")
+        # Bytes that are not UTF-8 in the header: refused as a wrong key (401), not a 500.
+        raw = context.wrap_socket(socket.create_connection(("127.0.0.1", srv.http_port),
+                                                           timeout=10),
+                                  server_hostname="127.0.0.1")
+        body = b'{"input": "x"}'
+        raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    b"application/json\r\nAuthorization: Bearer \xff" + api_key.encode()
+                    + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        head = raw.recv(65536)
+        raw.close()
+        assert head.startswith(b"HTTP/1.1 401"), head[:200]
 
 
 def test_busy_http_port_stops_the_start_with_a_clear_error(fake_model_dir: Path) -> None:

@@ -299,6 +299,27 @@ def test_a_call_carries_one_key(key_server: str, values: list[str]) -> None:
     assert exc.value.details() == SEVERAL_KEYS  # type: ignore[attr-defined]
 
 
+def test_fair_share_names_a_key_however_its_scheme_is_spelled() -> None:
+    """The key check takes 'bearer' in any case; fair share must name the same client,
+    or a lowercase scheme would give every connection a queue of its own."""
+    from embedrpc.server.core import client_of
+
+    named = client_of(True, f"Bearer {KEY}", "ipv4:10.0.0.1:5000")
+    assert named.startswith("key:")
+    for spelled in (f"bearer {KEY}", f"BEARER {KEY}", f"  Bearer   {KEY} "):
+        assert client_of(True, spelled, "ipv4:10.0.0.2:6000") == named
+    assert client_of(False, f"Bearer {KEY}", "conn") == "conn"  # no keys: the connection
+    assert client_of(True, "Basic abc", "conn") == "conn"
+
+
+def test_refusals_are_logged_without_the_peer_port() -> None:
+    from embedrpc.server.security import peer_host
+
+    assert peer_host("ipv4:10.0.0.7:51234") == "ipv4:10.0.0.7"
+    assert peer_host("ipv6:[::1]:51234") == "ipv6:[::1]"
+    assert peer_host("unix:/tmp/x.sock") == "unix:/tmp/x.sock"
+
+
 @pytest.mark.parametrize("api_key", [KEY, *FILE_KEYS])
 def test_every_configured_key_opens_every_method(key_server: str, api_key: str) -> None:
     with EmbedClient(key_server, timeout=TIMEOUT, api_key=api_key) as client:
