@@ -391,6 +391,9 @@ class EmbedServer:
             # server share it (the kernel spreads connections over them).
             ("grpc.so_reuseport", 1 if self.layout is not None else 0),
         ]
+        check_fd_budget(cfg.network.max_grpc_connections,
+                        cfg.network.max_http_connections
+                        if cfg.network.http_port is not None else None)
         self.server = grpc.aio.server(
             options=options, interceptors=[ObservingInterceptor(self.metrics, self._model_of),
                                            *self.security.interceptors()])
@@ -549,3 +552,25 @@ def raise_fd_limit() -> None:
             log.info("open files: soft limit raised from %d to %d", soft, target)
         except (ValueError, OSError) as exc:
             log.warning("open files: soft limit stays %d (%s)", soft, exc)
+
+
+# Descriptors the server needs beside its connections: worker pipes, model files, logs,
+# the metrics port, front ends' sockets.
+FD_RESERVE = 256
+
+
+def check_fd_budget(max_grpc: int, max_http: int | None) -> None:
+    """Warn when the connection bounds could use more descriptors than the process may
+    open: past that, new connections, worker pipes and files all fail alike."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_grpc + (max_http or 0) + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and need > soft:
+        log.warning("open files: the limit is %d, below what --max-grpc-connections %d%s "
+                    "may take with %d to spare for workers and files; raise `ulimit -n` or "
+                    "lower the bounds", soft, max_grpc,
+                    f" and --max-http-connections {max_http}" if max_http else "",
+                    FD_RESERVE)

@@ -605,8 +605,9 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
     for port in ports:
         lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            # With the user id: SO_REUSEPORT lets only the same user share a port anyway,
-            # and another user must not be able to block this name.
+            # With the user id: SO_REUSEPORT lets only the same user share a port anyway.
+            # (Abstract names have no permissions: another local user who takes this one
+            # first keeps the server from starting; docs/security.md says so.)
             lock.bind(f"\0embedrpc-{os.getuid()}-port-{port}")
         except OSError:
             lock.close()

@@ -66,3 +66,24 @@ def test_the_bound_is_at_least_one() -> None:
 
     with pytest.raises(ValueError, match="--max-grpc-connections must be at least 1"):
         ServeConfig.of(max_grpc_connections=0)
+
+
+def test_bounds_beyond_the_descriptor_limit_are_warned_about(
+        fake_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no limit on open files here")
+    with caplog.at_level("WARNING", logger="embedrpc.server.app"), \
+            running_server(model=str(fake_model_dir), backend="fake", workers=1,
+                           max_grpc_connections=soft):  # + the reserve: over the limit
+        pass
+    assert any(f"open files: the limit is {soft}" in r.getMessage()
+               and "--max-grpc-connections" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="embedrpc.server.app"), \
+            running_server(model=str(fake_model_dir), backend="fake", workers=1,
+                           max_grpc_connections=max(1, soft - 300)):  # fits
+        pass
+    assert not any("open files: the limit" in r.getMessage() for r in caplog.records)

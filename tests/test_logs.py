@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -347,3 +348,32 @@ def test_serve_with_json_logs_from_a_config_file(tmp_path: Path) -> None:
     [embed] = [r for r in records if r["message"].startswith("embed inputs=1")]
     assert embed["request_id"] == "cli-1" and embed["level"] == "DEBUG"
     assert any(r["message"] == "stopped" for r in records)
+
+
+def test_grpc_core_does_not_log_each_failed_tls_handshake(fake_model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """50 plaintext connections to a TLS gRPC port: gRPC core's own INFO line per failed
+    handshake (which bypasses the repeat filter) is not written; GRPC_VERBOSITY=ERROR is
+    serve's default."""
+    import socket
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from .helpers import certificate, pem, server_log, start_server, write_key
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "cert.pem").write_bytes(pem(certificate("localhost", key, None, key)))
+    write_key(tmp_path / "key.pem", key)
+    proc, target = start_server("--model", str(fake_model_dir), "--backend", "fake",
+                                "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+                                str(tmp_path / "key.pem"))
+    try:
+        port = int(target.rsplit(":", 1)[1])
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GARBAGE\r\n\r\n")
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    log = server_log(proc)
+    assert "Handshake failed" not in log, log[-2000:]

@@ -28,12 +28,17 @@ def add_serve_parser(sub: Any, config: ConfigFile | None = None) -> EnvParser:
 
 def run_serve(ns: argparse.Namespace) -> int:
     import asyncio
+    import os
     import signal
 
     from embedrpc.server.config import ServeConfig
     from embedrpc.server.errors import ModelError
     from embedrpc.server.logs import configure_logging
 
+    # gRPC core's own log lines (one per failed TLS handshake, per GOAWAY, ...) bypass the
+    # server's logging and its once-a-second repeat filter: only its errors, unless the
+    # operator asks for more (GRPC_VERBOSITY=INFO/DEBUG).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # A SIGHUP (reload) before the server can reload must not end it, nor the worker
     # and front-end processes it starts meanwhile (they inherit the disposition).
     if hasattr(signal, "SIGHUP"):
