@@ -11,6 +11,7 @@ RSS back within 128 MiB of where it was; TRUNCATE_NONE refuses at once.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 
 from embedrpc.client import EmbedClient
 
-from .helpers import server_log, start_server, write_model_dir
+from .helpers import ServerProcess, start_server, write_model_dir
 
 MIB = 1 << 20
 MESSAGE_LIMIT = 64 * MIB  # --max-message-bytes' default
@@ -65,17 +66,22 @@ def test_the_largest_text_the_limits_allow_costs_bounded_memory(tmp_path: Path) 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_serve_raises_its_soft_limit_on_open_files() -> None:
     # Started with a soft limit of 256 (hard 4096): connections alone would exhaust it.
-    import resource
-
-    def low_soft_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096))
-
-    proc, _ = start_server("--model", "demo", preexec_fn=low_soft_limit)
+    # The limit is set by a launcher that then execs `embedrpc serve` (not preexec_fn: a
+    # fork of this test process, whose gRPC threads are running, could crash before the
+    # exec, and once did).
+    launcher = ("import os, resource, sys; "
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'embedrpc', *sys.argv[1:]])")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "serve", "--model", "demo",
+                             "--host", "127.0.0.1", "--port", "0", "--device", "cpu"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    server = ServerProcess(proc)
     try:
+        server.wait_ready()
         with open(f"/proc/{proc.pid}/limits", encoding="ascii") as f:
             line = next(x for x in f if x.startswith("Max open files"))
         assert line.split()[3:5] == ["4096", "4096"], line
     finally:
         proc.kill()
         proc.wait()
-    assert "soft limit raised from 256 to 4096" in server_log(proc)
+    assert any("soft limit raised from 256 to 4096" in x for x in server.lines), server.lines
