@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import signal
 import ssl
 from pathlib import Path
 from typing import Any
@@ -574,3 +576,23 @@ def check_fd_budget(max_grpc: int, max_http: int | None) -> None:
                     "lower the bounds", soft, max_grpc,
                     f" and --max-http-connections {max_http}" if max_http else "",
                     FD_RESERVE)
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, grace: float,
+                    at_once: Any = lambda: None) -> None:
+    """SIGTERM or SIGINT sets `stop` (the caller drains, within `grace` seconds); a second
+    one calls `at_once` (kill what must not outlive the process) and exits with code 1."""
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            log.warning("second signal: stopping now")
+            at_once()
+            os._exit(1)
+        log.info("%s: shutting down (grace %.0fs)", signal.Signals(signum).name, grace)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

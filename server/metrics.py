@@ -134,6 +134,26 @@ class _LabelledBulkHistogram:
     describe = collect
 
 
+def worker_families(labelled: bool,
+                    workers: dict[str, Sequence[Any]]) -> tuple[Metric, ...]:
+    """Workers alive, configured and restarted, by model (`workers`: model → its
+    workers; a `model` label when `labelled`)."""
+    m = ["model"] if labelled else []
+    alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to serve.",
+                              labels=m)
+    configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.",
+                                   labels=m)
+    restarts = CounterMetricFamily("embedrpc_worker_restarts", "Times a worker process "
+                                   "died and was restarted.", labels=["worker", *m])
+    for model, its in workers.items():
+        label = [model] if labelled else []
+        alive.add_metric(label, sum(1 for w in its if w.alive))
+        configured.add_metric(label, len(its))
+        for w in its:
+            restarts.add_metric([w.name, *label], w.restarts)
+    return alive, configured, restarts
+
+
 class _StateCollector:
     """Queue depth, workers alive and worker restarts, read when Prometheus scrapes."""
 
@@ -148,21 +168,14 @@ class _StateCollector:
                                   labels=m)
         tokens = GaugeMetricFamily("embedrpc_queue_tokens", "Tokens of the texts waiting "
                                    "in the queue.", labels=m)
-        alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to "
-                                  "serve.", labels=m)
-        configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.",
-                                       labels=m)
-        restarts = CounterMetricFamily("embedrpc_worker_restarts", "Times a worker process "
-                                       "died and was restarted.", labels=["worker", *m])
-        for model, (router, workers) in (self.watched or {"": (None, ())}).items():
+        watched = self.watched or {"": (None, ())}
+        for model, (router, _) in watched.items():
             label = [model] if self.labelled else []
             texts.add_metric(label, getattr(router, "queued_entries", 0) if router else 0)
             tokens.add_metric(label, router.queued_tokens if router else 0)
-            alive.add_metric(label, sum(1 for w in workers if w.alive))
-            configured.add_metric(label, len(workers))
-            for w in workers:
-                restarts.add_metric([w.name, *label], w.restarts)
-        yield from (texts, tokens, alive, configured, restarts)
+        yield from (texts, tokens)
+        yield from worker_families(self.labelled, {model: workers for model, (_, workers)
+                                                   in watched.items()})
 
     describe = collect
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 
 from embedrpc import __version__
 
-from .app import EmbedServer, raise_fd_limit, reload_logged
+from .app import EmbedServer, raise_fd_limit, reload_logged, stop_on_signals
 from .config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -41,20 +40,7 @@ async def serve(config: ServeConfig) -> None:
     server = EmbedServer(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.warning("second signal: stopping now")
-            os._exit(1)
-        log.info("%s: shutting down (grace %.0fs)", signal.Signals(signum).name,
-                 config.network.grace_seconds)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop_on_signals(loop, stop, config.network.grace_seconds)
     loop.add_signal_handler(signal.SIGHUP, reload_logged, server)
     port = await server.start()
     log.info("embedrpc %s serving %s on %s:%d (%s)", __version__, ",".join(server.names),

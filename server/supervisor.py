@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -39,16 +38,16 @@ from typing import Any
 
 from embedrpc import __version__
 
-from .app import EmbedServer, Layout, raise_fd_limit, reload_logged
+from .app import EmbedServer, Layout, raise_fd_limit, reload_logged, stop_on_signals
 from .config import DebugHooks, ServeConfig
 from .devices import available_cores
 from .errors import ModelError
 from .logs import configure_logging, frontend_text_format
-from .worker.handle import exit_reason
+from .metrics import BATCH_TEXT_BUCKETS, LATENCY_BUCKETS, worker_families
+from .worker.handle import exit_reason, spawn
 
 log = logging.getLogger(__name__)
 
-_CTX = mp.get_context("spawn")
 _MAX_BACKOFF_S = 5.0
 _MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes on Linux, the last one a NUL
 # Front ends given no --frontends: 1 on the CPU (its cores are the workers'); with GPUs,
@@ -72,8 +71,8 @@ def frontends_for(config: ServeConfig, devices: list[str]) -> int:
 def frontend_main(conn: Any, config: ServeConfig, layout: Layout, hooks: DebugHooks) -> None:
     """Entry point of a front-end process: a whole server whose workers are the
     supervisor's. Tells the supervisor ("bound", grpc, http, metrics ports) once it
-    listens, ("ready",) once it serves, or ("error", message); answers its ("ping", n)
-    with ("pong", n)."""
+    listens, ("ready",) once it serves, or ("error", message); answers its ("ping",)
+    with ("pong",)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor drains it (SIGTERM)
     # A SIGHUP passed on while it still starts must not end it (the default action):
     # the loop's reload handler takes over once the server exists.
@@ -109,9 +108,8 @@ async def _frontend(conn: Any, config: ServeConfig, layout: Layout,
         nonlocal orphaned
         try:
             while conn.poll(0):
-                kind, *rest = conn.recv()
-                if kind == "ping":
-                    _tell(conn, ("pong", *rest))
+                if conn.recv()[0] == "ping":
+                    _tell(conn, ("pong",))
         except (EOFError, OSError):
             loop.remove_reader(conn.fileno())
             if not stop.is_set():
@@ -161,7 +159,6 @@ class FrontEnd:
         self._thread: threading.Thread | None = None
         self._conn: Any = None  # the pipe to the live process
         self.hup_safe = False  # it ignores SIGHUP until its reload handler is in place
-        self._pings = 0
         self.answered = time.monotonic()  # when it last answered a ping (or started)
 
     @property
@@ -183,9 +180,8 @@ class FrontEnd:
         """Ask the live process to answer (its event loop does, if it is not stuck)."""
         conn = self._conn
         if conn is not None:
-            self._pings += 1
             with contextlib.suppress(OSError, ValueError):
-                conn.send(("ping", self._pings))
+                conn.send(("ping",))
 
     def signal(self, signum: int) -> None:
         pid = self.pid
@@ -220,17 +216,8 @@ class FrontEnd:
             self._stopping.wait(min(0.05 * 2**failures, _MAX_BACKOFF_S))
 
     def _run_process(self) -> str:
-        parent, child = _CTX.Pipe(duplex=True)
-        try:
-            proc = _CTX.Process(target=frontend_main,
-                                args=(child, self.config, self.layout, self.hooks),
-                                name=f"embedrpc-{self.name}", daemon=True)
-            proc.start()
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
+        proc, parent = spawn(frontend_main, (self.config, self.layout, self.hooks),
+                             f"embedrpc-{self.name}")
         self.pid = proc.pid
         self.answered = time.monotonic()
         self._conn = parent
@@ -412,8 +399,6 @@ class SupervisorMetrics:
     def __init__(self, models: list[Any], frontends: list[FrontEnd]) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        from .metrics import BATCH_TEXT_BUCKETS, LATENCY_BUCKETS
-
         self.models = models
         self.frontends = frontends
         self.labelled = len(models) > 1
@@ -451,19 +436,7 @@ class SupervisorMetrics:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        m = ["model"] if self.labelled else []
-        alive = GaugeMetricFamily("embedrpc_workers_alive", "Worker processes ready to "
-                                  "serve.", labels=m)
-        configured = GaugeMetricFamily("embedrpc_workers", "Worker processes configured.",
-                                       labels=m)
-        restarts = CounterMetricFamily("embedrpc_worker_restarts", "Times a worker process "
-                                       "died and was restarted.", labels=["worker", *m])
-        for model in self.models:
-            label = [model.name] if self.labelled else []
-            alive.add_metric(label, sum(1 for w in model.workers if w.alive))
-            configured.add_metric(label, len(model.workers))
-            for w in model.workers:
-                restarts.add_metric([w.name, *label], w.restarts)
+        yield from worker_families(self.labelled, {m.name: m.workers for m in self.models})
         frontends_alive = GaugeMetricFamily("embedrpc_frontends_alive", "Front-end processes "
                                             "serving now.")
         frontends_alive.add_metric([], sum(1 for f in self.frontends if f.alive))
@@ -472,7 +445,7 @@ class SupervisorMetrics:
                                                 labels=["frontend"])
         for f in self.frontends:
             frontend_restarts.add_metric([f.name], f.restarts)
-        yield from (alive, configured, restarts, frontends_alive,
+        yield from (frontends_alive,
                     GaugeMetricFamily("embedrpc_frontends", "Front-end processes "
                                       "configured.", value=len(self.frontends)),
                     frontend_restarts)
@@ -681,23 +654,13 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
 def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
                     config: ServeConfig, frontends: list[FrontEnd],
                     server: EmbedServer) -> None:
-    signals = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            log.warning("second signal: stopping now")
-            for frontend in frontends:
-                frontend.signal(signal.SIGKILL)
-            for w in server.workers:
-                if w.pid is not None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(w.pid, signal.SIGKILL)
-            os._exit(1)
-        log.info("%s: shutting down (grace %.0fs)", signal.Signals(signum).name,
-                 config.network.grace_seconds)
-        stop.set()
+    def kill_children() -> None:
+        for frontend in frontends:
+            frontend.signal(signal.SIGKILL)
+        for w in server.workers:
+            if w.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
 
     def on_hup() -> None:
         # A front end still booting would die of it; one past "hello" reloads, or reads
@@ -707,6 +670,5 @@ def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
             frontend.signal(signal.SIGHUP)
         log.info("SIGHUP: passed on to %d front ends (each reloads and logs it)", len(live))
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop_on_signals(loop, stop, config.network.grace_seconds, kill_children)
     loop.add_signal_handler(signal.SIGHUP, on_hup)

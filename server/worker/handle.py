@@ -142,11 +142,21 @@ class WorkerHandle:
         await asyncio.to_thread(self._join, timeout)
         self._alive = False
         self._close_channel()
-        lost = list(self._inflight.values())
+        self._fail_in_flight(f"{self.name} stopped", ran_first=False)
+
+    def _fail_in_flight(self, why: str, *, ran_first: bool = True) -> int:
+        """Fail every batch in flight with WorkerCrashed (the router retries them); only
+        the first, the one the worker was running, with `ran` (`ran_first`). Returns how
+        many there were."""
+        lost = list(self._inflight.values())  # in the order the worker runs them
         self._inflight.clear()
-        for future in lost:
+        self._tokens.clear()
+        self._priority.clear()
+        self._oldest = None
+        for i, future in enumerate(lost):
             if not future.done():
-                future.set_exception(WorkerCrashed(f"{self.name} stopped", ran=False))
+                future.set_exception(WorkerCrashed(why, ran=ran_first and i == 0))
+        return len(lost)
 
     def _join(self, timeout: float) -> None:
         proc = self._proc
@@ -226,22 +236,14 @@ class WorkerHandle:
             self._channel.read_available()
             self._close_channel()
         was_alive, self._alive = self._alive, False
-        lost = list(self._inflight.values())  # in the order the worker runs them
-        self._inflight.clear()
-        self._tokens.clear()
-        self._priority.clear()
-        self._oldest = None
-        for i, future in enumerate(lost):
-            if not future.done():
-                future.set_exception(WorkerCrashed(
-                    f"{self.name} died (exit code {exitcode})", ran=i == 0))
+        lost = self._fail_in_flight(f"{self.name} died (exit code {exitcode})")
         if was_alive and not self._stopping.is_set():
             self.restarts += 1
             if self.on_ran is not None:  # the front ends hold its batches, and retry them
                 log.warning("%s died (exit code %s); restarting", self.name, exitcode)
             else:
                 log.warning("%s died (exit code %s) with %d batches; restarting",
-                            self.name, exitcode, len(lost))
+                            self.name, exitcode, lost)
         self._on_change()
 
     # -- threads -----------------------------------------------------------
@@ -267,16 +269,7 @@ class WorkerHandle:
     def _run_process(self) -> str:
         """One worker process from start to end: "fatal" (it cannot load the model, at the
         first start), "crashed" (it died before it was ready) or "ended"."""
-        parent, child = _CTX.Pipe(duplex=True)
-        try:
-            proc = _CTX.Process(target=worker_main, args=(child, self.spec),
-                                name=f"embedrpc-{self.name}", daemon=True)
-            proc.start()
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
+        proc, parent = spawn(worker_main, (self.spec,), f"embedrpc-{self.name}")
         self._proc = proc
         try:
             first = parent.recv()
@@ -326,6 +319,21 @@ class WorkerHandle:
         """How long a batch of `tokens` padded tokens may take: --worker-stall-seconds
         plus ten times what this worker has taken per token so far."""
         return self.spec.options.worker_stall_seconds + 10 * self._seconds_per_token * tokens
+
+
+def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> tuple[Any, Any]:
+    """Start `target(child_end, *args)` in a `spawn` process: (process, parent end of a
+    duplex pipe to it). The child end is closed here once the process has it."""
+    parent, child = _CTX.Pipe(duplex=True)
+    try:
+        proc = _CTX.Process(target=target, args=(child, *args), name=name, daemon=True)
+        proc.start()
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return proc, parent
 
 
 def _reap(proc: Any) -> None:

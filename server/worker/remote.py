@@ -30,7 +30,7 @@ from typing import Any
 
 from ..errors import WorkerFailed
 from .channel import Channel
-from .handle import WorkerCrashed, WorkerHandle
+from .handle import WorkerHandle
 from .spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ class RemoteWorker(WorkerHandle):
         self._hello = False  # the connection is open and its ("ready", info) not read yet
         self._killed = False  # this connection's worker was killed for a stall
         self._task: asyncio.Task[None] | None = None
-        self._lost_once = False  # it was connected once (later losses are logged)
 
     @property
     def pid(self) -> int | None:
@@ -112,7 +111,7 @@ class RemoteWorker(WorkerHandle):
         self._alive = True
         if self._ready is not None and not self._ready.done():
             self._ready.set_result(info)
-        elif self._lost_once:
+        else:  # connected before: the worker was restarted
             log.info("%s connected again (pid %s)", self.name, self._pid)
         self._on_change()
 
@@ -129,22 +128,10 @@ class RemoteWorker(WorkerHandle):
     def _lost(self, was_alive: bool) -> None:
         lost = self._fail_in_flight(f"{self.name} died")
         if was_alive:
-            self._lost_once = True
             self.restarts += 1
             log.warning("%s: connection lost with %d batches in flight (the worker died?); "
                         "they are retried, reconnecting", self.name, lost)
         self._on_change()
-
-    def _fail_in_flight(self, why: str) -> int:
-        lost = list(self._inflight.values())  # in the order the worker runs them
-        self._inflight.clear()
-        self._tokens.clear()
-        self._priority.clear()
-        self._oldest = None
-        for i, future in enumerate(lost):
-            if not future.done():
-                future.set_exception(WorkerCrashed(why, ran=i == 0))
-        return len(lost)
 
     def _watch_stall(self) -> None:
         stalled = self._stalled_for()
