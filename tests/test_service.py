@@ -329,3 +329,24 @@ def test_health_follows_worker_liveness(fake_model_dir, caplog: pytest.LogCaptur
         # The log says the new process is up, with its pid (for an operator's kill -9).
         assert f"worker-cpu-0 ready again (pid {server.workers[0].pid}, restart 1)" \
             in caplog.text
+
+
+def test_fake_vector_is_its_documented_formula() -> None:
+    """The fake backend's vector, which the tests here expect: the CRC-32 of the ids
+    (int32, little-endian) picks four rows of a table of standard normal draws
+    (default_rng(20240605), [256, hidden], float32) by its bytes, lowest first, weighted
+    1, 1/2, 1/4, 1/8; a batch gives each row the vector it has alone."""
+    import zlib
+
+    from embedrpc.server.worker.backends import fake_vectors
+
+    table = np.random.default_rng(20240605).standard_normal((256, HIDDEN)).astype(np.float32)
+    rows = [np.array(r, dtype=np.int32) for r in ([1, 2, 3], [151643], list(range(500)))]
+    for ids in rows:
+        crc = zlib.crc32(ids.astype("<i4").tobytes())
+        want = sum(table[(crc >> (8 * k)) & 0xFF].astype(np.float64) / 2**k for k in range(4))
+        np.testing.assert_allclose(fake_vector(ids, HIDDEN), want, rtol=1e-6, atol=1e-6)
+    batch = fake_vectors(np.concatenate(rows), np.array([len(r) for r in rows], np.int32),
+                         HIDDEN)
+    np.testing.assert_array_equal(batch, np.stack([fake_vector(r, HIDDEN) for r in rows]))
+    assert not np.allclose(fake_vector(rows[0], HIDDEN), fake_vector(rows[0][::-1], HIDDEN))
