@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import select
 import signal
 import socket
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -65,12 +67,12 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         return
     info = backend.describe()
     conn.send(("ready", info))
-    sources: list[Connection] = [conn]  # the parent's pipe, then each front end's socket
+    sources = _Sources(conn, listener)
     waiting: deque[tuple[Connection, Batch | None]] = deque()  # received, not yet run
     try:
         while True:
             try:
-                _receive(conn, listener, sources, waiting, info)
+                _receive(sources, waiting, info)
                 group = _take(waiting, spec.merge)
                 if group is None:
                     return
@@ -98,49 +100,91 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _receive(conn: Connection, listener: socket.socket | None, sources: list[Connection],
-             waiting: deque[tuple[Connection, Batch | None]], info: dict[str, Any]) -> None:
+class _Sources:
+    """What the worker reads: the parent's pipe (first), each front end's socket, and the
+    listener they connect to, watched by one poll object (multiprocessing's wait() builds
+    a selector per call, which cost more than a small batch's run)."""
+
+    def __init__(self, parent: Connection, listener: socket.socket | None) -> None:
+        self.conns: list[Connection] = []
+        self.listener = listener
+        self._poll = select.poll()
+        self._by_fd: dict[int, Any] = {}
+        self.add(parent)
+        if listener is not None:
+            self._watch(listener)
+
+    @property
+    def parent(self) -> Connection:
+        return self.conns[0]
+
+    def _watch(self, source: Any) -> None:
+        fd = source.fileno()
+        self._by_fd[fd] = source
+        self._poll.register(fd, select.POLLIN)
+
+    def add(self, conn: Connection) -> None:
+        self.conns.append(conn)
+        self._watch(conn)
+
+    def remove(self, conn: Connection) -> None:
+        """Stop watching `conn` (before it is closed)."""
+        if conn in self.conns:
+            self.conns.remove(conn)
+            fd = conn.fileno()
+            self._poll.unregister(fd)
+            del self._by_fd[fd]
+
+    def ready(self, block: bool) -> list[Any]:
+        """The sources with something to read (or a hang-up), waiting for one if `block`."""
+        return [self._by_fd[fd] for fd, _ in self._poll.poll(None if block else 0)
+                if fd in self._by_fd]
+
+
+def _receive(sources: _Sources, waiting: deque[tuple[Connection, Batch | None]],
+             info: dict[str, Any]) -> None:
     """Everything that has arrived, from every source (waiting for something when nothing
     waits yet); new front ends are accepted and told the worker's info. EOFError: the
     parent's pipe closed. A front end that closed its socket is dropped, and its batches
     with it (nobody is left to answer)."""
-    while True:
-        watched: list[Any] = [*sources, listener] if listener is not None else sources
-        ready = wait(watched, None if not waiting else 0)
-        if not ready:
-            return
+    while ready := sources.ready(block=not waiting):
         for source in ready:
-            if source is listener:
-                _accept(listener, sources, info)
+            if source is sources.listener:
+                _accept(source, sources, info)
+                continue
+            if source not in sources.conns:  # dropped by an earlier one of this round
                 continue
             try:
                 waiting.append((source, source.recv()))
-                while source.poll(0):
-                    waiting.append((source, source.recv()))
             except (EOFError, OSError):
-                if source is conn:
+                if source is sources.parent:
                     raise
                 _drop(source, sources, waiting)
 
 
-def _accept(listener: socket.socket, sources: list[Connection], info: dict[str, Any]) -> None:
+def _accept(listener: socket.socket, sources: _Sources, info: dict[str, Any]) -> None:
     try:
         sock, _ = listener.accept()
     except OSError:  # out of descriptors, or the peer gave up: it connects again
         return
     frontend = Connection(sock.detach())
     try:
-        frontend.send(("ready", {**info, "pid": os.getpid()}))
+        _send(frontend, ("ready", {**info, "pid": os.getpid()}))
     except OSError:
         frontend.close()
         return
-    sources.append(frontend)
+    sources.add(frontend)
 
 
-def _drop(source: Connection, sources: list[Connection],
+def _send(conn: Connection, message: Any) -> None:
+    """conn.send without ForkingPickler (whose set-up cost more than pickling a reply);
+    the other end reads it as conn.recv or Channel does."""
+    conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
+def _drop(source: Connection, sources: _Sources,
           waiting: deque[tuple[Connection, Batch | None]]) -> None:
-    if source in sources:
-        sources.remove(source)
+    sources.remove(source)
     kept = [item for item in waiting if item[0] is not source]
     waiting.clear()
     waiting.extend(kept)
@@ -182,7 +226,7 @@ def _take(waiting: deque[tuple[Connection, Batch | None]],
     return group
 
 
-def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Connection],
+def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: _Sources,
          waiting: deque[tuple[Connection, Batch | None]], report: bool) -> None:
     """Run the group as one batch; each of its batches is answered to its own sender.
     `report`: tell the parent (with several front ends, the supervisor) what it ran."""
@@ -205,12 +249,12 @@ def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: list[Conn
         replies = [("fail", b.id, f"{type(exc).__name__}: {exc}") for b in batches]
     else:
         if report:  # the device's own figures: batches merged, rows, seconds
-            sources[0].send(("ran", len(batches), (start, time.perf_counter() - began)))
+            _send(sources.parent, ("ran", len(batches), (start, time.perf_counter() - began)))
     for (source, _), reply in zip(group, replies, strict=True):
         try:
-            source.send(reply)
+            _send(source, reply)
         except OSError:
-            if source is sources[0]:
+            if source is sources.parent:
                 raise EOFError from None  # the parent is gone
             _drop(source, sources, waiting)
 
