@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,15 +83,16 @@ class Calls:
     def __init__(self) -> None:
         self.active = 0
 
-    @contextlib.contextmanager
-    def call(self) -> Iterator[None]:
+    def call(self) -> Calls:
         """Count a front end's call as in flight until the block ends (its reply sent or
         built): a graceful stop lets every such call finish within the grace period."""
+        return self
+
+    def __enter__(self) -> None:
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
 
 
 def client_of(keyed: bool, authorization: str | None, connection: str) -> str:

@@ -14,21 +14,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
 
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))  # ids of its own
 _request_id: ContextVar[str] = ContextVar("embedrpc_request_id", default="")
 
 
 def new_request_id() -> str:
-    """A fresh id for a call that brought none (32 hex digits)."""
-    return uuid.uuid4().hex
+    """A fresh id for a call that brought none (32 hex digits): 128 random bits, as a
+    uuid4's hex holds 122, from a generator seeded by the system at start (ids must not
+    repeat, not be secret; uuid4 read the system's random source for each, ~3 µs)."""
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def current_request_id() -> str:

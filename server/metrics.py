@@ -23,6 +23,7 @@ health checks). With one model the series are as they always were, without it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -55,6 +56,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_TEXT_BUCKETS = tuple(float(2**i) for i in range(13))  # 1 .. 4096
 BATCH_TOKEN_BUCKETS = tuple(float(2**i) for i in range(4, 19))  # 16 .. 262144
+# Series looked up by Metrics._of and kept (methods × codes × models; beyond this bound,
+# which label values never reach, a lookup is simply not kept).
+MAX_CACHED_SERIES = 4096
 
 
 class BatchMetrics:
@@ -75,12 +79,20 @@ class _BulkHistogram:
         self.name = name
         self.documentation = documentation
         self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._bound_list = self._bounds.tolist()
         self._counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: above every bound
         self._sum = 0.0
         self._lock = threading.Lock()  # observed on the event loop, read by the scrape thread
 
     def observe_many(self, values: np.ndarray) -> None:
-        if not len(values):
+        n = len(values)
+        if not n:
+            return
+        if n <= 4:  # a few values (single-text calls): numpy's set-up would cost more
+            with self._lock:
+                for value in values.tolist():
+                    self._counts[bisect.bisect_left(self._bound_list, value)] += 1
+                    self._sum += value
             return
         index = np.searchsorted(self._bounds, values, side="left")  # value <= bound
         counts = np.bincount(index, minlength=len(self._counts))
@@ -244,13 +256,24 @@ class Metrics(BatchMetrics):
             (build.labels(name) if self.labelled else build).info(
                 {"version": __version__} | ({} if self.labelled else {"model": name}))
         self._last_done: dict[str, float] = {}  # per worker: when its last batch ended
+        self._series: dict[tuple[int, tuple[str, ...], str], Any] = {}  # see _of
+        self._unmodelled = (self.in_progress,)  # series without a model label
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
 
     def _of(self, metric: Any, *labels: str, model: str = "") -> Any:
-        """`metric`'s series for `labels` (and the model, when series carry one)."""
-        values = [*labels, model] if self.labelled else list(labels)
-        return metric.labels(*values) if values else metric
+        """`metric`'s series for `labels` (and the model, when series carry one), looked
+        up once: prometheus_client's labels() takes a lock and checks every value, a few
+        µs each time, and a single-text call reads about ten series."""
+        key = (id(metric), labels, model)
+        series = self._series.get(key)
+        if series is None:
+            values = [*labels, model] if self.labelled and metric not in self._unmodelled \
+                else list(labels)
+            series = metric.labels(*values) if values else metric
+            if len(self._series) < MAX_CACHED_SERIES:  # label values come from a few sets
+                self._series[key] = series
+        return series
 
     # -- wiring --------------------------------------------------------------
 
@@ -284,13 +307,13 @@ class Metrics(BatchMetrics):
     # -- recording -----------------------------------------------------------
 
     def call_started(self, method: str) -> None:
-        self.in_progress.labels(method).inc()
+        self._of(self.in_progress, method).inc()
 
     def call_done(self, method: str, code: str, seconds: float, *, embeddings: int = 0,
                   tokens: int = 0, pairs: int = 0, model: str = "") -> None:
         """A call that `call_started` announced has ended with `code`; `model`: the model
         that served it ("" for none; only series with a model label show it)."""
-        self.in_progress.labels(method).dec()
+        self._of(self.in_progress, method).dec()
         self._of(self.requests, method, code, model=model).inc()
         self._of(self.request_seconds, method, model=model).observe(seconds)
         if embeddings:
@@ -309,9 +332,10 @@ class Metrics(BatchMetrics):
                      enqueued: Sequence[float], future: asyncio.Future[Any]) -> None:
         sent = time.monotonic()
         name = worker.name
-        n = len(lengths)
-        real = int(lengths.sum())
-        padded = int(lengths.max()) * n if n else 0
+        sizes = lengths.tolist()  # a few texts: Python's sum and max cost less than numpy's
+        n = len(sizes)
+        real = sum(sizes)
+        padded = max(sizes) * n if n else 0
         self._of(self.batch_texts, model=model).observe(n)
         self._of(self.batch_padded_tokens, model=model).observe(padded)
         self._of(self.batch_tokens, model=model).inc(real)

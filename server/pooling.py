@@ -30,7 +30,8 @@ def finish(vectors: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
     """Matryoshka: keep the first `dimensions` values, then L2-normalise (if asked)."""
     out = np.array(vectors[:, :dimensions], dtype=np.float32)  # a copy we own
     if normalize:
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        norms = np.sqrt(np.einsum("ij,ij->i", out, out))  # np.linalg.norm's, a third less
         # A zero vector stays zero instead of becoming NaN (as torch's normalize does).
-        out /= np.maximum(norms, 1e-12)
+        np.maximum(norms, 1e-12, out=norms)
+        out /= norms[:, None]
     return out

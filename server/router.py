@@ -2,8 +2,8 @@
 
 Handlers call `Router.embed(ids, client=...)`; it appends one entry per text to
 that client's queue, each pointing at the request's job, and awaits the job. A
-single batcher task owns the queues: whenever a worker has a free slot it cuts a
-batch (length-sorted, at most `max_batch_tokens` padded tokens and
+single batcher (a loop callback, once per wake-up) owns the queues: whenever a
+worker has a free slot it cuts a batch (length-sorted, at most `max_batch_tokens` padded tokens and
 `max_batch_size` rows) and hands it over. Entries whose job is already done
 (cancelled, deadline passed, failed) are dropped before they reach a worker.
 A large request is spread over many batches and so over all workers; its
@@ -22,6 +22,7 @@ INVALID_ARGUMENT, send it as smaller requests.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
@@ -104,9 +105,10 @@ class Router:
         self._client_tokens: dict[str, int] = {}  # the same, by client
         self._dead_entries = 0  # queued entries whose job has ended (dropped when popped)
         self._client_batches: dict[str, int] = {}  # batches in flight holding a client's texts
-        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: contextvars.Context | None = None  # the batcher's own
+        self._scheduled = False  # a dispatch is due on the loop
         self._batch_ids = itertools.count(1)
-        self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
         # Running totals, read by tests and benchmarks (and metrics, later).
@@ -134,17 +136,23 @@ class Router:
         return self._client_tokens.get(client, 0)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._batcher(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._context = contextvars.Context()  # not that of the call that wakes it
+        self.wake()
 
     def wake(self) -> None:
-        """Called when a worker frees a slot or (re)starts."""
-        self._wake.set()
+        """Something changed (texts queued, a worker freed a slot or (re)started): cut
+        and send batches once the loop has run what is ready now. One callback however
+        many wake-ups come first, so texts that arrive together go out together."""
+        if self._scheduled or self._loop is None or self._closed:
+            return
+        self._scheduled = True
+        self._loop.call_soon(self._batcher, context=self._context)
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        if self._timer is not None:
+            self._timer.cancel()
         self._fail_queue(Unavailable("the server is shutting down"))
 
     def _fail_queue(self, error: EmbedError) -> None:
@@ -211,7 +219,7 @@ class Router:
         job.queued_entries, job.queued_tokens = len(ids), tokens
         self._count(client, tokens)
         job.future.add_done_callback(lambda _: self._job_ended(job))
-        self._wake.set()
+        self.wake()
         try:
             return await job.future
         finally:
@@ -245,14 +253,14 @@ class Router:
 
     # -- the batcher: sole owner of the queue ------------------------------
 
-    async def _batcher(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                self._dispatch()
-            except Exception:  # a bug here must not stop the server
-                log.exception("batcher failed; continuing")
+    def _batcher(self) -> None:
+        self._scheduled = False
+        if self._closed:
+            return
+        try:
+            self._dispatch()
+        except Exception:  # a bug here must not stop the server
+            log.exception("batcher failed; continuing")
 
     def _drop_client(self, client: str) -> None:
         del self._queues[client]
@@ -380,6 +388,8 @@ class Router:
             self._requeue_front(window)
             self._arm_timer(first.enqueued + cfg.max_wait_ms / 1000 - now)
             return None
+        if len(window) == 1:  # nothing else waits (a single text under light load)
+            return window
         batch = self._pick(window)
         taken = set(map(id, batch))
         self._requeue_front([e for e in window if id(e) not in taken])
@@ -430,26 +440,27 @@ class Router:
     def _arm_timer(self, delay: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self.wake)
 
     def _send(self, worker: WorkerHandle, entries: list[_Entry], *,
               priority: bool = False) -> None:
-        lengths = np.fromiter((len(e.ids) for e in entries), dtype=np.int32, count=len(entries))
-        ids = np.concatenate([e.ids for e in entries])
+        sizes = [len(e.ids) for e in entries]
+        lengths = np.array(sizes, dtype=np.int32)
+        ids = entries[0].ids if len(entries) == 1 else np.concatenate([e.ids for e in entries])
         batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths, priority=priority)
         clients = {e.job.client for e in entries}
         for client in clients:
             self._client_batches[client] = self._client_batches.get(client, 0) + 1
         self.batches += 1
-        self.batched_tokens += int(lengths.sum())
-        self.padded_tokens += int(lengths.max()) * len(entries)
+        self.batched_tokens += sum(sizes)
+        self.padded_tokens += max(sizes) * len(sizes)
         future = worker.submit(batch)
         self.metrics.batch_sent(worker, lengths, [e.enqueued for e in entries], future)
         future.add_done_callback(lambda f: self._on_done(entries, f, clients))
 
     def _on_done(self, entries: list[_Entry], future: asyncio.Future[np.ndarray],
                  clients: set[str]) -> None:
-        self._wake.set()
+        self.wake()
         for client in clients:
             left = self._client_batches[client] - 1
             if left:

@@ -158,18 +158,25 @@ class TextEncoder:
                                f"{', '.join(f'{v} ({k})' for k, v in TRUNCATE_NAMES.items())}")
         if prompt:
             texts = [prompt + t for t in texts]
-        if sum(map(len, texts)) > CHUNK_CHARS:
+        total = sum(map(len, texts))
+        if total > CHUNK_CHARS:
             # The request's own memory (its message, its texts) is freed only after it is
             # answered: give it back to the system a little later.
             release_memory_soon()
-        cut = [i for i, t in enumerate(texts) if len(t) > self.cut_chars]
+        cut = [i for i, t in enumerate(texts) if len(t) > self.cut_chars] \
+            if total > self.cut_chars else []
         if cut:
             texts = list(texts)
             for i in cut:
                 texts[i] = self._cut(texts[i], i, truncate)
         ids: list[np.ndarray] = []
         truncated: list[bool] = []
-        for start, stop in _slices(texts, CHUNK_CHARS):
+        if total <= _UNBUDGETED_CHARS:  # one slice, no budget: most requests, at no cost
+            self._encode_slice(texts, 0, truncate, ids, truncated)
+            slices: Iterator[tuple[int, int]] = iter(())
+        else:
+            slices = _slices(texts, CHUNK_CHARS)
+        for start, stop in slices:
             chars = sum(len(t) for t in texts[start:stop])
             with self._budget.take(chars if chars > _UNBUDGETED_CHARS else 0):
                 self._encode_slice(texts[start:stop], start, truncate, ids, truncated)

@@ -75,13 +75,30 @@ def _recording() -> bool:
     return not isinstance(tracer, NoOpTracer)
 
 
-@contextlib.contextmanager
+class _NoSpanContext:
+    """call_span when no span is made: one shared object, no generator per call."""
+
+    def __enter__(self) -> _NoSpan:
+        return _NO_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_SPAN_CONTEXT = _NoSpanContext()
+
+
 def call_span(name: str, headers: Mapping[str, str],
-              attributes: Mapping[str, Any]) -> Iterator[_Span | _NoSpan]:
+              attributes: Mapping[str, Any]) -> contextlib.AbstractContextManager[Any]:
     """A SERVER span around one call, child of the trace context in `headers`."""
     if not ENABLED or not _recording():
-        yield _NO_SPAN
-        return
+        return _NO_SPAN_CONTEXT
+    return _call_span(name, headers, attributes)
+
+
+@contextlib.contextmanager
+def _call_span(name: str, headers: Mapping[str, str],
+               attributes: Mapping[str, Any]) -> Iterator[_Span]:
     parent = propagate.extract(dict(headers))
     with _TRACER.start_as_current_span(name, context=parent, kind=SpanKind.SERVER,
                                        attributes=dict(attributes),

@@ -377,3 +377,18 @@ def test_grpc_core_does_not_log_each_failed_tls_handshake(fake_model_dir: Path,
         proc.send_signal(signal.SIGTERM)
     log = server_log(proc)
     assert "Handshake failed" not in log, log[-2000:]
+
+
+def test_generated_request_ids_are_32_hex_digits_and_do_not_repeat() -> None:
+    """A call that brings no id gets 128 random bits as 32 lowercase hex digits (the
+    width of a uuid4's hex, which the ids were before); 100,000 are all distinct, and
+    another process's are not this one's."""
+    from embedrpc.server.logs import new_request_id
+
+    ids = [new_request_id() for _ in range(100_000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids[:1000])
+    assert len(set(ids)) == len(ids)
+    code = "from embedrpc.server.logs import new_request_id as n; print(n(), n())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=60).stdout.split()
+    assert len(other) == 2 and not set(other) & set(ids)

@@ -340,3 +340,31 @@ def test_a_tokenize_reply_over_the_message_limit_says_what_to_do(tight_server) -
 
     wait_until(lambda: delta("OK") + delta("RESOURCE_EXHAUSTED") >= 2, 10)
     assert (delta("OK"), delta("RESOURCE_EXHAUSTED")) == (1, 1)
+
+
+# -- the queue-wait histogram's two paths ---------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 5, 64])
+def test_queue_wait_histogram_buckets_as_prometheus_does(size: int) -> None:
+    """A few values go through a Python loop, many through numpy: either way each value
+    lands in the first bucket whose bound it does not exceed (Prometheus' `le`, bounds
+    inclusive), as prometheus_client's own Histogram puts it."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from embedrpc.server.metrics import LATENCY_BUCKETS, _BulkHistogram
+
+    rng = np.random.default_rng(size)
+    values = np.concatenate([np.array(LATENCY_BUCKETS[:3]),  # exactly on a bound
+                             rng.uniform(0, 70, 2 * size)])[:max(size, 3) * 2]
+    ours = _BulkHistogram("x", "x", LATENCY_BUCKETS)
+    reference = Histogram("y", "y", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    for start in range(0, len(values), size):
+        ours.observe_many(values[start:start + size])
+    for v in values.tolist():
+        reference.observe(v)
+    want = {s.labels["le"]: s.value for s in next(iter(reference.collect())).samples
+            if s.name == "y_bucket"}
+    buckets, total = ours.snapshot()
+    assert {float(le): n for le, n in buckets} == {float(le): n for le, n in want.items()}
+    assert total == pytest.approx(float(values.sum()), rel=1e-12)

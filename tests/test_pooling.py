@@ -76,3 +76,14 @@ def test_zero_vector_stays_zero() -> None:
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out[0], [0, 0])
     np.testing.assert_allclose(out[1], [0.6, 0.8], **TOL)  # 3-4-5 triangle
+
+
+def test_finish_matches_a_float64_reference_at_several_rows() -> None:
+    """The L2 norm finish uses (einsum of squares) against numpy's float64 norm; float32
+    rounding only (relative 1e-6)."""
+    rng = np.random.default_rng(3)
+    for rows in (1, 2, 33):
+        v = rng.standard_normal((rows, 1024)).astype(np.float32) * rng.uniform(1e-3, 1e3)
+        want = v[:, :256].astype(np.float64)
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(finish(v, 256, True), want, rtol=1e-6, atol=1e-7)

@@ -42,7 +42,9 @@ class _Call:
     __slots__ = ("_span_cm", "documents", "embeddings", "method", "metrics", "model",
                  "pairs", "request_id", "span", "started", "tokens")
 
-    def __init__(self, metrics: Metrics, method: str, metadata: dict[str, str]) -> None:
+    def __init__(self, metrics: Metrics, method: str, names: dict[str, str],
+                 metadata: dict[str, str]) -> None:
+        """`names`: the span's name and rpc.* attributes (Method.names)."""
         self.metrics = metrics
         self.method = method
         self.started = time.monotonic()
@@ -52,9 +54,7 @@ class _Call:
         self.tokens = 0
         self.pairs = 0
         self.documents = 0  # of a Rerank or RerankBatch request: the pairs it scores
-        service, _, name = method.lstrip("/").rpartition("/")
-        self._span_cm = tracing.call_span(method.lstrip("/"), metadata, {
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        self._span_cm = tracing.call_span(names["rpc.full"], metadata, names["attributes"])
         self.span = self._span_cm.__enter__()
         metrics.call_started(method)  # last: `end` will run only once this returns
 
@@ -120,6 +120,10 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, model_of: Callable[[str, Any], str]) -> None:
         self.metrics = metrics
         self.model_of = model_of
+        # By method: the handler last wrapped and its wrapping. A servicer's handler is
+        # the same object every call, so a call costs a lookup, not a new handler (the
+        # key check's refusals are new each time; they are wrapped anew).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any],
@@ -129,8 +133,15 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        metadata = {m.key: m.value for m in handler_call_details.invocation_metadata or ()
-                    if isinstance(m.value, str)}
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, method)
+        if known is not None or len(self._wrapped) < MAX_METHODS:  # methods served: a few
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.request_streaming and handler.response_streaming:
             wrap, make = self._streaming_reply, grpc.stream_stream_rpc_method_handler
             behavior = handler.stream_stream
@@ -143,14 +154,14 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         else:
             wrap, make = self._unary_reply, grpc.unary_unary_rpc_method_handler
             behavior = handler.unary_unary
-        return make(wrap(behavior, method, metadata),
+        return make(wrap(behavior, method, _names(method)),
                     request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
 
     def _unary_reply(self, behavior: Callable[..., Any], method: str,
-                     metadata: dict[str, str]) -> Callable[..., Any]:
+                     names: dict[str, Any]) -> Callable[..., Any]:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self.metrics, method, metadata)
+            call = _Call(self.metrics, method, names, _metadata(context))
             call.begin(request, self.model_of(method, request))
             exc: BaseException | None = None
             try:
@@ -166,13 +177,13 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         return observed
 
     def _streaming_reply(self, behavior: Callable[..., Any], method: str,
-                         metadata: dict[str, str]) -> Callable[..., Any]:
+                         names: dict[str, Any]) -> Callable[..., Any]:
         if not inspect.isasyncgenfunction(behavior):  # writes with context.write() and returns
-            return self._unary_reply(behavior, method, metadata)
+            return self._unary_reply(behavior, method, names)
 
         async def observed(request: Any, context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[Any]:
-            call = _Call(self.metrics, method, metadata)
+            call = _Call(self.metrics, method, names, _metadata(context))
             call.begin(request, self.model_of(method, request))
             exc: BaseException | None = None
             try:
@@ -186,3 +197,21 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call.end(context, exc)
 
         return observed
+
+
+# Methods whose wrapped handler is kept (every method the server registers fits).
+MAX_METHODS = 256
+
+
+def _names(method: str) -> dict[str, Any]:
+    """A method's span name and rpc.* span attributes, worked out once."""
+    full = method.lstrip("/")
+    service, _, name = full.rpartition("/")
+    return {"rpc.full": full, "attributes": {"rpc.system": "grpc", "rpc.service": service,
+                                             "rpc.method": name}}
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary values left out)."""
+    return {m.key: m.value for m in context.invocation_metadata() or ()
+            if isinstance(m.value, str)}

@@ -50,14 +50,26 @@ class Channel:
         payload = memoryview(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)).cast("B")
         n = len(payload)
         header = _LEN32.pack(n) if n <= 0x7FFFFFFF else _LEN32.pack(-1) + _LEN64.pack(n)
-        queued = bool(self._outbuf)
-        self._outbuf.append(memoryview(header))
-        self._outbuf.append(payload)
-        if not queued:
-            self._flush()
-            if self._outbuf and not self.closed:
-                self._writing = True
-                self._loop.add_writer(self._fd, self._flush)
+        if self._outbuf:  # behind what the socket could not take yet: in its turn
+            self._outbuf.append(memoryview(header))
+            self._outbuf.append(payload)
+            return
+        try:  # the usual case: the socket takes all of it at once
+            sent = os.writev(self._fd, (header, payload))
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the worker died: its batches fail through the supervisor
+            self.close()
+            return
+        if sent == len(header) + n:
+            return
+        if sent < len(header):
+            self._outbuf.append(memoryview(header)[sent:])
+            self._outbuf.append(payload)
+        else:
+            self._outbuf.append(payload[sent - len(header):])
+        self._writing = True
+        self._loop.add_writer(self._fd, self._flush)
 
     def _flush(self) -> None:
         while self._outbuf:
