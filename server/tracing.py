@@ -46,6 +46,7 @@ class _NoSpan:
 
 
 _NO_SPAN = _NoSpan()
+NO_SPAN = _NO_SPAN  # what call_span gives when no span is made
 
 
 class _Span:

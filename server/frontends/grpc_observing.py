@@ -40,7 +40,7 @@ class _Call:
     """One RPC being observed: its request id, span, model, and outcome."""
 
     __slots__ = ("_span_cm", "documents", "embeddings", "method", "metrics", "model",
-                 "pairs", "request_id", "span", "started", "tokens")
+                 "pairs", "request_id", "span", "started", "tokens", "traced")
 
     def __init__(self, metrics: Metrics, method: str, names: dict[str, str],
                  metadata: dict[str, str]) -> None:
@@ -56,6 +56,7 @@ class _Call:
         self.documents = 0  # of a Rerank or RerankBatch request: the pairs it scores
         self._span_cm = tracing.call_span(names["rpc.full"], metadata, names["attributes"])
         self.span = self._span_cm.__enter__()
+        self.traced = self.span is not tracing.NO_SPAN  # else attributes go nowhere
         metrics.call_started(method)  # last: `end` will run only once this returns
 
     def begin(self, request: Any, model: str) -> None:
@@ -66,12 +67,14 @@ class _Call:
             self.request_id = own
         set_request_id(self.request_id)
         self.model = model
-        self.span.set_attributes({"embedrpc.request_id": self.request_id,
-                                  "embedrpc.model": model})
         if isinstance(request, pb.RerankRequest):
             self.documents = len(request.documents)
         elif isinstance(request, pb.RerankBatchRequest):
             self.documents = sum(len(r.documents) for r in request.requests)
+        if not self.traced:
+            return
+        self.span.set_attributes({"embedrpc.request_id": self.request_id,
+                                  "embedrpc.model": model})
         inputs = getattr(request, "inputs", None)
         if inputs is not None:
             self.span.set_attribute("embedrpc.inputs", len(inputs))
@@ -98,6 +101,8 @@ class _Call:
         self.metrics.call_done(self.method, code, time.monotonic() - self.started,
                                embeddings=self.embeddings, tokens=self.tokens,
                                pairs=self.pairs, model=self.model)
+        if not self.traced:
+            return
         self.span.set_attributes({"rpc.grpc.status_code": grpc.StatusCode[code].value[0],
                                   "embedrpc.embeddings": self.embeddings,
                                   "embedrpc.tokens": self.tokens})

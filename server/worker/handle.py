@@ -225,11 +225,12 @@ class WorkerHandle:
             self._oldest = (now, self._tokens[running]) if running in self._tokens else None
         if future is None or future.done():
             return
+        # The router learns of the freed slot from the future (its done callback wakes
+        # it); on_change is for liveness, which an answer does not change.
         if kind == "ok":
             future.set_result(payload)
         else:
             future.set_exception(WorkerFailed(f"{self.name}: {payload}"))
-        self._on_change()
 
     def _on_death(self, exitcode: int | None) -> None:
         if self._channel is not None:
