@@ -126,10 +126,12 @@ def _too_large(limit: int) -> HttpError:
 
 
 class _ConnectionGate:
-    """Counts open connections; refuses new ones beyond `limit`."""
+    """Counts open connections; refuses new ones beyond `limit`. With `tls`, each
+    connection's TLS handshake is run here (_TlsHandshake), so that one that fails, times
+    out or is closed by the peer gives its place back at once."""
 
     def __init__(self, limit: int, factory: Callable[[], asyncio.Protocol], *,
-                 tls: bool) -> None:
+                 tls: ssl.SSLContext | None) -> None:
         self.limit = limit
         self.open = 0
         self._factory = factory
@@ -143,24 +145,18 @@ class _ConnectionGate:
             return _Refused()
         self.open += 1
         counted = _Counted(self._factory(), self)
-        if self._tls:
-            # A failed handshake never makes the connection, nor loses it: release its
-            # count once the handshake can no longer be under way (or when asyncio drops
-            # the protocol, whichever comes first).
-            counted._expiry = asyncio.get_running_loop().call_later(
-                HANDSHAKE_TIMEOUT_S + 1, counted._release)
-        return counted
+        return counted if self._tls is None else _TlsHandshake(counted, self._tls)
 
 
 class _Counted(asyncio.Protocol):
     """aiohttp's protocol for one connection, counted by the gate while it lives."""
 
-    __slots__ = ("_expiry", "_gate", "_inner")
+    __slots__ = ("_gate", "_inner", "_made")
 
     def __init__(self, inner: asyncio.Protocol, gate: _ConnectionGate | None) -> None:
         self._inner = inner
         self._gate = gate
-        self._expiry: asyncio.TimerHandle | None = None
+        self._made = False  # aiohttp's protocol has its transport
 
     def _release(self) -> None:
         if self._gate is not None:
@@ -168,9 +164,7 @@ class _Counted(asyncio.Protocol):
             self._gate = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._expiry is not None:  # the TLS handshake is done
-            self._expiry.cancel()
-            self._expiry = None
+        self._made = True
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -181,7 +175,9 @@ class _Counted(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
-        self._inner.connection_lost(exc)
+        if self._made:  # (a failed TLS handshake ends a connection it never made)
+            self._made = False
+            self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
@@ -191,6 +187,50 @@ class _Counted(asyncio.Protocol):
 
     def __del__(self) -> None:
         self._release()
+
+
+class _TlsHandshake(asyncio.Protocol):
+    """A counted connection until its TLS handshake is done (loop.start_tls, within
+    HANDSHAKE_TIMEOUT_S); then aiohttp's protocol gets the TLS transport. A handshake
+    that fails or times out, or a peer that closes first, frees the connection's place
+    at once: with asyncio's own `ssl=` server a failed handshake never reached the
+    protocol, which kept its place until the garbage collector found it (connections
+    opened and closed without a handshake held --max-http-connections places)."""
+
+    def __init__(self, counted: _Counted, context: ssl.SSLContext) -> None:
+        self._counted = counted
+        self._context = context
+        self._task: asyncio.Task[None] | None = None
+        self._started = False  # start_tls owns the transport (and its losses) from then
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # the ClientHello is start_tls's to read
+        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        self._started = True
+        counted = self._counted
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                transport, counted, self._context, server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        except asyncio.CancelledError:  # the server is stopping
+            counted._release()
+            raise
+        except Exception:  # failed, timed out, or the peer left; start_tls closed it
+            counted._release()
+            return
+        if tls is None:  # the connection closed as the handshake ended
+            counted._release()
+            return
+        counted.connection_made(tls)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._started:  # closed before its handshake began
+            if self._task is not None:
+                self._task.cancel()
+            self._counted._release()
 
 
 class _Refused(asyncio.Protocol):
@@ -291,10 +331,9 @@ class HttpServer:
         self._web = _WebServer(self._serve, handler_cancellation=True, access_log=None,
                                 keepalive_timeout=self.idle_timeout, lingering_time=LINGER_S,
                                 logger=_ServerLog(logging.getLogger("aiohttp.server"), {}))
-        self._gate = _ConnectionGate(self.max_connections, self._web, tls=tls is not None)
-        self._listener = await loop.create_server(
-            self._gate, host, port, ssl=tls, reuse_port=reuse_port or None,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if tls is not None else None)
+        self._gate = _ConnectionGate(self.max_connections, self._web, tls=tls)
+        self._listener = await loop.create_server(self._gate, host, port,
+                                                  reuse_port=reuse_port or None)
         return int(self._listener.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:
