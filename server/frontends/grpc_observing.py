@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -15,6 +16,8 @@ from embedrpc.v1 import embedder_pb2 as pb
 from .. import tracing
 from ..logs import clean_request_id, new_request_id, set_request_id
 from ..metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # A client whose deadline passes cancels its call; our copy of the deadline runs behind
 # the client's by the time the call took to reach us (more under load), so a call
@@ -186,20 +189,34 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         if not inspect.isasyncgenfunction(behavior):  # writes with context.write() and returns
             return self._unary_reply(behavior, method, names)
 
-        async def observed(request: Any, context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[Any]:
+        # The servicer's responses are written here, not by gRPC: a write that fails
+        # because the call ended under it (the client cancelled, or its deadline passed,
+        # before gRPC heard of it) raises gRPC's ExecuteBatchError, which gRPC, writing
+        # them itself, logs as an ERROR with a traceback. Here it ends the call as
+        # cancelled, quietly, and is counted by its real cause.
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> None:
             call = _Call(self.metrics, method, names, _metadata(context))
             call.begin(request, self.model_of(method, request))
             exc: BaseException | None = None
+            responses: AsyncGenerator[Any, None] = behavior(request, context)
             try:
-                async for response in behavior(request, context):
+                async for response in responses:
                     call.response(response)
-                    yield response
+                    try:
+                        await context.write(response)
+                    except (asyncio.CancelledError, grpc.aio.AbortError):
+                        raise
+                    except Exception as e:
+                        log.debug("%s: the call ended under a write (%s)", method, e)
+                        raise asyncio.CancelledError from e
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                call.end(context, exc)
+                try:
+                    await responses.aclose()  # its own clean-up runs now, not at collection
+                finally:
+                    call.end(context, exc)
 
         return observed
 
