@@ -191,7 +191,8 @@ class BatchConfig:
         None, shown="64 CPU, 2048 GPU", help="a batch's fixed cost in tokens: length-sorted "
         "texts start another batch where the padding they add would cost more")
     max_queue_tokens: int | None = option(None, shown=f"{QUEUE_BATCHES} batches",
-                                          help="queued tokens beyond which requests get "
+                                          help="queued tokens (per front end with "
+                                          "--frontends) beyond which requests get "
                                           "RESOURCE_EXHAUSTED (a client with nothing queued "
                                           "still gets one request in while fewer than "
                                           "twice this are queued); a request of more "
@@ -254,7 +255,8 @@ class NetworkOptions:
                                        "sees UNAVAILABLE and retries). Keep it well below "
                                        "the process's file descriptor limit (ulimit -n)")
     max_http_connections: int = option(512, help="HTTP connections open at once (idle "
-                                       "keep-alive ones included); beyond it a new connection "
+                                       "keep-alive ones included; per front end with "
+                                       "--frontends); beyond it a new connection "
                                        "is closed at once. Keep it well below the process's "
                                        "file descriptor limit (ulimit -n)")
     http_idle_seconds: float = option(75.0, help="an HTTP connection with no request under "

@@ -101,8 +101,63 @@ def running_server(**config: object) -> Iterator[tuple[EmbedServer, str]]:
         loop.close()
 
 
-# -- servers in a child process ----------------------------------------------------
+@contextmanager
+def running_frontends(frontends: int, **config: object) -> Iterator[tuple[str, int]]:
+    """`serve --frontends N` with its supervisor in this process (a thread's event loop;
+    the front ends and workers are processes of their own), on 127.0.0.1, a free port;
+    yields (target, the supervisor's --metrics-port) once its /metrics counts every front
+    end and every worker alive. Test-only knobs (DebugHooks: fault injection) reach the
+    workers as with running_server."""
+    from embedrpc.server.supervisor import supervise
 
+    config.setdefault("device", "cpu")
+    hooks = DebugHooks(**{name: config.pop(name) for name in list(config)
+                          if name in DebugHooks.__dataclass_fields__})
+    port = free_port()
+    metrics_port = free_port()
+    cfg = ServeConfig.of(host="127.0.0.1", port=port, metrics_port=metrics_port, **config)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-supervisor", daemon=True)
+    thread.start()
+    stop = asyncio.Event()
+    running = asyncio.run_coroutine_threadsafe(
+        supervise(cfg, frontends, hooks=hooks, stop=stop), loop)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while not _all_alive(metrics_port, frontends):
+            if running.done():
+                running.result()  # raises what stopped it
+                raise AssertionError("the supervisor stopped before serving")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"--frontends {frontends} did not serve within 90 s")
+            time.sleep(0.2)
+        yield target, metrics_port
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        try:
+            running.result(60)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.close()
+
+
+def _all_alive(metrics_port: int, frontends: int) -> bool:
+    """The supervisor's /metrics counts every front end and every worker alive."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                    timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return False
+    values = {s.name: s.value for f in text_string_to_metric_families(text)
+              for s in f.samples}
+    return (values.get("embedrpc_frontends_alive") == frontends
+            and values.get("embedrpc_workers_alive") == values.get("embedrpc_workers"))
+
+
+# -- servers in a child process ----------------------------------------------------
 EMBEDRPC = [sys.executable, "-m", "embedrpc"]
 SERVING = re.compile(r"serving \S+ on \S+:(\d+)")
 WORKER_PID = re.compile(r"ready \(pid (\d+)")

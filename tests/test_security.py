@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +39,36 @@ from embedrpc.server.security import (
     read_keys_file,
 )
 
-from .helpers import EMBEDRPC, certificate, pem, running_server, start_server, wait_until, write_key
+from .helpers import (
+    EMBEDRPC,
+    certificate,
+    pem,
+    running_frontends,
+    running_server,
+    start_server,
+    wait_until,
+    write_key,
+)
 
 KEY = "k-3f9a1c2e7b6d4a58b0e1f2a3c4d5e6f7"  # given with api_keys=
 FILE_KEYS = ("file-key-0123456789abcdef", "file-key-fedcba9876543210")
 WRONG = "k-wrong-000000000000000000000000000"
 TIMEOUT = 10.0  # seconds per call; a refused handshake answers in milliseconds
+# The servers the gRPC checks run against: today's one process, and two front-end
+# processes on one port with a supervisor (serve --frontends 2), which must hold every
+# check alike (issue 13, item 5).
+LAYOUTS = ["one process", "frontends 2"]
+
+
+@contextmanager
+def serving(layout: str, **config: object) -> Iterator[str]:
+    """A server in `layout` (LAYOUTS) with `config`; yields its target."""
+    if layout == "one process":
+        with running_server(**config) as (_, target):
+            yield target
+    else:
+        with running_frontends(2, **config) as (target, _):
+            yield target
 
 
 # -- certificates ---------------------------------------------------------------------
@@ -128,10 +153,10 @@ def _assert_all_answer(client: EmbedClient) -> None:
 # -- TLS ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_server(fake_model_dir: Path, pki: Pki) -> Iterator[str]:
-    with running_server(model=str(fake_model_dir), backend="fake", tls_cert=str(pki.server_cert),
-                        tls_key=str(pki.server_key)) as (_, target):
+@pytest.fixture(scope="module", params=LAYOUTS)
+def tls_server(fake_model_dir: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[str]:
+    with serving(request.param, model=str(fake_model_dir), backend="fake",
+                 tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)) as target:
         yield target
 
 
@@ -164,10 +189,11 @@ def test_tls_refuses_plaintext_and_untrusted_clients(tls_server: str, pki: Pki) 
 # -- mutual TLS -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mtls_server(fake_model_dir: Path, pki: Pki) -> Iterator[str]:
-    with running_server(model=str(fake_model_dir), backend="fake", tls_cert=str(pki.server_cert),
-                        tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)) as (_, target):
+@pytest.fixture(scope="module", params=LAYOUTS)
+def mtls_server(fake_model_dir: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[str]:
+    with serving(request.param, model=str(fake_model_dir), backend="fake",
+                 tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                 tls_client_ca=str(pki.ca)) as target:
         yield target
 
 
@@ -278,10 +304,11 @@ def test_https_connections_that_never_finish_a_handshake_free_their_places(
 # -- API keys -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def key_server(fake_model_dir: Path, keys_file: Path) -> Iterator[str]:
-    with running_server(model=str(fake_model_dir), backend="fake", api_keys=(KEY,),
-                        api_keys_file=str(keys_file)) as (_, target):
+@pytest.fixture(scope="module", params=LAYOUTS)
+def key_server(fake_model_dir: Path, keys_file: Path,
+               request: pytest.FixtureRequest) -> Iterator[str]:
+    with serving(request.param, model=str(fake_model_dir), backend="fake", api_keys=(KEY,),
+                 api_keys_file=str(keys_file)) as target:
         yield target
 
 
@@ -390,12 +417,12 @@ def test_health_and_reflection_stay_open_by_default(key_server: str) -> None:
     assert "embedrpc.v1.Embedder" in _services(key_server)
 
 
-@pytest.fixture(scope="module")
-def locked_server(fake_model_dir: Path, pki: Pki) -> Iterator[str]:
+@pytest.fixture(scope="module", params=LAYOUTS)
+def locked_server(fake_model_dir: Path, pki: Pki, request: pytest.FixtureRequest) -> Iterator[str]:
     """TLS, a key, and health and reflection behind the key too."""
-    with running_server(model=str(fake_model_dir), backend="fake", tls_cert=str(pki.server_cert),
-                        tls_key=str(pki.server_key), api_keys=(KEY,), auth_health=True,
-                        auth_reflection=True) as (_, target):
+    with serving(request.param, model=str(fake_model_dir), backend="fake",
+                 tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), api_keys=(KEY,),
+                 auth_health=True, auth_reflection=True) as target:
         yield target
 
 
