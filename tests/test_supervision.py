@@ -178,3 +178,19 @@ def test_a_stuck_worker_is_killed_and_its_batch_retried(fake_model_dir: Path) ->
         assert worker.restarts == 3  # killed once per try
         wait_until(lambda: worker.alive)
         assert time.monotonic() - started < 45
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_to_the_process_group_leaves_the_workers_to_the_server(
+        fake_model_dir: Path, signum: int) -> None:
+    """A service manager stopping the server (systemd's KillMode=control-group), Ctrl-C
+    and a SIGHUP reload signal the whole process group: the workers ignore those signals
+    (the server drains and stops them itself), so none dies and is restarted mid-drain."""
+    with running_server(model=str(fake_model_dir), backend="fake", workers=1) as (server, target):
+        worker = server.workers[0]
+        assert worker.pid is not None
+        os.kill(worker.pid, signum)
+        time.sleep(1.0)
+        assert worker.alive and worker.restarts == 0
+        with EmbedClient(target, timeout=10) as client:
+            assert client.embed(["after the signal"]).shape == (1, 64)

@@ -44,11 +44,14 @@ log = logging.getLogger(__name__)
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     """Entry point of a worker process."""
-    # Ctrl-C in a terminal signals the whole process group: the main process drains and
-    # stops its workers itself; a worker that took SIGINT would die mid-batch with a
-    # KeyboardInterrupt traceback, and be restarted during the shutdown.
+    # Ctrl-C in a terminal, and a service manager stopping the server (systemd's default
+    # KillMode=control-group, `kill -- -PGID`), signal the whole process group: the main
+    # process drains and stops its workers itself (a message on their pipe; a worker also
+    # ends when that pipe closes). A worker that took SIGINT or SIGTERM would die
+    # mid-batch and be restarted during the drain; SIGKILL still ends one at once.
     if threading.current_thread() is threading.main_thread():  # tests run it in a thread
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # SIGHUP (reload) is the server's: sent to the process group, it must not end
         # a worker (its default action).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
