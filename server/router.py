@@ -447,7 +447,8 @@ class Router:
         sizes = [len(e.ids) for e in entries]
         lengths = np.array(sizes, dtype=np.int32)
         ids = entries[0].ids if len(entries) == 1 else np.concatenate([e.ids for e in entries])
-        batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths, priority=priority)
+        batch = Batch(id=next(self._batch_ids), ids=ids, lengths=lengths, priority=priority,
+                      alone=len(entries) == 1 and entries[0].attempts > 0)
         clients = {e.job.client for e in entries}
         for client in clients:
             self._client_batches[client] = self._client_batches.get(client, 0) + 1

@@ -11,6 +11,7 @@ option.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -173,6 +174,76 @@ def test_batches_that_do_not_fit_together_run_apart(tmp_path: Path,
         backend.gate.set()
         assert [a.recv()[:2], a.recv()[:2], b.recv()[:2]] == [("ok", 1), ("ok", 2), ("ok", 3)]
         assert backend.runs == [1, 2, len(rows_b)], why
+
+
+@pytest.mark.parametrize("suspect", ["a", "b"])
+def test_a_suspect_text_retried_alone_is_never_merged(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      suspect: str) -> None:
+    """A batch marked `alone` (a text retried after a crash) runs by itself, whether it is
+    the batch that runs next or another front end's that would fit beside it; without
+    the mark these two would run as one (as in the test above)."""
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):
+        a, b = connect(path), connect(path)
+        a.send(batch(1, [[1, 2, 3]]))
+        assert backend.entered.wait(10)
+        a_batch, b_batch = batch(2, [[4, 5, 6]]), batch(3, [[7, 8, 9]])
+        if suspect == "a":
+            a_batch = dataclasses.replace(a_batch, alone=True)
+        else:
+            b_batch = dataclasses.replace(b_batch, alone=True)
+        a.send(a_batch)
+        b.send(b_batch)
+        time.sleep(0.2)
+        backend.gate.set()
+        # B hears ("elsewhere", ...) around A's suspect batch (the next test); then its own.
+        b_answers = [m for m in (b.recv(), b.recv(), b.recv()) if m[0] != "elsewhere"] \
+            if suspect == "a" else [b.recv()]
+        assert [a.recv()[:2], a.recv()[:2], b_answers[0][:2]] == \
+            [("ok", 1), ("ok", 2), ("ok", 3)]
+        assert backend.runs == [1, 1, 1]
+        a.close()
+        b.close()
+
+
+def test_other_front_ends_are_told_while_a_suspect_batch_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While A's suspect batch (`alone`) runs, B is told ("elsewhere", 0, True): if the
+    worker dies now, B's batches in flight did not run and are not counted against its
+    texts; before B's own batch runs, B is told False again."""
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):
+        a, b = connect(path), connect(path)
+        a.send(dataclasses.replace(batch(1, [[1, 2, 3]]), alone=True))
+        assert backend.entered.wait(10)
+        assert b.poll(5) and b.recv() == ("elsewhere", 0, True)
+        assert not a.poll(0.2)  # the front end whose batch runs is told nothing
+        b.send(batch(5, [[4, 5]]))
+        time.sleep(0.2)
+        backend.gate.set()
+        assert a.recv()[:2] == ("ok", 1)
+        assert b.recv() == ("elsewhere", 0, False)
+        assert b.recv()[:2] == ("ok", 5)
+        assert backend.runs == [1, 1]
+        a.close()
+        b.close()
+
+
+def test_a_priority_batch_run_ahead_of_older_ones_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A front end's priority batch runs before its older batch waiting at the worker;
+    the front end, which counts its oldest batch in flight as the one running, is told
+    ("running", id) first, so a crash now would be counted against the right texts."""
+    with listening_worker(tmp_path, monkeypatch, merge=(1000, 64, 64)) as (backend, path):
+        a = connect(path)
+        a.send(batch(1, [[1, 2, 3]]))
+        assert backend.entered.wait(10)
+        a.send(batch(2, [[4, 5]]))
+        a.send(dataclasses.replace(batch(3, [[6]]), priority=True))
+        time.sleep(0.2)
+        backend.gate.set()
+        assert [a.recv()[:2] for _ in range(4)] == [("ok", 1), ("running", 3), ("ok", 3),
+                                                   ("ok", 2)]
+        a.close()
 
 
 def test_the_batches_closest_in_length_are_merged_first(tmp_path: Path,

@@ -145,18 +145,20 @@ class WorkerHandle:
         self._close_channel()
         self._fail_in_flight(f"{self.name} stopped", ran_first=False)
 
-    def _fail_in_flight(self, why: str, *, ran_first: bool = True) -> int:
+    def _fail_in_flight(self, why: str, *, ran_first: bool = True,
+                        running: int | None = None) -> int:
         """Fail every batch in flight with WorkerCrashed (the router retries them); only
-        the first, the one the worker was running, with `ran` (`ran_first`). Returns how
-        many there were."""
-        lost = list(self._inflight.values())  # in the order the worker runs them
+        the one the worker was running with `ran` (if `ran_first`): batch `running` when
+        it is in flight, else the first. Returns how many there were."""
+        ran = running if running in self._inflight else next(iter(self._inflight), None)
+        lost = list(self._inflight.items())  # in the order the worker runs them
         self._inflight.clear()
         self._tokens.clear()
         self._priority.clear()
         self._oldest = None
-        for i, future in enumerate(lost):
+        for batch_id, future in lost:
             if not future.done():
-                future.set_exception(WorkerCrashed(why, ran=ran_first and i == 0))
+                future.set_exception(WorkerCrashed(why, ran=ran_first and batch_id == ran))
         return len(lost)
 
     def _join(self, timeout: float) -> None:
@@ -351,5 +353,7 @@ def exit_reason(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        return f"killed by {name}" + (" (the OOM killer sends it)" if name == "SIGKILL" else "")
+        # SIGKILL: the OOM killer's, or a kill -9 (the supervisor's, for a stuck process).
+        return f"killed by {name}" + (" (out of memory, or kill -9)" if name == "SIGKILL"
+                                      else "")
     return f"exited with code {exitcode} before it was ready"

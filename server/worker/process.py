@@ -3,7 +3,7 @@
 Everything here runs inside a process started with the `spawn` context by
 WorkerHandle (handle.py). The contract with the main process is small:
 
-    main → worker:  Batch(id, ids, lengths, priority)   or None to stop
+    main → worker:  Batch(id, ids, lengths, priority, alone)   or None to stop
                     (run in arrival order, priority batches before the others waiting)
     worker → main:  ("ready", info) | ("error", message)       once, after start-up
                     ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
@@ -72,6 +72,7 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     conn.send(("ready", info))
     sources = _Sources(conn, listener)
     waiting: deque[tuple[Connection, Batch | None]] = deque()  # received, not yet run
+    told: list[Connection] = []  # front ends told that another's suspect batch runs
     try:
         while True:
             try:
@@ -79,6 +80,8 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
                 group = _take(waiting, spec.merge)
                 if group is None:
                     return
+                if listener is not None:
+                    told = _tell_elsewhere(group, sources, waiting, told)
                 _run(backend, group, sources, waiting, listener is not None)
             except (EOFError, OSError):
                 return  # the main process is gone
@@ -199,13 +202,14 @@ def _take(waiting: deque[tuple[Connection, Batch | None]],
     """The batch to run next (the first priority one waiting, else the oldest; None, the
     stop message, is taken in its turn), and with `merge`, the oldest batch of each other
     front end that fits beside it: rows and padded tokens within the router's limits, and
-    no more padding than the fixed cost of the batch run saved."""
+    no more padding than the fixed cost of the batch run saved. A batch marked `alone` (a
+    suspect text, retried after a crash) runs by itself."""
     source, batch = _next(waiting)
     if batch is None:
         return None
     group = [(source, batch)]
     max_tokens, max_rows, overhead = merge
-    if not max_tokens or not waiting:
+    if not max_tokens or not waiting or batch.alone:
         return group
     rows, width = len(batch.lengths), int(batch.lengths.max())
     padded = rows * width
@@ -214,7 +218,8 @@ def _take(waiting: deque[tuple[Connection, Batch | None]],
     for item in waiting:
         if item[1] is not None and id(item[0]) not in seen:
             seen.add(id(item[0]))
-            candidates.append(item)
+            if not item[1].alone:  # its front end's batches run in their order
+                candidates.append(item)
     # The closest in length first: they add the least padding, so more of them fit.
     candidates.sort(key=lambda item: abs(int(item[1].lengths.max()) - width))  # type: ignore[union-attr]
     for item in candidates:
@@ -260,6 +265,37 @@ def _run(backend: Any, group: list[tuple[Connection, Batch]], sources: _Sources,
             if source is sources.parent:
                 raise EOFError from None  # the parent is gone
             _drop(source, sources, waiting)
+
+
+def _tell_elsewhere(group: list[tuple[Connection, Batch]], sources: _Sources,
+                    waiting: deque[tuple[Connection, Batch | None]],
+                    told: list[Connection]) -> list[Connection]:
+    """Before a run, with several front ends. A front end that loses the worker counts
+    its oldest batch in flight as the one that was running (its texts are suspect, and
+    retried alone), which need not be so when the worker ran another front end's batch,
+    or a priority batch of its own ahead of older ones. That matters when the worker keeps
+    dying on one text, so, cheaply (no message for an ordinary run): while a suspect batch
+    runs (one text retried alone after a crash), every other front end is told
+    ("elsewhere", 0, True), and False again before the next run that is not one; and a
+    priority batch that runs ahead of its front end's older batches is named to it
+    ("running", id, None). A poison input's crashes then count against itself only.
+    Returns the front ends told True."""
+    suspect = len(group) == 1 and group[0][1].alone
+    others = [c for c in sources.conns[1:] if c is not group[0][0]] if suspect else []
+    notices = [*((c, ("elsewhere", 0, False)) for c in told if c not in others),
+               *((c, ("elsewhere", 0, True)) for c in others if c not in told)]
+    # A priority batch runs before its front end's older batches waiting here, which that
+    # front end cannot tell from the order it sent them in: name it ("running", id).
+    notices += [(source, ("running", batch.id, None)) for source, batch in group
+                if batch.priority and any(s is source for s, _ in waiting)]
+    for conn, notice in notices:
+        if conn not in sources.conns:
+            continue  # dropped meanwhile
+        try:
+            _send(conn, notice)
+        except OSError:
+            _drop(conn, sources, waiting)
+    return [c for c in others if c in sources.conns]
 
 
 def _next(waiting: deque[tuple[Connection, Batch | None]]) -> tuple[Connection, Batch | None]:

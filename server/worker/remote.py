@@ -48,6 +48,10 @@ class RemoteWorker(WorkerHandle):
         self._pid: int | None = None
         self._hello = False  # the connection is open and its ("ready", info) not read yet
         self._killed = False  # this connection's worker was killed for a stall
+        # The worker runs another front end's suspect batch now (worker/process.py's
+        # _tell_elsewhere): if it dies, none of this front end's batches was running.
+        self._elsewhere = False
+        self._running: int | None = None  # named by the worker when not the oldest
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -94,11 +98,18 @@ class RemoteWorker(WorkerHandle):
             return
         self._hello = True
         self._killed = False
+        self._elsewhere, self._running = False, None
         self._channel = Channel(Connection(sock.detach()), self._loop, self._on_frame,
                                 self._on_closed)
 
     def _on_frame(self, message: Any) -> None:
         if not self._hello:
+            if message[0] == "elsewhere":
+                self._elsewhere = message[2]
+                return
+            if message[0] == "running":  # a priority batch ahead of older ones
+                self._running = message[1]
+                return
             self._on_message(message)
             return
         self._hello = False
@@ -126,7 +137,9 @@ class RemoteWorker(WorkerHandle):
         self._loop.call_soon(self._lost, was_alive)
 
     def _lost(self, was_alive: bool) -> None:
-        lost = self._fail_in_flight(f"{self.name} died")
+        lost = self._fail_in_flight(f"{self.name} died", ran_first=not self._elsewhere,
+                                    running=self._running)
+        self._elsewhere, self._running = False, None
         if was_alive:
             self.restarts += 1
             log.warning("%s: connection lost with %d batches in flight (the worker died?); "

@@ -69,18 +69,23 @@ class Batch:
     # before the batches already waiting in its pipe, so a flooding client's prefetched
     # work does not stand in front of it (fair share, see router.py).
     priority: bool = False
+    # A text retried after a batch it was in crashed a worker: the worker runs it by
+    # itself, never merged with another front end's batch, so a poison input is found
+    # alone and the texts beside it are not blamed for its crashes.
+    alone: bool = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Its arrays as raw bytes: pickling an ndarray the standard way cost ~5 µs each,
         # about half of what sending one small batch cost the main process.
         return (_batch, (self.id, self.ids.dtype.str, self.ids.tobytes(),
-                         self.lengths.dtype.str, self.lengths.tobytes(), self.priority))
+                         self.lengths.dtype.str, self.lengths.tobytes(), self.priority,
+                         self.alone))
 
 
 def _batch(batch_id: int, ids_type: str, ids: bytes, lengths_type: str, lengths: bytes,
-           priority: bool) -> Batch:
+           priority: bool, alone: bool = False) -> Batch:
     return Batch(batch_id, np.frombuffer(ids, ids_type), np.frombuffer(lengths, lengths_type),
-                 priority)
+                 priority, alone)
 
 
 class Rows:
