@@ -39,11 +39,12 @@ from typing import Any
 from embedrpc import __version__
 
 from .app import EmbedServer, Layout, raise_fd_limit, reload_logged, stop_on_signals
-from .config import DebugHooks, ServeConfig
+from .config import DebugHooks, SecurityOptions, ServeConfig
 from .devices import available_cores
 from .errors import ModelError
 from .logs import configure_logging, frontend_text_format
 from .metrics import BATCH_TEXT_BUCKETS, LATENCY_BUCKETS, worker_families
+from .security import _given_keys, _load_tls
 from .worker.handle import exit_reason, spawn
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,11 @@ def frontend_main(conn: Any, config: ServeConfig, layout: Layout, hooks: DebugHo
         asyncio.run(_frontend(conn, config, layout, hooks))
     except ModelError as exc:
         _tell(conn, ("error", str(exc)))
+        raise SystemExit(1) from None
     except Exception as exc:
         log.exception("front end failed")
         _tell(conn, ("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
 
 
 def _tell(conn: Any, message: tuple[Any, ...]) -> None:
@@ -348,6 +351,13 @@ class FrontEndMetrics:
                 metric.add_sample(sample, dict(labels), value)
             yield metric
 
+    def refresh(self) -> None:
+        """Read every front end now (between scrapes, so a front end that dies loses no
+        more of its counts than since the last refresh)."""
+        with self._lock:
+            for frontend, seen in zip(self.frontends, self._seen, strict=True):
+                self._read(frontend, seen)
+
     def _read(self, frontend: FrontEnd, seen: _Seen) -> bool:
         """Read one front end into `seen`; False if it did not answer."""
         from prometheus_client.parser import text_string_to_metric_families
@@ -438,8 +448,10 @@ class SupervisorMetrics:
 
         yield from worker_families(self.labelled, {m.name: m.workers for m in self.models})
         frontends_alive = GaugeMetricFamily("embedrpc_frontends_alive", "Front-end processes "
-                                            "serving now.")
-        frontends_alive.add_metric([], sum(1 for f in self.frontends if f.alive))
+                                            "serving now (answering the supervisor's pings).")
+        now = time.monotonic()
+        frontends_alive.add_metric([], sum(1 for f in self.frontends if f.alive
+                                           and now - f.answered <= _ANSWERS_WITHIN_S))
         frontend_restarts = CounterMetricFamily("embedrpc_frontend_restarts", "Times a "
                                                 "front-end process died and was restarted.",
                                                 labels=["frontend"])
@@ -454,11 +466,72 @@ class SupervisorMetrics:
         return []
 
 
-def _serve_metrics(own: SupervisorMetrics, host: str, port: int) -> tuple[Any, Any]:
+def _serve_metrics(own: SupervisorMetrics, host: str, port: int
+                   ) -> tuple[tuple[Any, Any], FrontEndMetrics]:
     from prometheus_client import start_http_server
 
-    own.registry.register(FrontEndMetrics(own.frontends))
-    return start_http_server(port, host, registry=own.registry)
+    sums = FrontEndMetrics(own.frontends)
+    own.registry.register(sums)
+    return start_http_server(port, host, registry=own.registry), sums
+
+
+# The supervisor reads every front end's counts this often between scrapes: a front end
+# that dies (SIGKILL, a crash) loses at most the counts of its last interval.
+_COUNTS_EVERY_S = 1.0
+
+
+async def _keep_counts(sums: FrontEndMetrics) -> None:
+    while True:
+        await asyncio.sleep(_COUNTS_EVERY_S)
+        await asyncio.to_thread(sums.refresh)
+
+
+# -- the security files, as last found good ---------------------------------------------
+
+class SecurityFiles:
+    """The files --api-keys-file and the TLS options name, copied into the supervisor's
+    private directory (0700, removed when it stops) each time it has read them and found
+    them good: at start, and at each SIGHUP that reloads. The front ends read the copies.
+    So a front end (re)started while a file is broken, empty or half written starts with
+    the keys and certificates the others serve with, and a SIGHUP reaches the front ends
+    only when the files are good: all or nothing, for every front end alike."""
+
+    FIELDS = ("tls_cert", "tls_key", "tls_client_ca", "api_keys_file")
+
+    def __init__(self, directory: str, options: SecurityOptions) -> None:
+        self.options = options  # the files the user named
+        self.dir = os.path.join(directory, "security")
+        names = {f: os.path.join(self.dir, f) for f in self.FIELDS if getattr(options, f)}
+        self.copied = dataclasses.replace(options, **names)  # what the front ends read
+        if names:
+            os.mkdir(self.dir, 0o700)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Copy the files anew (call it once they were read and found good); ValueError,
+        and the copies as they were, if what was copied is not good (a file changed in
+        between)."""
+        fields = [f for f in self.FIELDS if getattr(self.options, f)]
+        staged = {f: os.path.join(self.dir, f"{f}.new") for f in fields}
+        try:
+            for f in fields:
+                with open(getattr(self.options, f), "rb") as src:
+                    data = src.read()
+                fd = os.open(staged[f], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as dst:
+                    dst.write(data)
+            check = dataclasses.replace(self.options, **staged)
+            _load_tls(check)
+            if check.api_keys_file is not None:
+                _given_keys(check)
+        except (OSError, ValueError) as exc:
+            for path in staged.values():
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise ValueError(f"the files changed while they were read ({exc}); send SIGHUP "
+                             "again") from None
+        for f in fields:
+            os.replace(staged[f], os.path.join(self.dir, f))
 
 
 # -- the supervisor ------------------------------------------------------------------------
@@ -492,12 +565,14 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
     # Loads every model (a checkpoint is prepared into the cache here, once: the front
     # ends find it there) and makes the workers' specs; it serves no calls.
     server = EmbedServer(config, hooks=hooks, layout=Layout("supervisor", sockets))
+    files = SecurityFiles(sockets, config.security)
     net = config.network
     frontends = [FrontEnd(i, Layout("frontend", sockets, i), hooks, loop) for i in range(n)]
     own_stop = stop is None
     stop = stop or asyncio.Event()
     if own_stop:
-        _handle_signals(loop, stop, config, frontends, server)
+        _handle_signals(loop, stop, config, frontends, server, files)
+    config = dataclasses.replace(config, security=files.copied)  # the front ends' config
     for m in server.models:
         server._log_model(m)
     own_metrics = SupervisorMetrics(server.models, frontends)
@@ -505,11 +580,12 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
     http: Any = None
     held: list[socket.socket] = []
     watch: asyncio.Task[None] | None = None
+    counts: asyncio.Task[None] | None = None
     try:
         if net.metrics_port is not None:
             host = net.metrics_host or net.host
             try:
-                http = _serve_metrics(own_metrics, host, net.metrics_port)
+                http, sums = _serve_metrics(own_metrics, host, net.metrics_port)
             except OSError as exc:
                 raise ModelError(f"cannot listen for metrics: {exc}") from exc
             log.info("metrics on http://%s:%d/metrics", host, http[0].server_port)
@@ -540,12 +616,15 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
         log.info("embedrpc %s serving %s on %s:%d (%d front ends, %s)", __version__,
                  ",".join(server.names), net.host, port, n, server.security.describe())
         watch = loop.create_task(_watch(frontends, hooks.frontend_stall_s))
+        if http is not None:
+            counts = loop.create_task(_keep_counts(sums))
         await stop.wait()
     except _Stopped:
         pass
     finally:
-        if watch is not None:
-            watch.cancel()
+        for task in (watch, counts):
+            if task is not None:
+                task.cancel()
         if any(f.started for f in frontends):
             log.info("stopping: draining the front ends (grace %.0fs)", net.grace_seconds)
         for frontend in frontends:
@@ -593,6 +672,9 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
 
 
 _PING_EVERY_S = 1.0
+# A front end that has not answered a ping for this long is not counted as serving in
+# embedrpc_frontends_alive (after 20 s without one it is killed and restarted).
+_ANSWERS_WITHIN_S = 3 * _PING_EVERY_S
 
 
 async def _watch(frontends: list[FrontEnd], stall_s: float) -> None:
@@ -651,9 +733,26 @@ def _retrieved(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def on_sighup(server: EmbedServer, files: SecurityFiles, frontends: list[FrontEnd]) -> None:
+    """SIGHUP: read the files (the supervisor's own reload: all or nothing), copy them
+    for the front ends, and pass the signal on to each."""
+    try:
+        server.reload()
+        files.refresh()
+    except ValueError as exc:
+        log.error("SIGHUP: nothing reloaded, the current keys and certificates stay: %s", exc)
+        return
+    # A front end still booting would die of it; one past "hello" reloads, or reads
+    # the copies afresh as it starts.
+    live = [f for f in frontends if f.pid is not None and f.hup_safe]
+    for frontend in live:
+        frontend.signal(signal.SIGHUP)
+    log.info("SIGHUP: passed on to %d front ends (each reloads and logs it)", len(live))
+
+
 def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
                     config: ServeConfig, frontends: list[FrontEnd],
-                    server: EmbedServer) -> None:
+                    server: EmbedServer, files: SecurityFiles) -> None:
     def kill_children() -> None:
         for frontend in frontends:
             frontend.signal(signal.SIGKILL)
@@ -663,12 +762,7 @@ def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
                     os.kill(w.pid, signal.SIGKILL)
 
     def on_hup() -> None:
-        # A front end still booting would die of it; one past "hello" reloads, or reads
-        # the files afresh as it starts.
-        live = [f for f in frontends if f.pid is not None and f.hup_safe]
-        for frontend in live:
-            frontend.signal(signal.SIGHUP)
-        log.info("SIGHUP: passed on to %d front ends (each reloads and logs it)", len(live))
+        on_sighup(server, files, frontends)
 
     stop_on_signals(loop, stop, config.network.grace_seconds, kill_children)
     loop.add_signal_handler(signal.SIGHUP, on_hup)

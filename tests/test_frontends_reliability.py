@@ -15,6 +15,10 @@ both front ends; a test that needs both to have served says so by their request 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -31,7 +35,7 @@ from embedrpc.client import AsyncEmbedClient, EmbedClient, make_request
 from embedrpc.server.worker.backends import fake_vector
 from embedrpc.v1 import embedder_pb2_grpc as pb_grpc
 
-from .helpers import qwen_tokenizer_file, running_frontends, wait_until
+from .helpers import qwen_tokenizer_file, running_frontends, serve, wait_until
 
 HIDDEN = 64  # helpers.write_model_dir's
 OWN = [("grpc.use_local_subchannel_pool", 1)]  # a TCP connection of the client's own
@@ -289,3 +293,97 @@ def test_stream_closed_midway_by_the_client(fake_model_dir: Path) -> None:
         assert asyncio.run(main()) == 8
         assert_drained(port)
         assert health(target) == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- what a front end that dies leaves behind -----------------------------------------------
+
+
+FRONTEND = re.compile(r"(frontend-\d+) serving (?:again )?\(pid (\d+)")
+
+
+def frontend_pids(caplog: pytest.LogCaptureFixture) -> dict[str, int]:
+    """The front ends' pids, as the supervisor (in this process) logged them, latest last."""
+    found: dict[str, int] = {}
+    for record in caplog.records:
+        if m := FRONTEND.search(record.getMessage()):
+            found[m.group(1)] = int(m.group(2))
+    return found
+
+
+def test_a_killed_front_end_keeps_its_counts(fake_model_dir: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The supervisor reads the front ends' counts every second, not only when scraped:
+    calls answered more than a second before a front end is SIGKILLed stay in the
+    server's totals (before, all it had counted since the last scrape was lost)."""
+    caplog.set_level(logging.INFO, logger="embedrpc.server.supervisor")
+    with running_frontends(2, model=str(fake_model_dir), backend="fake") as (target, port):
+        wait_until(lambda: len(frontend_pids(caplog)) == 2, 30)
+        calls = 40
+        for i in range(calls):
+            with EmbedClient(target, timeout=10, options=OWN) as client:
+                client.embed([f"counted {i}"])
+        time.sleep(2.5)  # at least one read of every front end, no scrape
+        victim = frontend_pids(caplog)["frontend-0"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: frontend_pids(caplog).get("frontend-0") not in (None, victim), 30)
+        ok = metric_value(port, "embedrpc_requests_total",
+                          code="OK", method="/embedrpc.v1.Embedder/Embed")
+        assert ok == calls
+
+
+def metric_value(port: int, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_front_end_restarted_while_the_keys_file_is_broken_keeps_the_keys(
+        fake_model_dir: Path, tmp_path: Path) -> None:
+    """--api-keys-file emptied (a deploy half done), then a front end dies: it restarts
+    with the keys the server had (the supervisor's last good copy) instead of failing
+    over and over, so both front ends serve, each refusing a call without a key and
+    taking the key; a SIGHUP with the file still empty reloads nothing anywhere, and one
+    with a new file reaches every front end."""
+    keys = tmp_path / "keys"
+    old_key, new_key = "k-old-0123456789abcdef0123456789", "k-new-0123456789abcdef0123456789"
+    keys.write_text(old_key + "\n")
+    keys.chmod(0o600)
+    with serve(fake_model_dir, "--frontends", "2", "--api-keys-file", str(keys)) as server:
+        def pids() -> dict[str, int]:
+            found: dict[str, int] = {}
+            for line in server.lines:
+                if m := FRONTEND.search(line):
+                    found[m.group(1)] = int(m.group(2))
+            return found
+
+        def answers(key: str | None) -> set[str]:
+            codes = set()
+            for _ in range(8):  # connections of their own: both front ends are reached
+                with EmbedClient(server.target, timeout=10, options=OWN, api_key=key,
+                                 retries=1) as client:
+                    try:
+                        client.embed(["keyed"])
+                        codes.add("OK")
+                    except grpc.RpcError as exc:
+                        codes.add(exc.code().name)  # type: ignore[attr-defined]
+            return codes
+
+        wait_until(lambda: len(pids()) == 2, 30)
+        keys.write_text("")
+        victim = pids()["frontend-1"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: pids().get("frontend-1") not in (None, victim), 30,
+                   lambda: "".join(server.lines[-10:]))
+        assert not any("restart 2" in line for line in server.lines), "".join(server.lines)
+        assert answers(old_key) == {"OK"}
+        assert answers(None) == {"UNAUTHENTICATED"}
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: any("SIGHUP: nothing reloaded" in line for line in server.lines), 10)
+        assert answers(old_key) == {"OK"}
+        keys.write_text(new_key + "\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: sum("SIGHUP: reloaded" in line for line in server.lines) == 2, 20,
+                   lambda: "".join(server.lines[-10:]))
+        assert answers(new_key) == {"OK"}
+        assert answers(old_key) == {"UNAUTHENTICATED"}
