@@ -163,6 +163,7 @@ class FrontEnd:
         self._conn: Any = None  # the pipe to the live process
         self.hup_safe = False  # it ignores SIGHUP until its reload handler is in place
         self.answered = time.monotonic()  # when it last answered a ping (or started)
+        self.unanswered_since: float | None = None  # its oldest ping not answered yet
 
     @property
     def started(self) -> bool:
@@ -183,6 +184,8 @@ class FrontEnd:
         """Ask the live process to answer (its event loop does, if it is not stuck)."""
         conn = self._conn
         if conn is not None:
+            if self.unanswered_since is None:
+                self.unanswered_since = time.monotonic()
             with contextlib.suppress(OSError, ValueError):
                 conn.send(("ping",))
 
@@ -233,6 +236,7 @@ class FrontEnd:
             except (EOFError, OSError):
                 break  # it exited
             if message[0] == "bound":
+                self.unanswered_since = None  # a new process
                 self.metrics_port = message[3]
                 self._post(_resolve, self.bound, tuple(message[1:]))
             elif message[0] == "ready":
@@ -249,6 +253,7 @@ class FrontEnd:
                 self.hup_safe = True
             elif message[0] == "pong":
                 self.answered = time.monotonic()
+                self.unanswered_since = None
             elif message[0] == "error":
                 error = message[1]
         self._conn = None
@@ -450,8 +455,9 @@ class SupervisorMetrics:
         frontends_alive = GaugeMetricFamily("embedrpc_frontends_alive", "Front-end processes "
                                             "serving now (answering the supervisor's pings).")
         now = time.monotonic()
-        frontends_alive.add_metric([], sum(1 for f in self.frontends if f.alive
-                                           and now - f.answered <= _ANSWERS_WITHIN_S))
+        frontends_alive.add_metric([], sum(
+            1 for f in self.frontends if f.alive and (
+                f.unanswered_since is None or now - f.unanswered_since <= _ANSWERS_WITHIN_S)))
         frontend_restarts = CounterMetricFamily("embedrpc_frontend_restarts", "Times a "
                                                 "front-end process died and was restarted.",
                                                 labels=["frontend"])
@@ -672,8 +678,8 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
 
 
 _PING_EVERY_S = 1.0
-# A front end that has not answered a ping for this long is not counted as serving in
-# embedrpc_frontends_alive (after 20 s without one it is killed and restarted).
+# A front end that has left a ping unanswered for this long is not counted as serving
+# in embedrpc_frontends_alive (after 20 s without an answer it is killed and restarted).
 _ANSWERS_WITHIN_S = 3 * _PING_EVERY_S
 
 
