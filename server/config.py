@@ -182,6 +182,11 @@ class BatchConfig:
     max_batch_tokens: int | None = option(None, shown="8192 CPU, 32768 GPU (≥ max length)",
                                           help="padded tokens per batch")
     max_batch_size: int = option(64, help="texts per batch")
+    busy_wait_ms: float = option(1.0, help="while requests overlap (one came within this "
+                                 "long of another client's, or while its own client's "
+                                 "earlier ones were under way), a thin batch waits up to "
+                                 "this long for company; a client alone, one request at a "
+                                 "time, never waits (0: off)")
     max_wait_ms: float = option(0.0, help="wait up to this long for a fuller batch while "
                                 "workers are idle")
     # The fixed cost of running one batch, in tokens' worth of compute. A length-sorted
@@ -204,7 +209,7 @@ class BatchConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "max_batch_tokens", "max_batch_size", "max_queue_tokens",
                   "max_client_queue_tokens")
-        _at_least(self, 0, "max_wait_ms", "batch_overhead_tokens")
+        _at_least(self, 0, "max_wait_ms", "busy_wait_ms", "batch_overhead_tokens")
 
     def for_device(self, kind: str, max_length: int) -> BatchConfig:
         """Every None replaced by the default for `kind` ("cpu" or "cuda")."""

@@ -92,6 +92,11 @@ class _Entry:
 class Router:
     def __init__(self, workers: Sequence[WorkerHandle], config: BatchConfig,
                  hidden_size: int, *, metrics: BatchMetrics | None = None) -> None:
+        # --busy-wait-ms: when a request last came while others were under way: within
+        # the wait of another client's, or while its own client's earlier ones were
+        # still queued or in flight. A lone client, one request at a time, never sets it.
+        self._last_client: str | None = None
+        self._last_arrival = self._busy_at = -1e9
         self.workers = list(workers)
         # Options left to the device (None) get the CPU's defaults here; the server
         # passes them resolved for its devices.
@@ -210,6 +215,11 @@ class Router:
         loop = asyncio.get_running_loop()
         job = _Job(len(ids), self.hidden_size, deadline, loop.create_future(), client)
         now = time.monotonic()
+        other_client = client != self._last_client \
+            and now - self._last_arrival < cfg.busy_wait_ms / 1000
+        if other_client or mine or client in self._client_batches:
+            self._busy_at = now  # requests overlap: a thin batch may find company
+        self._last_client, self._last_arrival = client, now
         queue = self._queues.get(client)
         if queue is None:
             queue = self._queues[client] = deque()
@@ -382,12 +392,19 @@ class Router:
                 break
             window.append(entry)
             tokens += len(entry.ids)
-        if (cfg.max_wait_ms and tokens < cfg.max_batch_tokens and len(window) < cfg.max_batch_size
-                and now - first.enqueued < cfg.max_wait_ms / 1000):
-            # Idle workers and a thin batch: wait a little for company.
-            self._requeue_front(window)
-            self._arm_timer(first.enqueued + cfg.max_wait_ms / 1000 - now)
-            return None
+        if tokens < cfg.max_batch_tokens and len(window) < cfg.max_batch_size:
+            # Idle workers and a thin batch: wait a little for company; with
+            # --busy-wait-ms only while other calls are under way (a lone call never
+            # waits), when company is likely: under load, one-text batches each cost a
+            # round trip to the worker (docs/performance.md).
+            wait = cfg.max_wait_ms / 1000
+            busy = cfg.busy_wait_ms / 1000
+            if busy > wait and now - first.enqueued < busy and now - self._busy_at < busy:
+                wait = busy
+            if now - first.enqueued < wait:
+                self._requeue_front(window)
+                self._arm_timer(first.enqueued + wait - now)
+                return None
         if len(window) == 1:  # nothing else waits (a single text under light load)
             return window
         batch = self._pick(window)

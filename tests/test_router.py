@@ -500,6 +500,62 @@ def test_no_wait_sends_the_first_request_at_once() -> None:
     run(main)
 
 
+def test_busy_wait_never_delays_a_lone_client() -> None:
+    """--busy-wait-ms 200: one client, one request at a time (the next sent when the
+    last is answered), is never held for company: each batch reaches the worker at once
+    (well under the 200 ms it would otherwise wait)."""
+    worker = FakeWorker()
+
+    async def main() -> None:
+        async with running([worker], busy_wait_ms=200) as router:
+            for i in range(5):
+                texts = request(i + 1, [3])
+                sent = time.monotonic()
+                exact(await router.embed(texts, client="A"), texts)
+                assert worker.seen[-1].at - sent < 0.1
+        assert [len(s.rows) for s in worker.seen] == [1] * 5
+
+    run(main)
+
+
+@pytest.mark.parametrize("second", ["B", "A"])
+def test_busy_wait_gathers_requests_that_overlap(second: str) -> None:
+    """--busy-wait-ms 200: A's request goes at once (nothing else is under way); a second
+    one, from another client within the wait or from A while A's is in flight, marks the
+    server busy: it waits for company, and a third, 5 ms later, shares its batch."""
+    worker = FakeWorker(delay_s=0.05)
+    first, later, third = request(1, [3]), request(2, [4]), request(3, [5])
+
+    async def main() -> None:
+        async with running([worker], busy_wait_ms=200) as router:
+            a = asyncio.create_task(router.embed(first, client="A"))
+            await until(lambda: len(worker.seen) == 1)
+            b = asyncio.create_task(router.embed(later, client=second))
+            await asyncio.sleep(0.005)
+            assert len(worker.seen) == 1  # the thin batch waits
+            c = asyncio.create_task(router.embed(third, client="C"))
+            exact(await a, first)
+            exact(await b, later)
+            exact(await c, third)
+        assert [len(s.rows) for s in worker.seen] == [1, 2]
+
+    run(main)
+
+
+def test_busy_wait_off_sends_at_once() -> None:
+    worker = FakeWorker(delay_s=0.05)
+
+    async def main() -> None:
+        async with running([worker], busy_wait_ms=0) as router:
+            a = asyncio.create_task(router.embed(request(1, [3]), client="A"))
+            await until(lambda: len(worker.seen) == 1)
+            b = asyncio.create_task(router.embed(request(2, [4]), client="B"))
+            await until(lambda: len(worker.seen) == 2)
+            await asyncio.gather(a, b)
+
+    run(main)
+
+
 # -- shutdown and dead workers --------------------------------------------------
 
 
