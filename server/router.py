@@ -399,7 +399,7 @@ class Router:
             # round trip to the worker (docs/performance.md).
             wait = cfg.max_wait_ms / 1000
             busy = cfg.busy_wait_ms / 1000
-            if busy > wait and now - first.enqueued < busy and now - self._busy_at < busy:
+            if busy > wait and now - self._busy_at < busy:
                 wait = busy
             if now - first.enqueued < wait:
                 self._requeue_front(window)

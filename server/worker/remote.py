@@ -98,7 +98,6 @@ class RemoteWorker(WorkerHandle):
             return
         self._hello = True
         self._killed = False
-        self._elsewhere, self._running = False, None
         self._channel = Channel(Connection(sock.detach()), self._loop, self._on_frame,
                                 self._on_closed)
 
