@@ -631,10 +631,12 @@ def test_batch_config_rejects_values_below_one(name: str, value: int) -> None:
     BatchConfig(**{name: 1})  # the smallest allowed
 
 
-def test_batch_config_rejects_negative_wait() -> None:
-    with pytest.raises(ValueError, match="--max-wait-ms"):
-        BatchConfig(max_wait_ms=-1)
-    assert BatchConfig(max_wait_ms=0).max_wait_ms == 0
+@pytest.mark.parametrize("name", ["max_wait_ms", "busy_wait_ms"])
+def test_batch_config_rejects_negative_wait(name: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=flag):
+        BatchConfig(**{name: -1})
+    assert getattr(BatchConfig(**{name: 0}), name) == 0
 
 
 # -- queue accounting after cancellation ------------------------------------------
