@@ -88,15 +88,7 @@ def served_by_both(port: int, before: float = 0.0) -> bool:
 # -- supervision: a poison input ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [
-    "kill",
-    # Known open bug: with a worker that exits (os._exit) rather than being killed, an
-    # innocent request sometimes also fails with "crashed a worker 3 times" (seen in 3 of
-    # 3 clean-clone CI runs on 2026-12-03, never when this file runs alone); not found yet.
-    pytest.param("exit", marks=pytest.mark.xfail(
-        reason="known bug: an innocent text can be blamed for a worker that exits",
-        strict=False)),
-])
+@pytest.mark.parametrize("mode", ["kill", "exit"])
 def test_poison_input_fails_alone_across_front_ends(fake_model_dir: Path, mode: str) -> None:
     """A text that kills every worker it reaches fails with INTERNAL after 3 crashes, while
     the workers merge batches of both front ends: every other request, including those

@@ -96,3 +96,29 @@ def test_a_dead_peer_closes_the_channel_and_sending_does_not_raise() -> None:
         return channel.closed
 
     assert asyncio.run(run())
+
+
+def test_what_a_dead_peer_sent_is_delivered_before_the_close_a_failed_write_finds() -> None:
+    """A worker that answered, said what it runs next and died: the front end may write
+    to its socket (EPIPE) before the loop has read those messages. They still arrive,
+    in order, before on_closed: a front end that lost the worker's last words would
+    blame the wrong batch for the crash (its oldest in flight, which had been answered)."""
+    async def run() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        parent, child = mp.Pipe(duplex=True)
+        events: list[Any] = []
+        closed = loop.create_future()
+
+        def on_closed() -> None:
+            events.append("closed")
+            closed.set_result(None)
+
+        channel = Channel(parent, loop, events.append, on_closed)
+        child.send(("ok", 1, "answered"))
+        child.send(("elsewhere", 0, True))
+        child.close()  # the worker died; the loop has not read its socket yet
+        channel.send(("ok", 2, np.zeros(1_000_000, dtype=np.float32)))  # EPIPE
+        await asyncio.wait_for(closed, 10)
+        return events
+
+    assert asyncio.run(run()) == [("ok", 1, "answered"), ("elsewhere", 0, True), "closed"]

@@ -59,7 +59,7 @@ class Channel:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:  # the worker died: its batches fail through the supervisor
-            self.close()
+            self._broken()
             return
         if sent == len(header) + n:
             return
@@ -78,7 +78,7 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 return  # the writer callback (added by send) resumes here
             except OSError:  # the worker died: its batches fail through the supervisor
-                self.close()
+                self._broken()
                 return
             while sent:
                 head = self._outbuf[0]
@@ -91,6 +91,14 @@ class Channel:
         if self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
+
+    def _broken(self) -> None:
+        """A write failed: the worker is gone. What it sent before it went still counts
+        (answers, and what it said of the batch it ran last, by which a crash is blamed on
+        the right batch): read all of it, then close."""
+        self._outbuf.clear()
+        self.read_available()  # to end of file, which closes the channel
+        self.close()  # in case the socket would block instead
 
     def _readable(self) -> None:
         self.read_available(once=True)
