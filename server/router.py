@@ -311,8 +311,9 @@ class Router:
             while queue and len(taken) < cfg.max_batch_size:
                 entry = queue[0]
                 width = max(longest, len(entry.ids))
-                if taken and (len(taken) + 1) * width > cfg.max_batch_tokens:  # type: ignore[operator]
-                    break
+                if taken and ((len(taken) + 1) * width > cfg.max_batch_tokens  # type: ignore[operator]
+                              or entry.attempts or taken[0].attempts):
+                    break  # a suspect text (its batch crashed a worker) goes alone
                 queue.popleft()
                 self._entries -= 1
                 if entry.job.ended:

@@ -818,3 +818,41 @@ def test_a_light_client_gets_a_priority_batch_when_the_worker_is_busy() -> None:
 
     run(main)
     assert [s.priority for s in worker.seen].count(True) == 1
+
+
+def test_a_suspect_text_of_a_light_client_goes_alone_in_priority_batches() -> None:
+    """Light clients' texts share a priority batch; when it crashes a worker they are all
+    suspect, and each is retried alone there too: B's poison text crashes the worker
+    MAX_ATTEMPTS times and fails; C's text, which was in the first crashed batch with it,
+    is embedded (it went back into the same priority batch with the poison text, and so
+    failed beside it: seen with --frontends, where priority batches are common)."""
+    worker = FakeWorker(slots=2, hold=True)
+    flood = request(1, [5] * 6)
+    poisoned = [np.array([5, POISON, 7], dtype=np.int32)]
+    innocent = request(3, [4])
+
+    async def main() -> None:
+        async with running([worker], max_batch_size=4) as router:
+            a = asyncio.create_task(router.embed(flood, client="A"))
+            await until(lambda: len(worker.seen) == 2)  # A holds both slots
+            b = asyncio.create_task(router.embed(poisoned, client="B"))
+            c = asyncio.create_task(router.embed(innocent, client="C"))
+            for _ in range(2 * MAX_ATTEMPTS + 2):
+                await until(lambda: (b.done() and c.done())
+                            or any(s.priority for s, _ in worker._pending))
+                if b.done() and c.done():
+                    break
+                seen, future = next((s, f) for s, f in worker._pending if s.priority)
+                worker._finish(seen, future)  # crashes it if it holds the poison
+            with pytest.raises(WorkerFailed, match="crashed a worker 3 times"):
+                await b
+            exact(await c, innocent)
+            worker.release(hold=False)
+            exact(await a, flood)
+
+    run(main)
+    light = [s for s in worker.seen if s.priority]
+    assert len(light[0].rows) == 2 and light[0].outcome == "crash"  # B's and C's texts
+    hits = [s for s in light if any(POISON in r for r in s.rows)]
+    assert len(hits) == MAX_ATTEMPTS and all(s.outcome == "crash" for s in hits)
+    assert all(len(s.rows) == 1 for s in light[1:])  # after the crash: each text alone
