@@ -246,6 +246,37 @@ def test_a_priority_batch_run_ahead_of_older_ones_is_named(
         a.close()
 
 
+def test_priority_batches_never_go_ahead_twice_in_a_row(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each front end has at most one priority batch at a worker, but with several front
+    ends one may always be waiting: were each run ahead of the others, A's batch would
+    wait as long as that lasts (calls accepted under overload waited seconds, until the
+    load stopped). After a priority batch that went ahead, the oldest runs: A's batch 2
+    runs after one priority batch, before the others (and A, which counts a priority
+    batch as running ahead of its older ones, is told ("running", 2))."""
+    with listening_worker(tmp_path, monkeypatch, merge=(0, 0, 0)) as (backend, path):
+        a, b, c = connect(path), connect(path), connect(path)
+        a.send(batch(1, [[1]]))  # runs, held at the gate
+        assert backend.entered.wait(10)
+        a.send(batch(2, [[2]] * 2))
+        b.send(dataclasses.replace(batch(5, [[5]] * 5), priority=True))
+        c.send(dataclasses.replace(batch(6, [[6]] * 6), priority=True))
+        a.send(dataclasses.replace(batch(3, [[3]] * 3), priority=True))
+        time.sleep(0.2)
+        backend.gate.set()
+        assert [a.recv()[:2] for _ in range(4)] == [("ok", 1), ("running", 2), ("ok", 2),
+                                                   ("ok", 3)]
+        assert b.recv()[:2] == ("ok", 5)
+        assert c.recv()[:2] == ("ok", 6)
+        # The worker reads one message per front end and round, in the order they
+        # connected: 2, 5, 6 wait, then 3. By rows: B's 5 goes ahead of A's 2, then 2
+        # (the oldest), then the priority batches in their order (before: 1, 5, 6, 3, 2).
+        assert backend.runs == [1, 5, 2, 6, 3]
+        a.close()
+        b.close()
+        c.close()
+
+
 def test_the_batches_closest_in_length_are_merged_first(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A's batch is 1 row of 10 tokens; B's 1 row of 14, C's 3 rows of 10 (overhead 10).

@@ -4,7 +4,8 @@ Everything here runs inside a process started with the `spawn` context by
 WorkerHandle (handle.py). The contract with the main process is small:
 
     main → worker:  Batch(id, ids, lengths, priority, alone)   or None to stop
-                    (run in arrival order, priority batches before the others waiting)
+                    (run in arrival order, priority batches before the others waiting,
+                    but never two in a row ahead of them)
     worker → main:  ("ready", info) | ("error", message)       once, after start-up
                     ("ok", batch_id, vectors[B, H] float32) | ("fail", batch_id, message)
                     ("ran", batches, (rows, seconds)): with front ends (spec.listen), what
@@ -73,11 +74,12 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
     sources = _Sources(conn, listener)
     waiting: deque[tuple[Connection, Batch | None]] = deque()  # received, not yet run
     told: list[Connection] = []  # front ends told that another's suspect batch runs
+    order = [False]  # the last batch taken was a priority one that went ahead of others
     try:
         while True:
             try:
                 _receive(sources, waiting, info)
-                group = _take(waiting, spec.merge)
+                group = _take(waiting, spec.merge, order)
                 if group is None:
                     return
                 if listener is not None:
@@ -197,14 +199,16 @@ def _drop(source: Connection, sources: _Sources,
     source.close()
 
 
-def _take(waiting: deque[tuple[Connection, Batch | None]],
-          merge: tuple[int, int, int]) -> list[tuple[Connection, Batch]] | None:
-    """The batch to run next (the first priority one waiting, else the oldest; None, the
-    stop message, is taken in its turn), and with `merge`, the oldest batch of each other
-    front end that fits beside it: rows and padded tokens within the router's limits, and
-    no more padding than the fixed cost of the batch run saved. A batch marked `alone` (a
-    suspect text, retried after a crash) runs by itself."""
-    source, batch = _next(waiting)
+def _take(waiting: deque[tuple[Connection, Batch | None]], merge: tuple[int, int, int],
+          order: list[bool]) -> list[tuple[Connection, Batch]] | None:
+    """The batch to run next (_next: the first priority one waiting, but never twice in
+    a row ahead of older ones, else the oldest; None, the stop message, is taken in its
+    turn; `order` holds _next's `overtaken` from one call to the next), and with `merge`,
+    the oldest batch of each other front end that fits beside it: rows and padded
+    tokens within the router's limits, and no more padding than the fixed cost of the
+    batch run saved. A batch marked `alone` (a suspect text, retried after a crash) runs
+    by itself."""
+    source, batch, order[0] = _next(waiting, order[0])
     if batch is None:
         return None
     group = [(source, batch)]
@@ -277,17 +281,20 @@ def _tell_elsewhere(group: list[tuple[Connection, Batch]], sources: _Sources,
     dying on one text, so, cheaply (no message for an ordinary run): while a suspect batch
     runs (one text retried alone after a crash), every other front end is told
     ("elsewhere", 0, True), and False again before the next run that is not one; and a
-    priority batch that runs ahead of its front end's older batches is named to it
-    ("running", id, None). A poison input's crashes then count against itself only.
-    Returns the front ends told True."""
+    batch that runs out of its front end's order (a priority batch ahead of older ones,
+    or an older one while its priority batch waits) is named to it ("running", id,
+    None). A poison input's crashes then count against itself only. Returns the front
+    ends told True."""
     suspect = len(group) == 1 and group[0][1].alone
     others = [c for c in sources.conns[1:] if c is not group[0][0]] if suspect else []
     notices = [*((c, ("elsewhere", 0, False)) for c in told if c not in others),
                *((c, ("elsewhere", 0, True)) for c in others if c not in told)]
-    # A priority batch runs before its front end's older batches waiting here, which that
-    # front end cannot tell from the order it sent them in: name it ("running", id).
+    # A priority batch runs before its front end's older batches waiting here, or one of
+    # those runs while its priority batch waits (_next's turn for the older ones), which
+    # that front end cannot tell from the order it sent them in: name it ("running", id).
     notices += [(source, ("running", batch.id, None)) for source, batch in group
-                if batch.priority and any(s is source for s, _ in waiting)]
+                if any(s is source and (batch.priority or (b is not None and b.priority))
+                       for s, b in waiting)]
     for conn, notice in notices:
         if conn not in sources.conns:
             continue  # dropped meanwhile
@@ -298,11 +305,18 @@ def _tell_elsewhere(group: list[tuple[Connection, Batch]], sources: _Sources,
     return [c for c in others if c in sources.conns]
 
 
-def _next(waiting: deque[tuple[Connection, Batch | None]]) -> tuple[Connection, Batch | None]:
+def _next(waiting: deque[tuple[Connection, Batch | None]],
+          overtaken: bool) -> tuple[Connection, Batch | None, bool]:
     """The batch to run next: the first priority one waiting, else the oldest (None, the
-    stop message, is taken in its turn). WorkerHandle keeps the same order."""
-    for i, (source, batch) in enumerate(waiting):
-        if batch is not None and batch.priority:
-            del waiting[i]
-            return source, batch
-    return waiting.popleft()
+    stop message, is taken in its turn); and whether it went ahead of older ones. Not
+    twice in a row: after a priority batch that went ahead (`overtaken`), the oldest
+    runs, whatever it is. Each front end has at most one priority batch at a worker,
+    but with several front ends one of them may always have one waiting: the batches
+    behind would never run. WorkerHandle keeps the same order."""
+    if not overtaken:
+        for i, (source, batch) in enumerate(waiting):
+            if batch is not None and batch.priority:
+                del waiting[i]
+                return source, batch, i > 0
+    source, batch = waiting.popleft()
+    return source, batch, False
