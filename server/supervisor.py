@@ -21,6 +21,7 @@ started with port 0 is given the port the first front end got.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -312,6 +313,8 @@ class _Seen:
         self.families: dict[str, tuple[str, str, str]] = {}  # name → (doc, type, unit)
         self.values: dict[str, dict[_Key, float]] = {}
         self.carried: dict[str, dict[_Key, float]] = {}  # counts of its dead processes
+        self.asked = 0.0  # time.monotonic() when the read now in `values` was sent
+        self.failed = False  # the last read got no answer
 
 
 def _monotonic(kind: str, sample: str) -> bool:
@@ -325,32 +328,36 @@ class FrontEndMetrics:
     """A Prometheus collector: every front end's /metrics (on loopback) read at scrape
     time and added up series by series. A front end that cannot be read (restarting,
     stuck) keeps its last counts, and a restarted one's counts add to its dead
-    predecessors': the totals never go back (their gauges count only while they answer)."""
+    predecessors': the totals never go back (their gauges count only while they answer).
+
+    A scrape never waits on a front end whose last read failed (refresh, every second,
+    reads it again), and reads the others at once, side by side: one stuck front end
+    costs a scrape at most one read's timeout, once, and overlapping scrapes do not
+    queue behind each other."""
 
     def __init__(self, frontends: list[FrontEnd]) -> None:
         self.frontends = frontends
         self._seen = [_Seen() for _ in frontends]
-        self._lock = threading.Lock()  # scrapes may overlap
+        self._lock = threading.Lock()  # scrapes and refreshes may overlap
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import Metric
 
-        with self._lock:
-            fresh = [self._read(f, seen) for f, seen in zip(self.frontends, self._seen,
-                                                              strict=True)]
+        answered = self._read_all(skip_failed=True)
         merged: dict[str, Metric] = {}
         totals: dict[str, dict[_Key, float]] = {}
-        for seen, answered in zip(self._seen, fresh, strict=True):
-            for name, (doc, kind, unit) in seen.families.items():
-                metric = merged.setdefault(name, Metric(name, doc, kind, unit))
-                series = totals.setdefault(name, {})
-                sources = [seen.values.get(name, {}) if answered else
-                           {k: v for k, v in seen.values.get(name, {}).items()
-                            if _monotonic(kind, k[0])},
-                           seen.carried.get(name, {})]
-                for values in sources:
-                    for key, value in values.items():
-                        series[key] = _combine(name, key[0], series.get(key), value)
+        with self._lock:
+            for seen, fresh in zip(self._seen, answered, strict=True):
+                for name, (doc, kind, unit) in seen.families.items():
+                    metric = merged.setdefault(name, Metric(name, doc, kind, unit))
+                    series = totals.setdefault(name, {})
+                    sources = [seen.values.get(name, {}) if fresh else
+                               {k: v for k, v in seen.values.get(name, {}).items()
+                                if _monotonic(kind, k[0])},
+                               seen.carried.get(name, {})]
+                    for values in sources:
+                        for key, value in values.items():
+                            series[key] = _combine(name, key[0], series.get(key), value)
         for name, metric in merged.items():
             for (sample, labels), value in totals[name].items():
                 metric.add_sample(sample, dict(labels), value)
@@ -359,38 +366,63 @@ class FrontEndMetrics:
     def refresh(self) -> None:
         """Read every front end now (between scrapes, so a front end that dies loses no
         more of its counts than since the last refresh)."""
-        with self._lock:
-            for frontend, seen in zip(self.frontends, self._seen, strict=True):
-                self._read(frontend, seen)
+        self._read_all(skip_failed=False)
 
-    def _read(self, frontend: FrontEnd, seen: _Seen) -> bool:
-        """Read one front end into `seen`; False if it did not answer."""
+    def _read_all(self, *, skip_failed: bool) -> list[bool]:
+        """Read the front ends side by side; which ones answered. `skip_failed`: leave
+        out those whose last read failed."""
+        asked = [i for i, seen in enumerate(self._seen)
+                 if not (skip_failed and seen.failed)]
+        answered = [False] * len(self.frontends)
+        if len(asked) == 1:
+            answered[asked[0]] = self._read(asked[0])
+        elif asked:
+            with concurrent.futures.ThreadPoolExecutor(len(asked)) as pool:
+                for i, ok in zip(asked, pool.map(self._read, asked), strict=True):
+                    answered[i] = ok
+        return answered
+
+    def _read(self, index: int) -> bool:
+        """Read one front end into its _Seen; False if it did not answer."""
         from prometheus_client.parser import text_string_to_metric_families
 
+        frontend, seen = self.frontends[index], self._seen[index]
         port, pid = frontend.metrics_port, frontend.pid
         if port is None or pid is None:
             return False
+        asked = time.monotonic()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
                                         timeout=_SCRAPE_TIMEOUT_S) as reply:
                 text = reply.read().decode("utf-8")
         except OSError:
+            with self._lock:
+                seen.failed = True
             return False
-        if seen.pid is not None and seen.pid != pid:  # a new process: keep the old counts
-            for name, values in seen.values.items():
-                kind = seen.families[name][1]
-                carried = seen.carried.setdefault(name, {})
-                for key, value in values.items():
-                    if _monotonic(kind, key[0]):
-                        carried[key] = carried.get(key, 0.0) + value
-        seen.pid = pid
-        seen.values = {}
-        for family in text_string_to_metric_families(text):
-            if family.name in _SUPERVISOR_SERIES:
-                continue
-            seen.families[family.name] = (family.documentation, family.type, family.unit)
-            seen.values[family.name] = {
-                (s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
+        families = list(text_string_to_metric_families(text))
+        with self._lock:
+            if asked < seen.asked:  # a later read (an overlapping scrape) is in already
+                return True
+            seen.asked, seen.failed = asked, False
+            if seen.pid is not None and seen.pid != pid:  # a new process: keep its counts
+                for name, values in seen.values.items():
+                    kind = seen.families[name][1]
+                    carried = seen.carried.setdefault(name, {})
+                    for key, value in values.items():
+                        if _monotonic(kind, key[0]):
+                            carried[key] = carried.get(key, 0.0) + value
+            seen.pid = pid
+            seen.values = {}
+            for family in families:
+                # The text format gives a counter's or histogram's _created samples a
+                # family of their own (a gauge): the supervisor's series drop them too.
+                if family.name.removesuffix("_created") in _SUPERVISOR_SERIES:
+                    continue
+                seen.families[family.name] = (family.documentation, family.type,
+                                              family.unit)
+                seen.values[family.name] = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for s in family.samples}
         return True
 
     def describe(self) -> list[Any]:

@@ -385,6 +385,14 @@ def test_metrics_are_the_sum_over_front_ends(fake_model_dir: Path) -> None:
         assert m[("embedrpc_workers", ())] == 2
         assert m[("embedrpc_workers_alive", ())] == 2
         assert m[("embedrpc_device_batches_merged_total", ())] == 0  # one call at a time
+        # Every series once (the workers' are the supervisor's, _created samples too).
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                    timeout=10) as reply:
+            lines = reply.read().decode().splitlines()
+        samples = [line.rsplit(" ", 1)[0] for line in lines if not line.startswith("#")]
+        assert len(samples) == len(set(samples)), [s for s in samples if samples.count(s) > 1]
+        helps = [line for line in lines if line.startswith("# HELP ")]
+        assert len(helps) == len(set(helps))
 
         def call(i: int) -> None:
             with EmbedClient(server.target, options=OWN) as client:
@@ -603,6 +611,47 @@ def test_sighup_while_front_ends_start_kills_nothing(fake_model_dir: Path) -> No
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_stuck_front_end_holds_no_scrape_up(fake_model_dir: Path) -> None:
+    """A front end stopped (SIGSTOP) does not answer the supervisor's reads for the
+    seconds before it is found stuck and killed (20 s here): meanwhile /metrics keeps
+    answering at once with its last counts. The supervisor reads the front ends side by
+    side and leaves out one whose last read failed, and overlapping scrapes do not queue
+    behind each other (they took 2, 4, 6, 8 s each; Prometheus's default timeout is
+    10 s). Bound: each scrape under 1.5 s, after the supervisor's first failed read."""
+    with serve(fake_model_dir, "--frontends", "2", metrics=True) as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        for i in range(6):
+            with EmbedClient(server.target, options=OWN) as client:
+                client.embed([f"text {i}"])
+        key = ("embedrpc_requests_total", (("code", "OK"),
+                                           ("method", "/embedrpc.v1.Embedder/Embed")))
+        wait_until(lambda: metrics(server.metrics_port).get(key) == 6, 10)
+        victim = frontend_pids(server)["frontend-1"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            time.sleep(3.5)  # its background read (every second, 2 s timeout) has failed
+            took: list[float] = []
+            counts: list[float] = []
+
+            def scrape() -> None:
+                began = time.monotonic()
+                counts.append(metrics(server.metrics_port)[key])
+                took.append(time.monotonic() - began)
+
+            threads = [threading.Thread(target=scrape) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            scrape()
+            assert counts == [6.0] * 5  # the stopped front end's counts are kept
+            assert max(took) < 1.5, took
+            assert frontend_pids(server)["frontend-1"] == victim  # not restarted yet
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
 
 
 def test_a_stuck_front_end_is_killed_and_restarted(fake_model_dir: Path,
