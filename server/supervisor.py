@@ -609,7 +609,7 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
     own_stop = stop is None
     stop = stop or asyncio.Event()
     if own_stop:
-        _handle_signals(loop, stop, config, frontends, server, files)
+        _handle_signals(loop, stop, config, frontends, server, files, sockets)
     config = dataclasses.replace(config, security=files.copied)  # the front ends' config
     for m in server.models:
         server._log_model(m)
@@ -790,14 +790,15 @@ def on_sighup(server: EmbedServer, files: SecurityFiles, frontends: list[FrontEn
 
 def _handle_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
                     config: ServeConfig, frontends: list[FrontEnd],
-                    server: EmbedServer, files: SecurityFiles) -> None:
-    def kill_children() -> None:
+                    server: EmbedServer, files: SecurityFiles, sockets: str) -> None:
+    def kill_children() -> None:  # a second signal: exit now, leaving nothing behind
         for frontend in frontends:
             frontend.signal(signal.SIGKILL)
         for w in server.workers:
             if w.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
+        shutil.rmtree(sockets, ignore_errors=True)
 
     def on_hup() -> None:
         on_sighup(server, files, frontends)
