@@ -328,6 +328,7 @@ class WorkerHandle:
 def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> tuple[Any, Any]:
     """Start `target(child_end, *args)` in a `spawn` process: (process, parent end of a
     duplex pipe to it). The child end is closed here once the process has it."""
+    _resource_tracker()
     parent, child = _CTX.Pipe(duplex=True)
     try:
         proc = _CTX.Process(target=target, args=(child, *args), name=name, daemon=True)
@@ -338,6 +339,24 @@ def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> tupl
     finally:
         child.close()
     return proc, parent
+
+
+def _resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (every spawned process registers with it)
+    with SIGHUP blocked, which it keeps: it ignores SIGINT and SIGTERM itself, but a
+    SIGHUP to the process group (a reload sent with `kill -HUP -- -PGID`, a terminal
+    hanging up) killed it, and it was started again with a warning of leaks."""
+    from multiprocessing import resource_tracker
+
+    with _TRACKER_LOCK:
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            resource_tracker.ensure_running()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+_TRACKER_LOCK = threading.Lock()
 
 
 def _reap(proc: Any) -> None:
