@@ -14,10 +14,12 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -547,6 +549,57 @@ def test_sigterm_drains_every_front_end_and_exits_zero(fake_model_dir: Path) -> 
         assert any("stopped" in line for line in server.lines)
         for child in children:
             wait_until(lambda c=child: not _running(c), 10)
+
+
+def test_a_second_signal_stops_at_once_and_leaves_nothing_behind(
+        fake_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C twice (or SIGTERM twice) during a drain: the server exits at once with code
+    1, its front ends and workers with it, and its private sockets' directory is removed
+    (it was left in TMPDIR)."""
+    tmp = tempfile.mkdtemp(prefix="t", dir="/tmp")  # short: socket paths have a limit
+    monkeypatch.setenv("TMPDIR", tmp)
+    try:
+        with serve(fake_model_dir, "--frontends", "2", "--fake-delay-ms", "3000") as server:
+            wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+            children = [*frontend_pids(server).values(), *server.worker_pids]
+            assert len(os.listdir(tmp)) == 1  # the server's private directory
+
+            def call() -> None:
+                with EmbedClient(server.target, options=OWN, retries=1,
+                                 timeout=30) as client, contextlib.suppress(grpc.RpcError):
+                    client.embed(["held"])
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            time.sleep(0.5)  # the call is in flight: the first signal drains
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(10) == 1
+            caller.join(30)
+            assert any("second signal: stopping now" in line for line in server.lines)
+            for child in children:
+                wait_until(lambda c=child: not _running(c), 10)
+            assert os.listdir(tmp) == []
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_sighup_to_the_process_group_spares_the_resource_tracker(
+        fake_model_dir: Path) -> None:
+    """multiprocessing's resource tracker (a child of the server, in its process group)
+    survives a SIGHUP, as `kill -HUP -- -PGID` sends it to every process of the group
+    (it died of it, and was started again with a warning of leaks)."""
+    with serve(fake_model_dir, "--frontends", "2") as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)],
+                             capture_output=True, text=True, check=True).stdout
+        trackers = [int(line.split()[0]) for line in out.splitlines()
+                    if "resource_tracker" in line]
+        assert len(trackers) == 1, out
+        os.kill(trackers[0], signal.SIGHUP)
+        time.sleep(1.0)
+        assert _running(trackers[0])
 
 
 def test_a_killed_supervisor_leaves_nothing_behind(fake_model_dir: Path) -> None:
