@@ -374,9 +374,7 @@ class FrontEndMetrics:
         asked = [i for i, seen in enumerate(self._seen)
                  if not (skip_failed and seen.failed)]
         answered = [False] * len(self.frontends)
-        if len(asked) == 1:
-            answered[asked[0]] = self._read(asked[0])
-        elif asked:
+        if asked:
             with concurrent.futures.ThreadPoolExecutor(len(asked)) as pool:
                 for i, ok in zip(asked, pool.map(self._read, asked), strict=True):
                     answered[i] = ok

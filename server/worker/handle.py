@@ -348,15 +348,11 @@ def _resource_tracker() -> None:
     hanging up) killed it, and it was started again with a warning of leaks."""
     from multiprocessing import resource_tracker
 
-    with _TRACKER_LOCK:
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-        try:
-            resource_tracker.ensure_running()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-_TRACKER_LOCK = threading.Lock()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # this thread's
+    try:
+        resource_tracker.ensure_running()  # thread-safe: it holds a lock of its own
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _reap(proc: Any) -> None:
