@@ -592,7 +592,9 @@ def test_sighup_to_the_process_group_spares_the_resource_tracker(
     (it died of it, and was started again with a warning of leaks)."""
     with serve(fake_model_dir, "--frontends", "2") as server:
         wait_until(lambda: len(frontend_pids(server)) == 2, 20)
-        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)],
+        # -ww: whole command lines (without it ps cuts them at 80 columns off a terminal,
+        # before "resource_tracker" when the venv's path is long)
+        out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server.proc.pid)],
                              capture_output=True, text=True, check=True).stdout
         trackers = [int(line.split()[0]) for line in out.splitlines()
                     if "resource_tracker" in line]
