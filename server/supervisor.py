@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -597,6 +598,22 @@ async def supervise(config: ServeConfig, frontends: int, *,
 
 async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: str,
                      stop: asyncio.Event | None) -> None:
+    net = config.network
+    # The ports first, before a model loads or a process starts: a refused start is
+    # quick, and leaves no half-spawned worker behind (nor its traceback).
+    held = _hold_ports([p for p in (net.port, net.http_port) if p], net.host)
+    try:
+        _refuse_taken([(what, p) for what, p in (("", net.port), (" for HTTP", net.http_port))
+                       if p], net.host)
+        await _run(config, n, hooks, sockets, stop, held)
+    finally:
+        for lock in held:
+            lock.close()
+
+
+async def _run(config: ServeConfig, n: int, hooks: DebugHooks, sockets: str,
+               stop: asyncio.Event | None, held: list[socket.socket]) -> None:
+    """The supervisor, its fixed ports held (`held`: it adds those that port 0 picks)."""
     loop = asyncio.get_running_loop()
     # Loads every model (a checkpoint is prepared into the cache here, once: the front
     # ends find it there) and makes the workers' specs; it serves no calls.
@@ -614,7 +631,6 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
     own_metrics = SupervisorMetrics(server.models, frontends)
     ready = [w.start(loop) for w in server.workers]
     http: Any = None
-    held: list[socket.socket] = []
     watch: asyncio.Task[None] | None = None
     counts: asyncio.Task[None] | None = None
     try:
@@ -631,7 +647,6 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
             net, metrics_port=0 if net.metrics_port is not None else None,
             metrics_host="127.0.0.1")
         first_config = dataclasses.replace(config, network=fe_net)
-        held = _hold_ports([p for p in (net.port, net.http_port) if p], net.host)
         frontends[0].start(first_config)
         port, http_port, _ = await _first(frontends[0].bound, ready, stop)
         held += _hold_ports([p for p in (port, http_port) if p and p not in
@@ -705,6 +720,46 @@ def _hold_ports(ports: list[int], host: str) -> list[socket.socket]:
                              "with several front ends serves that port") from None
         held.append(lock)
     return held
+
+
+_WILDCARDS = ("", "*", "0.0.0.0", "::")
+
+
+def _refuse_taken(ports: list[tuple[str, int]], host: str) -> None:
+    """ModelError if another program listens on one of `ports` ((what, port), by number).
+    The front ends bind with SO_REUSEPORT, and so would join, silently sharing its
+    connections, a listener that set it too (as every grpcio server does by default);
+    a probe bound without it is refused by the kernel as one front end alone would be."""
+    bare = host.strip("[]")
+    for what, port in ports:
+        if bare in _WILDCARDS:  # grpc listens on [::] (both families) where it can
+            addresses = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
+        else:
+            try:
+                found = socket.getaddrinfo(bare, port, type=socket.SOCK_STREAM)
+            except OSError:  # the front end's own bind says what is wrong with the host
+                continue
+            addresses = list(dict.fromkeys((f, a[:2]) for f, _, _, _, a in found))
+        for family, address in addresses:
+            try:
+                probe = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:  # no IPv6 here: the next address is IPv4's
+                continue
+            with probe:
+                # SO_REUSEADDR: connections of an earlier server left in TIME_WAIT are no
+                # objection; a listening socket still is.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and bare in _WILDCARDS:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                try:
+                    probe.bind(address)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        continue  # not this process's to judge: the front end reports it
+                    raise ModelError(f"cannot listen{what} on {host}:{port}: another "
+                                     f"program listens on that port ({exc.strerror})") from None
+            if bare in _WILDCARDS:
+                break  # [::] covered both families
 
 
 _PING_EVERY_S = 1.0
