@@ -120,7 +120,9 @@ class EmbedServer:
         hooks = hooks or DebugHooks()
         options = config.devices
         # Read and check the key and certificate files first.
-        self.security = ServerSecurity.from_config(config.security, host=config.network.host)
+        self.security = ServerSecurity.from_config(
+            config.security, host=config.network.host,
+            warn=layout is None or layout.role != "frontend")  # the supervisor warns once
         self.devices = resolve_devices(options.device) if options.backend == "onnx" \
             else ["cpu"]
         kind = "cuda" if self.devices[0].startswith("cuda") else "cpu"

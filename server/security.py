@@ -291,9 +291,11 @@ class ServerSecurity:
     _pending: grpc.ServerCertificateConfiguration | None = None
 
     @classmethod
-    def from_config(cls, config: SecurityOptions, *, host: str) -> ServerSecurity:
+    def from_config(cls, config: SecurityOptions, *, host: str,
+                    warn: bool = True) -> ServerSecurity:
         """`host`: where the server listens (keys without TLS off loopback are warned
-        about)."""
+        about); `warn`: False in a front end of several, whose supervisor has warned once
+        for all of them."""
         if (config.tls_cert is None) != (config.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both (PEM files) "
                              "or neither")
@@ -306,7 +308,7 @@ class ServerSecurity:
         if keys is None and (config.auth_health or config.auth_reflection):
             raise ValueError("--auth-health and --auth-reflection need API keys "
                              "(--api-key or --api-keys-file)")
-        if keys is not None:
+        if keys is not None and warn:
             if any(len(k) < SHORT_KEY for k in given):
                 log.warning("an API key is shorter than %d characters; use long random keys "
                             "(e.g. python -c 'import secrets; print(secrets.token_urlsafe())')",
