@@ -75,8 +75,13 @@ def test_precedence_command_line_then_environment_then_file_then_default(
 
 @pytest.mark.parametrize(("text", "message"), [
     ("max-batch-tokenz = 4", "unknown option(s) max-batch-tokenz"),
-    ('workers = "many"', "workers='many'"),
-    ("workers = 2.5", "workers='2.5'"),
+    ('workers = "many"', "workers = 'many': expected a whole number"),
+    ("workers = 2.5", "workers = 2.5: expected a whole number"),
+    # TOML's types are kept: a quoted number is a string (outside review: it was taken)
+    ('max-inputs = "5"', "max-inputs = '5': expected a whole number"),
+    ('frontends = "many"', "frontends = 'many': expected a whole number, or \"auto\""),
+    ('max-wait-ms = "2"', "max-wait-ms = '2': expected a number"),
+    ('auth-health = "yes"', "auth-health = 'yes': expected true or false"),
     ('log-format = "xml"', "use one of text, json"),
     ("port = true", "expected a single int"),
     ("workers = [1, 2]", "expected a single int"),
@@ -89,6 +94,20 @@ def test_bad_config_files_are_refused_with_the_reason(
         parse_args(["serve", "--config", write(tmp_path, text)])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_auto_is_a_value_where_it_is_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--frontends' default is "auto" (docs/configuration.md): the word is taken for it
+    on the command line, in the environment and in a file; a file's numbers are taken as
+    TOML numbers (an int for a float option too)."""
+    assert parse_args(["serve", "--frontends", "auto"]).frontends is None
+    assert parse_args(["serve", "--frontends", "3"]).frontends == 3
+    config = write(tmp_path, 'frontends = "auto"\nmax-wait-ms = 2\nmax-inputs = 7\n')
+    ns = parse_args(["serve", "--config", config])
+    assert ns.frontends is None and ns.max_wait_ms == 2.0 and ns.max_inputs == 7
+    monkeypatch.setenv("EMBEDRPC_FRONTENDS", "AUTO")
+    assert parse_args(["serve"]).frontends is None
 
 
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ Precedence: command line > environment > config file > built-in default.
 from __future__ import annotations
 
 import argparse
+import builtins
 import os
 import tomllib
 from collections.abc import Callable, Sequence
@@ -22,6 +23,31 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off", ""):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parse_int(text: str) -> int:
+    """A whole number (argparse's message names it "int", as for int itself)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+
+
+def parse_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
+parse_int.__name__, parse_float.__name__ = "int", "float"
+
+# What a config file's value may be, by the option's kind: TOML has its own types, and a
+# quoted number is a string (an option of another kind takes only "auto", where its
+# default is "auto"). str options take any single value, as the command line does.
+_FILE_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float),
+                                            "bool": (bool,)}
+_FILE_KIND_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false"}
 
 
 def key_list(text: str) -> list[str]:
@@ -82,9 +108,10 @@ class EnvParser(argparse.ArgumentParser):
 
     def add_option(self, *flags: str, type: Callable[[str], Any] = str, default: Any = None,
                    help: str = "", secret: bool = False, default_text: str | None = None,
-                   **kwargs: Any) -> None:
+                   kind: str = "str", **kwargs: Any) -> None:
         """secret: the value (an API key) is never shown in --help or an error;
-        default_text: how --help says the default, where the value would not."""
+        default_text: how --help says the default, where the value would not; kind: what
+        a config file's value must be ("int", "float", "bool"; "str": any single value)."""
         dest = kwargs.pop("dest", None) or flags[0].lstrip("-").replace("-", "_")
         env = ENV_PREFIX + dest.upper()
         from_file = self.config.values.pop(dest, None)
@@ -99,6 +126,17 @@ class EnvParser(argparse.ArgumentParser):
                                                        and type is not parse_bool):
                 shown_value = "" if secret else f" = {from_file!r}"
                 self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
+            wanted = _FILE_TYPES.get(kind)
+            auto = isinstance(from_file, str) and from_file.lower() == "auto" and \
+                (default_text or "").startswith("auto")
+            if wanted and not auto and (not isinstance(from_file, wanted)
+                                        or (isinstance(from_file, bool) and bool not in wanted)):
+                shown_value = "" if secret else f" = {from_file!r}"
+                extra = ', or "auto"' if (default_text or "").startswith("auto") else ""
+                given = {str: "string", bool: "boolean", int: "integer",
+                         float: "float"}.get(builtins.type(from_file), "value of another type")
+                self.error(f"{source}{shown_value}: expected {_FILE_KIND_NAMES[kind]}{extra}, "
+                           f"not a TOML {given}")
             text = from_file if isinstance(from_file, str) else str(from_file)
         else:
             source = text = None
@@ -173,13 +211,15 @@ def config_options(config_class: type) -> list[ConfigOption]:
 
 
 def _parser_of(option: ConfigOption) -> Callable[[str], Any]:
-    base: Callable[[str], Any] = {"bool": parse_bool, "int": int, "float": float,
+    base: Callable[[str], Any] = {"bool": parse_bool, "int": parse_int, "float": parse_float,
                                   "str": str, "keys": key_list}[option.kind]
     if not option.optional:
         return base
+    # Options whose default is "auto" (--frontends) take that word for it too.
+    auto = (option.shown or "").startswith("auto") and option.kind != "str"
 
     def optional(text: str) -> Any:  # an empty variable or value: unset
-        return None if text == "" else base(text)
+        return None if text == "" or (auto and text.lower() == "auto") else base(text)
 
     optional.__name__ = getattr(base, "__name__", option.kind)
     return optional
@@ -196,7 +236,7 @@ def add_config_options(parser: EnvParser, config_class: type) -> list[ConfigOpti
             kwargs.update(action=ExtendKeys)
         default = list(o.default) if o.kind == "keys" else o.default
         parser.add_option(o.flag, type=_parser_of(o), default=default, help=o.help,
-                          secret=o.secret, default_text=o.shown, **kwargs)
+                          secret=o.secret, default_text=o.shown, kind=o.kind, **kwargs)
     return options
 
 
