@@ -213,11 +213,12 @@ class PairEncoder:
         window of cut_chars + WINDOW characters ends in (pieces are tokenized on their
         own, and a piece's extent depends on the text up to one character past it)."""
         if truncate == TRUNCATE_NONE:
+            least = -(-len(text) // self.longest_token)
             raise InvalidInput(
                 f"{field}[{index}] is longer than max_length {self.max_length} tokens: its "
-                f"text has {len(text):,} characters, so at least "
-                f"{-(-len(text) // self.longest_token):,} tokens; shorten it or use "
-                "TRUNCATE_END", field=field)
+                f"text has {len(text):,} characters (instruction, query and document), so "
+                f"at least {least:,} tokens, {least + self.wrap_tokens:,} with the model's "
+                "fixed tokens; shorten it or use TRUNCATE_END", field=field)
         if len(text) <= self.cut_chars + WINDOW:
             return text  # no longer than a window: tokenized whole, exact at no extra cost
         window = text[:self.cut_chars + WINDOW]

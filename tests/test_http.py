@@ -157,6 +157,9 @@ def test_bad_requests_get_400_with_an_openai_error(server, body: Any, words: str
     srv, _ = server
     status, _, out = call(srv, "POST", "/v1/embeddings", body)
     assert_openai_error(status, out, 400, words=words, param=param)
+    # Every 400 has a code (the token-id refusal had null: outside review)
+    assert out["error"]["code"] == ("invalid_json" if words == "not valid JSON"
+                                    else "invalid_argument")
 
 
 @pytest.mark.parametrize(("body", "words", "param"), [

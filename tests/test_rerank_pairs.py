@@ -12,6 +12,7 @@ exactly; no torch is needed here.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def test_huge_documents_cost_what_the_model_sees(encoders: dict[int, PairEncoder
     with pytest.raises(InvalidInput, match=r"documents\[0\] is longer than max_length 96 "
                                            r"tokens: its text has 1,8"):
         enc.encode(group["query"], [huge], truncate=TRUNCATE_NONE)
+    # Just past the length that is refused before tokenizing: the count it gives is the
+    # whole row's, more than the limit it quotes (it gave the text's alone, which read as
+    # less: "longer than max_length 128 tokens ... so at least 106", outside review)
+    pair = len(format_pair(group["query"], ""))
+    just_over = ("ab " * enc.cut_chars)[:enc.cut_chars + 1 - pair]
+    assert len(format_pair(group["query"], just_over)) == enc.cut_chars + 1
+    with pytest.raises(InvalidInput, match="with the model's fixed tokens") as refused:
+        enc.encode(group["query"], [just_over], truncate=TRUNCATE_NONE)
+    total = re.search(r"tokens, ([\d,]+) with the model's fixed tokens", str(refused.value))
+    assert total is not None and int(total.group(1).replace(",", "")) > 96
     # One "word" longer than the window cannot be cut exactly: refused, not guessed.
     with pytest.raises(InvalidInput, match="no space, digit, punctuation"):
         enc.encode(group["query"], ["x" * (enc.cut_chars * 4)])

@@ -80,7 +80,9 @@ class HttpError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code
+        # A request this server cannot take as it is: gRPC's INVALID_ARGUMENT, named so
+        # where no more precise code (invalid_json, bad_request) is given.
+        self.code = "invalid_argument" if code is None and status == 400 else code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
         self.close = close  # the connection cannot be reused (the body was not read)
         self.headers = headers or {}
