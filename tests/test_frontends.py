@@ -792,6 +792,42 @@ def test_a_port_taken_by_another_program_is_a_clear_error(fake_model_dir: Path) 
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
 
 
+@pytest.mark.parametrize(("host", "which"), [("127.0.0.1", "grpc"), ("0.0.0.0", "grpc"),
+                                            ("127.0.0.1", "http")])
+def test_a_port_another_program_shares_is_refused(fake_model_dir: Path, host: str,
+                                                  which: str) -> None:
+    """A listener that set SO_REUSEPORT (every grpcio server does by default) would let
+    the front ends in beside it, and take a share of their connections (outside review:
+    4 calls in 20 went to it, and all IPv4 ones beside a 0.0.0.0 listener): refused, as
+    one front end is, before any process starts (no spawn's traceback)."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind((host, 0))
+        other.listen()
+        port = other.getsockname()[1]
+        ports = ["--port", str(port)] if which == "grpc" else \
+            ["--port", "0", "--http-port", str(port)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "embedrpc", "serve", "--model", str(fake_model_dir),
+             "--backend", "fake", "--device", "cpu", "--host", host, *ports,
+             "--frontends", "2"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    what = "" if which == "grpc" else " for HTTP"
+    assert f"cannot listen{what} on {host}:{port}: another program listens on that port" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_startup_warnings_are_given_once(fake_model_dir: Path) -> None:
+    """The supervisor warns about keys sent in clear text; its front ends do not repeat
+    it (it was printed once per process)."""
+    with serve(fake_model_dir, "--frontends", "2", "--host", "0.0.0.0",
+               "--api-key", "k" * 40) as server:
+        wait_until(lambda: len(frontend_pids(server)) == 2, 20)
+        warnings = [line for line in server.lines if "API keys without TLS" in line]
+        assert len(warnings) == 1, warnings
+
+
 @pytest.mark.parametrize("second", [["--frontends", "2"], ["--frontends", "1"]])
 def test_a_second_server_on_the_same_port_fails_loudly(fake_model_dir: Path,
                                                       second: list[str]) -> None:
@@ -804,6 +840,7 @@ def test_a_second_server_on_the_same_port_fails_loudly(fake_model_dir: Path,
              str(first.port), *second], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"cannot listen on 127.0.0.1:{first.port}" in proc.stderr
+        assert "Traceback" not in proc.stderr  # refused before a worker was spawned
         with EmbedClient(first.target) as client:  # the first one serves on, alone
             assert client.embed(["still here"]).shape == (1, HIDDEN)
 
