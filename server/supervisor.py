@@ -601,10 +601,10 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
     net = config.network
     # The ports first, before a model loads or a process starts: a refused start is
     # quick, and leaves no half-spawned worker behind (nor its traceback).
-    held = _hold_ports([p for p in (net.port, net.http_port) if p], net.host)
+    fixed = [(what, p) for what, p in (("", net.port), (" for HTTP", net.http_port)) if p]
+    held = _hold_ports([p for _, p in fixed], net.host)
     try:
-        _refuse_taken([(what, p) for what, p in (("", net.port), (" for HTTP", net.http_port))
-                       if p], net.host)
+        _refuse_taken(fixed, net.host)
         await _run(config, n, hooks, sockets, stop, held)
     finally:
         for lock in held:
@@ -613,7 +613,8 @@ async def _supervise(config: ServeConfig, n: int, hooks: DebugHooks, sockets: st
 
 async def _run(config: ServeConfig, n: int, hooks: DebugHooks, sockets: str,
                stop: asyncio.Event | None, held: list[socket.socket]) -> None:
-    """The supervisor, its fixed ports held (`held`: it adds those that port 0 picks)."""
+    """The supervisor, its fixed ports held (`held`: it adds those that port 0 picks;
+    the caller closes them all)."""
     loop = asyncio.get_running_loop()
     # Loads every model (a checkpoint is prepared into the cache here, once: the front
     # ends find it there) and makes the workers' specs; it serves no calls.
@@ -690,8 +691,6 @@ async def _run(config: ServeConfig, n: int, hooks: DebugHooks, sockets: str,
         if http is not None:
             http[0].shutdown()
             http[0].server_close()
-        for lock in held:
-            lock.close()
         for future in (*(f.bound for f in frontends), *(f.ready for f in frontends), *ready):
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved

@@ -50,6 +50,12 @@ _FILE_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float)
 _FILE_KIND_NAMES = {"int": "a whole number", "float": "a number", "bool": "true or false"}
 
 
+def _takes_auto(kind: str, shown: str | None) -> bool:
+    """Whether a (non-text) option whose default is "auto" (--frontends) takes that word
+    for it, as unset."""
+    return kind != "str" and (shown or "").startswith("auto")
+
+
 def key_list(text: str) -> list[str]:
     """'k1,k2' → ['k1', 'k2']; '' → []. The server checks each key (without echoing it)."""
     return [part.strip() for part in text.split(",")] if text.strip() else []
@@ -126,15 +132,15 @@ class EnvParser(argparse.ArgumentParser):
                                                        and type is not parse_bool):
                 shown_value = "" if secret else f" = {from_file!r}"
                 self.error(f"{source}{shown_value}: expected a single {type.__name__} value")
+            # (A boolean for a numeric option is refused just above.)
             wanted = _FILE_TYPES.get(kind)
-            auto = isinstance(from_file, str) and from_file.lower() == "auto" and \
-                (default_text or "").startswith("auto")
-            if wanted and not auto and (not isinstance(from_file, wanted)
-                                        or (isinstance(from_file, bool) and bool not in wanted)):
+            auto = _takes_auto(kind, default_text)
+            if wanted and not isinstance(from_file, wanted) and not (
+                    auto and isinstance(from_file, str) and from_file.lower() == "auto"):
                 shown_value = "" if secret else f" = {from_file!r}"
-                extra = ', or "auto"' if (default_text or "").startswith("auto") else ""
-                given = {str: "string", bool: "boolean", int: "integer",
-                         float: "float"}.get(builtins.type(from_file), "value of another type")
+                extra = ', or "auto"' if auto else ""
+                given = {str: "string", int: "integer", float: "float"}.get(
+                    builtins.type(from_file), "value of another type")
                 self.error(f"{source}{shown_value}: expected {_FILE_KIND_NAMES[kind]}{extra}, "
                            f"not a TOML {given}")
             text = from_file if isinstance(from_file, str) else str(from_file)
@@ -215,8 +221,7 @@ def _parser_of(option: ConfigOption) -> Callable[[str], Any]:
                                   "str": str, "keys": key_list}[option.kind]
     if not option.optional:
         return base
-    # Options whose default is "auto" (--frontends) take that word for it too.
-    auto = (option.shown or "").startswith("auto") and option.kind != "str"
+    auto = _takes_auto(option.kind, option.shown)
 
     def optional(text: str) -> Any:  # an empty variable or value: unset
         return None if text == "" or (auto and text.lower() == "auto") else base(text)
