@@ -9,6 +9,11 @@ Issue 13, item 4. On this machine, side by side, each in a process of its own:
 - the floor: `embedrpc bench --noop-server` (client/bench/noop.py), a grpc.aio servicer
   that parses the EmbedRequest and answers with a float32-bytes payload of 1024 floats
   per text, nothing else;
+- the bare design (`--no-bare` leaves it out): benchmarks/bare_server.py, an Embedder
+  built as embedrpc is (grpc.aio front end, Qwen's tokenizer, one worker process over a
+  socket running the fake backend's formula, a batch per event-loop turn) with nothing
+  else: no limits, fairness, deadlines, crash recovery, metrics or ids. What any server
+  of this design costs at the least; embedrpc is also given as a ratio to it;
 - `embedrpc serve --backend fake` on a model directory with Qwen3's real tokenizer
   (hidden size 1024, max length 8192; the fake backend answers at once, so the model
   costs nothing and what is left is the front end: gRPC, tokenization, batching, IPC);
@@ -96,6 +101,7 @@ class Load:
 LOADS = (Load("single", "single-text Embed, 32 clients", 1, 32),
          Load("batch32", "32-text Embed, 4 clients", 32, 4))
 # Issue 13's targets (ratios within one run on one machine).
+BARE_LABEL = "bare design: grpc.aio + tokenizer + a worker process, nothing else"
 TARGET_SINGLE = 1.5  # single-text: server CPU per request <= 1.5x the floor
 TARGET_BATCH = 1.4  # 32-text: server CPU per text <= 1.4x the floor (tokenizer included)
 TARGET_SPLIT = 1.1  # --frontends 2: CPU per request <= 1.1x one front end
@@ -529,6 +535,15 @@ def floor_server(work: Path) -> Server:
                   work / "floor.log", health=False, port=port)
 
 
+def bare_server(work: Path, model: Path) -> Server:
+    """benchmarks/bare_server.py: the design at its barest (grpc.aio, the tokenizer, a
+    worker process with the fake backend's formula; nothing else)."""
+    port = free_port()
+    return Server("bare", [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"),
+                           "--port", str(port), "--model-dir", str(model)],
+                  work / "bare.log", health=False, port=port)
+
+
 def embedrpc_server(name: str, work: Path, model: str, *, device: str, backend: str,
                     frontends: int | None, extra: Sequence[str] = ()) -> Server:
     port, metrics_port = free_port(), free_port()
@@ -659,13 +674,16 @@ def cpu_part(ns: argparse.Namespace, work: Path, report: dict[str, Any],
     model = write_model_dir(work / "model", tokenizer)
     extra = shlex.split(ns.server_args)
     setups = [Setup("floor", "floor: no-op grpc.aio servicer", None, floor_server(work))]
+    if ns.bare:
+        setups.append(Setup("bare", BARE_LABEL, None, bare_server(work, model)))
     started: list[Server] = []
     helpers: list[Helper] = []
     try:
         # What starts first starts while the serve command's help is read.
-        assert setups[0].server is not None
-        setups[0].server.start()
-        started.append(setups[0].server)
+        for setup in setups:
+            assert setup.server is not None
+            setup.server.start()
+            started.append(setup.server)
         loader = load_process(ns.client_nice)
         helpers.append(loader)
         tokenizing = Helper(_tokenizer_main, str(tokenizer))
@@ -795,6 +813,13 @@ def ratios(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any
                       zip(rounds[(s.key, load.key)], floors, tok, strict=True)]
             out[f"{load.key}/{s.key}/vs_floor"] = median(values)
             out[f"{load.key}/{s.key}/vs_floor_rounds"] = values
+        bare = rounds.get(("bare", load.key))
+        if bare is not None and ("embedrpc", load.key) in rounds:
+            figure = "cpu_us_per_request" if load.batch == 1 else "cpu_us_per_text"
+            values = [a[figure] / b[figure]
+                      for a, b in zip(rounds[("embedrpc", load.key)], bare, strict=True)]
+            out[f"{load.key}/embedrpc/vs_bare"] = median(values)
+            out[f"{load.key}/embedrpc/vs_bare_rounds"] = values
         one = rounds.get(("embedrpc", load.key))
         for s in measured:
             if s.frontends is None or s.frontends == 1 or one is None:
@@ -959,7 +984,9 @@ def render(report: dict[str, Any]) -> tuple[str, list[str]]:
                 per_request = f"**{per_request}**"
         else:
             vs = ratio_text(ratios_.get(f"{load.key}/{row['setup']}/vs_floor"))
-            if row["frontends"] in (None, 1):
+            if row["setup"] == "bare":
+                target = "none: the design's least"
+            elif row["frontends"] in (None, 1):
                 target = (f"≤ {TARGET_SINGLE}× per request" if load.batch == 1
                           else f"≤ {TARGET_BATCH}× per text")
             split = ratios_.get(f"{load.key}/{row['setup']}/cpu_vs_1")
@@ -980,6 +1007,14 @@ def render(report: dict[str, Any]) -> tuple[str, list[str]]:
     if shares:
         lines += ["", "Share of embedrpc's CPU in its main process (the rest: the device "
                   f"worker and the other processes): {', '.join(shares)}."]
+    bare = [(load, ratios_.get(f"{load.key}/bare/vs_floor"),
+             ratios_.get(f"{load.key}/embedrpc/vs_bare")) for load in LOADS]
+    if any(b is not None for _, b, _ in bare):
+        lines += ["", "The bare design (benchmarks/bare_server.py: grpc.aio, the tokenizer and "
+                  "a worker process, nothing else) against the floor, and embedrpc against "
+                  "it: " + "; ".join(f"{load.name}: {ratio_text(b) or 'n/a'} the floor, "
+                                     f"embedrpc {ratio_text(e) or 'n/a'} the bare design"
+                                     for load, b, e in bare) + "."]
     if tok:
         lines.append("")
         lines.append(f"Qwen's tokenizer alone, one thread, the same texts ({tok['mean_tokens']} "
@@ -1074,6 +1109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="front-end counts measured when serve has --frontends")
     p.add_argument("--server-args", default="",
                    help="more `embedrpc serve` flags for every embedrpc server, one string")
+    p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure benchmarks/bare_server.py, the design at its barest "
+                   "(default: on)")
     p.add_argument("--one-connection", action="store_true",
                    help="all clients share one connection, as `embedrpc bench` sends "
                         "(default: a connection per client, so front ends on one port "
@@ -1135,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"quick": ns.quick, "duration_s": ns.duration, "warmup_s": ns.warmup,
                    "rounds": ns.rounds, "client_nice": ns.client_nice,
                    "connections": "one" if ns.one_connection else "one per client",
-                   "server_args": ns.server_args, "frontends": ns.frontends,
+                   "server_args": ns.server_args, "frontends": ns.frontends, "bare": ns.bare,
                    "hidden_size": HIDDEN, "max_length": MAX_LENGTH, "encoding": "float32",
                    "loads": [{"key": x.key, "name": x.name, "batch": x.batch,
                               "clients": x.clients} for x in LOADS]},
