@@ -370,6 +370,9 @@ class DebugHooks:
     static_shapes: bool = False
     # --frontends: a front end that answers no ping for this long is killed (restarted).
     frontend_stall_s: float = 20.0
+    # --frontends: a front end pauses this long once it has read its keys, before it
+    # binds its ports (a SIGHUP in that window must still reload them).
+    frontend_start_pause_s: float = 0.0
 
 
 GROUPS: dict[str, type] = {

@@ -102,12 +102,25 @@ def _tell(conn: Any, message: tuple[Any, ...]) -> None:
 async def _frontend(conn: Any, config: ServeConfig, layout: Layout,
                     hooks: DebugHooks) -> None:
     raise_fd_limit()
-    server = EmbedServer(config, hooks=hooks, layout=layout)
     loop = asyncio.get_running_loop()
+    built: list[EmbedServer] = []
+
+    def on_hup() -> None:
+        if built:
+            reload_logged(built[0])
+
+    # Before the server reads the keys and certificates (EmbedServer does): a SIGHUP
+    # from now on reloads them, once the server exists (the loop runs this callback
+    # when it next turns, after the constructor); one before it (ignored) came before
+    # they were read, so they are read as the supervisor last copied them.
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    server = EmbedServer(config, hooks=hooks, layout=layout)
+    built.append(server)
+    if hooks.frontend_start_pause_s:  # tests: a SIGHUP comes after the keys were read
+        time.sleep(hooks.frontend_start_pause_s)
     stop = asyncio.Event()
     orphaned = False
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_logged, server)
 
     def parent_readable() -> None:
         nonlocal orphaned
@@ -164,6 +177,7 @@ class FrontEnd:
         self._thread: threading.Thread | None = None
         self._conn: Any = None  # the pipe to the live process
         self.hup_safe = False  # it ignores SIGHUP until its reload handler is in place
+        self._killed = False  # the supervisor killed it (it answered no ping)
         self.answered = time.monotonic()  # when it last answered a ping (or started)
         self.unanswered_since: float | None = None  # its oldest ping not answered yet
 
@@ -190,6 +204,11 @@ class FrontEnd:
                 self.unanswered_since = time.monotonic()
             with contextlib.suppress(OSError, ValueError):
                 conn.send(("ping",))
+
+    def kill_stuck(self) -> None:
+        """SIGKILL: it answered no ping for too long (it is restarted)."""
+        self._killed = True
+        self.signal(signal.SIGKILL)
 
     def signal(self, signum: int) -> None:
         pid = self.pid
@@ -270,13 +289,20 @@ class FrontEnd:
         self.hup_safe = False
         if self._stopping.is_set():
             return "ended"
-        if not self._was_ready:  # it never served: retrying will not change that
+        killed = self._killed
+        self._killed = False
+        signalled = proc.exitcode is not None and -proc.exitcode in _GROUP_SIGNALS
+        if not self._was_ready and not signalled:  # it never served: retrying will not
+            # change that (but a signal to the process group while it started, before
+            # it set its handlers, is no fault of its own: the supervisor, when the
+            # signal was meant for it, stops before the restart)
             why = error or exit_reason(proc.exitcode)
             self._post(_fail, self.bound, ModelError(f"{self.name}: {why}"))
             self._post(_fail, self.ready, ModelError(f"{self.name}: {why}"))
             return "fatal"
         self.restarts += 1
-        how = exit_reason(proc.exitcode).replace(" before it was ready", "")
+        how = "killed by the supervisor: it answered nothing" if killed else \
+            exit_reason(proc.exitcode).replace(" before it was ready", "")
         log.warning("%s %s%s; restarting (restart %d)", self.name,
                     how if how.startswith("exited") else f"died: {how}",
                     f": {error}" if error else "", self.restarts)
@@ -762,6 +788,9 @@ def _refuse_taken(ports: list[tuple[str, int]], host: str) -> None:
 
 
 _PING_EVERY_S = 1.0
+# What a service manager or a terminal sends to the whole process group: a front end
+# still starting (its handlers not yet set) dies of it, and is started again.
+_GROUP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 # A front end that has left a ping unanswered for this long is not counted as serving
 # in embedrpc_frontends_alive (after 20 s without an answer it is killed and restarted).
 _ANSWERS_WITHIN_S = 3 * _PING_EVERY_S
@@ -779,7 +808,7 @@ async def _watch(frontends: list[FrontEnd], stall_s: float) -> None:
                 log.error("%s answered nothing for %.0f s (its event loop is stuck); killing "
                           "it, it is restarted", frontend.name, now - frontend.answered)
                 frontend.alive = False
-                frontend.signal(signal.SIGKILL)
+                frontend.kill_stuck()
             elif frontend.alive:  # a serving one reads its pipe: the pings never pile up
                 frontend.ping()
 
@@ -802,6 +831,8 @@ async def _first(what: Any, ready: list[asyncio.Future[Any]], stop: asyncio.Even
     try:
         while True:
             done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():  # stopping: what failed meanwhile does not matter
+                raise _Stopped
             if task in done:
                 return task.result()
             if stopping in done:
