@@ -110,6 +110,23 @@ def test_auto_is_a_value_where_it_is_the_default(
     assert parse_args(["serve"]).frontends is None
 
 
+def test_a_bad_value_where_auto_is_the_default_names_auto(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own "invalid int value" left out the word --frontends also takes; an
+    empty value is the default (docs/configuration.md)."""
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--frontends", "abc"])
+    assert "argument --frontends: expected a whole number or \"auto\", got 'abc'" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("EMBEDRPC_FRONTENDS", "2.5")
+    with pytest.raises(SystemExit):
+        parse_args(["serve"])
+    assert "EMBEDRPC_FRONTENDS='2.5': expected a whole number or \"auto\", got '2.5'" in \
+        capsys.readouterr().err
+    monkeypatch.delenv("EMBEDRPC_FRONTENDS")
+    assert parse_args(["serve", "--frontends", ""]).frontends is None
+
+
 def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["serve", "--config", str(tmp_path / "nope.toml")])

@@ -224,7 +224,16 @@ def _parser_of(option: ConfigOption) -> Callable[[str], Any]:
     auto = _takes_auto(option.kind, option.shown)
 
     def optional(text: str) -> Any:  # an empty variable or value: unset
-        return None if text == "" or (auto and text.lower() == "auto") else base(text)
+        if text == "" or (auto and text.lower() == "auto"):
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            if not auto:
+                raise
+            # argparse would say "invalid int value", leaving out the word it also takes
+            raise argparse.ArgumentTypeError(
+                f"expected {_FILE_KIND_NAMES[option.kind]} or \"auto\", got {text!r}") from None
 
     optional.__name__ = getattr(base, "__name__", option.kind)
     return optional
