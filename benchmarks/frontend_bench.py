@@ -1,6 +1,6 @@
 """What the front end costs: embedrpc with the fake backend against a no-op gRPC floor, one run.
 
-    python benchmarks/frontend_bench.py                 # about 7 minutes on 2 cores
+    python benchmarks/frontend_bench.py                 # about 6 minutes on 2 cores
     python benchmarks/frontend_bench.py --quick         # a check of the program (~15 s)
     python benchmarks/frontend_bench.py --duration 20 --rounds 5 --json out.json
 
