@@ -787,17 +787,22 @@ def summarise(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, 
                 # round by round.
                 row["tokenizer_us_per_text"] = median([t["batch32_us_per_text"] for t in tok])
                 row["floor_us_per_text"] = median([
-                    floor_of(load, f, t)[1] for f, t in zip(results, tok, strict=True)])
+                    floor_of(load, f, t) for f, t in zip(results, tok, strict=True)])
             rows.append(row)
     return rows
 
 
-def floor_of(load: Load, floor: dict[str, Any], tok: dict[str, float]) -> tuple[str, float]:
-    """The figure a load is judged by, and the floor's value of it in one round (`floor`,
-    `tok`: the no-op server's and the tokenizer's figures of that round)."""
+def figure_of(load: Load) -> str:
+    """The figure a load is judged by: CPU per request for single texts, per text else."""
+    return "cpu_us_per_request" if load.batch == 1 else "cpu_us_per_text"
+
+
+def floor_of(load: Load, floor: dict[str, Any], tok: dict[str, float]) -> float:
+    """The floor's value of the load's figure (figure_of) in one round (`floor`, `tok`:
+    the no-op server's and the tokenizer's figures of that round)."""
     if load.batch == 1:
-        return "cpu_us_per_request", floor["cpu_us_per_request"]
-    return "cpu_us_per_text", floor["cpu_us_per_text"] + tok["batch32_us_per_text"]
+        return float(floor["cpu_us_per_request"])
+    return float(floor["cpu_us_per_text"] + tok["batch32_us_per_text"])
 
 
 def ratios(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any]]],
@@ -808,14 +813,14 @@ def ratios(setups: list[Setup], rounds: dict[tuple[str, str], list[dict[str, Any
     for load in LOADS:
         floors = rounds[("floor", load.key)]
         for s in measured:
-            figure, _ = floor_of(load, floors[0], tok[0])
-            values = [r[figure] / floor_of(load, f, t)[1] for r, f, t in
+            figure = figure_of(load)
+            values = [r[figure] / floor_of(load, f, t) for r, f, t in
                       zip(rounds[(s.key, load.key)], floors, tok, strict=True)]
             out[f"{load.key}/{s.key}/vs_floor"] = median(values)
             out[f"{load.key}/{s.key}/vs_floor_rounds"] = values
         bare = rounds.get(("bare", load.key))
         if bare is not None and ("embedrpc", load.key) in rounds:
-            figure = "cpu_us_per_request" if load.batch == 1 else "cpu_us_per_text"
+            figure = figure_of(load)
             values = [a[figure] / b[figure]
                       for a, b in zip(rounds[("embedrpc", load.key)], bare, strict=True)]
             out[f"{load.key}/embedrpc/vs_bare"] = median(values)

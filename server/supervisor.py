@@ -835,8 +835,6 @@ async def _first(what: Any, ready: list[asyncio.Future[Any]], stop: asyncio.Even
                 raise _Stopped
             if task in done:
                 return task.result()
-            if stopping in done:
-                raise _Stopped
             for future in done:
                 waiting.discard(future)
                 if future.exception() is not None:

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -668,6 +668,36 @@ def test_sighup_while_front_ends_start_kills_nothing(fake_model_dir: Path) -> No
         proc.wait(10)
 
 
+def _supervise_beside(config: ServeConfig, beside: Callable[[], None],
+                      hooks: Any) -> None:
+    """Run the supervisor in this (the main) thread, as `serve` does (its signal handlers
+    need it), with `beside` in a thread meanwhile; then SIGTERM, which the supervisor's
+    handler takes (drain, return). What `beside` raised is raised here."""
+    import asyncio
+
+    from embedrpc.server.supervisor import supervise
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before_term, 60)
+            beside()
+        except BaseException as exc:  # reported by the test's own thread
+            failed.append(exc)
+        finally:
+            if signal.getsignal(signal.SIGTERM) is not before_term:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    asyncio.run(supervise(config, 1, hooks=hooks))
+    thread.join(30)
+    if failed:
+        raise failed[0]
+
+
 def test_a_sighup_after_a_starting_front_end_read_its_keys_is_not_lost(
         fake_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A front end that had read the API keys, but not yet set its reload handler, when
@@ -677,10 +707,7 @@ def test_a_sighup_after_a_starting_front_end_read_its_keys_is_not_lost(
     supervisor took over the signals: it reloads once it can, so the new key works and
     the old one is refused. The supervisor runs in this process's main thread (its
     signal handlers need it); the checks run beside it."""
-    import asyncio
-
     from embedrpc.server.config import DebugHooks
-    from embedrpc.server.supervisor import supervise
 
     keys = tmp_path / "keys"
     keys.write_text("old-key-123456789\n")
@@ -688,45 +715,30 @@ def test_a_sighup_after_a_starting_front_end_read_its_keys_is_not_lost(
     config = ServeConfig.of(model=str(fake_model_dir), backend="fake", device="cpu",
                             host="127.0.0.1", port=port, api_keys_file=str(keys))
     caplog.set_level("INFO", logger="embedrpc.server.supervisor")
-    before = signal.getsignal(signal.SIGHUP)
-    before_term = signal.getsignal(signal.SIGTERM)
-    failed: list[BaseException] = []
 
     def logged(text: str) -> bool:
         return any(text in r.getMessage() for r in caplog.records)
 
     def rotate_and_check() -> None:
-        try:
-            wait_until(lambda: signal.getsignal(signal.SIGHUP) is not before, 60)
-            time.sleep(6)  # frontend-0 has read the keys, and pauses (10 s)
-            assert not logged("frontend-0 serving")
-            keys.write_text("new-key-987654321\n")
-            os.kill(os.getpid(), signal.SIGHUP)  # to the supervisor: it passes it on
-            wait_until(lambda: logged("frontend-0 serving"), 60)
-            # It was passed on while frontend-0 started (after its "hello": once it
-            # reads the keys after that, a SIGHUP must reach it).
-            assert logged("SIGHUP: passed on to 1 front ends")
-            for _ in range(3):
-                with EmbedClient(f"127.0.0.1:{port}", options=OWN,
-                                 api_key="new-key-987654321") as client:
-                    assert client.embed(["x"]).shape == (1, HIDDEN)
-                with EmbedClient(f"127.0.0.1:{port}", options=OWN, retries=1,
-                                 api_key="old-key-123456789") as client, \
-                        pytest.raises(grpc.RpcError) as err:
-                    client.embed(["x"])
-                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        except BaseException as exc:  # reported by the test's own thread
-            failed.append(exc)
-        finally:
-            if signal.getsignal(signal.SIGTERM) is not before_term:
-                os.kill(os.getpid(), signal.SIGTERM)  # the supervisor drains and returns
+        time.sleep(6)  # frontend-0 has read the keys, and pauses (10 s)
+        assert not logged("frontend-0 serving")
+        keys.write_text("new-key-987654321\n")
+        os.kill(os.getpid(), signal.SIGHUP)  # to the supervisor: it passes it on
+        wait_until(lambda: logged("frontend-0 serving"), 60)
+        # It was passed on while frontend-0 started (after its "hello": once it reads
+        # the keys after that, a SIGHUP must reach it).
+        assert logged("SIGHUP: passed on to 1 front ends")
+        for _ in range(3):
+            with EmbedClient(f"127.0.0.1:{port}", options=OWN,
+                             api_key="new-key-987654321") as client:
+                assert client.embed(["x"]).shape == (1, HIDDEN)
+            with EmbedClient(f"127.0.0.1:{port}", options=OWN, retries=1,
+                             api_key="old-key-123456789") as client, \
+                    pytest.raises(grpc.RpcError) as err:
+                client.embed(["x"])
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    checker = threading.Thread(target=rotate_and_check)
-    checker.start()
-    asyncio.run(supervise(config, 1, hooks=DebugHooks(frontend_start_pause_s=10.0)))
-    checker.join(30)
-    if failed:
-        raise failed[0]
+    _supervise_beside(config, rotate_and_check, DebugHooks(frontend_start_pause_s=10.0))
 
 
 def _children() -> list[int]:
@@ -748,40 +760,23 @@ def test_a_front_end_a_group_signal_kills_while_it_starts_is_no_start_up_failure
     an outside review, 64 front ends). Here the front end pauses 10 s after building
     its server (a test hook), is sent SIGTERM, and the supervisor 1.5 s later: the front
     end is started again, and the supervisor then drains and returns, no error."""
-    import asyncio
-
     from embedrpc.server.config import DebugHooks
-    from embedrpc.server.supervisor import supervise
 
     config = ServeConfig.of(model=str(fake_model_dir), backend="fake", device="cpu",
                             host="127.0.0.1", port=free_port())
     caplog.set_level("INFO", logger="embedrpc.server.supervisor")
-    before_term = signal.getsignal(signal.SIGTERM)
-    failed: list[BaseException] = []
 
     def signal_all() -> None:
-        try:
-            wait_until(lambda: signal.getsignal(signal.SIGTERM) is not before_term, 60)
-            time.sleep(6)  # the workers serve; frontend-0 pauses
-            # The workers and multiprocessing's resource tracker ignore SIGTERM.
-            for pid in _children():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: any("frontend-0 died: killed by SIGTERM; restarting"
-                                   in r.getMessage() for r in caplog.records), 20)
-            time.sleep(1.5)
-        except BaseException as exc:  # reported by the test's own thread
-            failed.append(exc)
-        finally:
-            if signal.getsignal(signal.SIGTERM) is not before_term:
-                os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's handler takes it
+        time.sleep(6)  # the workers serve; frontend-0 pauses
+        # The workers and multiprocessing's resource tracker ignore SIGTERM.
+        for pid in _children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: any("frontend-0 died: killed by SIGTERM; restarting"
+                               in r.getMessage() for r in caplog.records), 20)
+        time.sleep(1.5)
 
-    sender = threading.Thread(target=signal_all)
-    sender.start()
-    asyncio.run(supervise(config, 1, hooks=DebugHooks(frontend_start_pause_s=10.0)))
-    sender.join(30)
-    if failed:
-        raise failed[0]
+    _supervise_beside(config, signal_all, DebugHooks(frontend_start_pause_s=10.0))
     assert any(r.getMessage() == "stopped" for r in caplog.records)
 
 
